@@ -1,0 +1,46 @@
+"""Flask-Cloakroom: managed server-side sessions for Flask.
+
+The browser holds only a ticket (an opaque, MAC-protected id); the data stays
+on the server.  ``flask.session`` keeps working as before.
+
+    from flask_cloakroom import Cloakroom
+    cloak = Cloakroom(app)
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CloakroomError,
+    ConfigError,
+    NoSession,
+    RecordDecodeError,
+    RecordTooLarge,
+    SessionNotSerializable,
+    SessionUnavailable,
+    StoreError,
+    StoreUnavailable,
+)
+from .extension import Cloakroom
+from .manager import SessionInfo
+from .session import ANONYMOUS, ServerSession
+from .stores import Record, Store
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ANONYMOUS",
+    "Cloakroom",
+    "CloakroomError",
+    "ConfigError",
+    "NoSession",
+    "Record",
+    "RecordDecodeError",
+    "RecordTooLarge",
+    "ServerSession",
+    "SessionInfo",
+    "SessionNotSerializable",
+    "SessionUnavailable",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+]

@@ -1,0 +1,187 @@
+"""Turning a session into stored bytes and back: tagged JSON, never pickle.
+
+Session values go through Flask's own tagged JSON serializer
+(``flask.sessions.session_json_serializer``), so every type Flask's cookie
+session accepts works unchanged: JSON types plus tuple, bytes, Markup, UUID
+and datetime, and any tag an app registered on that serializer.  Anything
+else fails at the write with :class:`~flask_cloakroom.errors.SessionNotSerializable`
+naming the key.
+
+A stored payload is one compact JSON document (format version 1)::
+
+    {"v": 1, "c": created, "s": last seen, "a": login time, "u": user id,
+     "r": remember, "ip": ..., "ua": ..., "lip": ..., "x": {extra}, "d": {data}}
+
+where ``d`` maps each session key to its tagged value.  Keys are tagged one by
+one (the top-level dict is never itself tagged), which is what lets
+concurrent writes be merged key by key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flask.json.tag import TaggedJSONSerializer
+
+from .errors import RecordDecodeError, RecordTooLarge, SessionNotSerializable
+from .session import Meta
+
+FORMAT_VERSION = 1
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class Codec:
+    """Encodes sessions into payload bytes and decodes them back."""
+
+    __slots__ = ("_serializer", "max_size")
+
+    def __init__(self, serializer: TaggedJSONSerializer, *, max_size: int) -> None:
+        self._serializer = serializer
+        self.max_size = max_size
+
+    # -- values ----------------------------------------------------------------
+
+    def tag(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Return the tagged (JSON-ready) form of the session data, key by key."""
+        tag = self._serializer.tag
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if not isinstance(key, str):
+                raise SessionNotSerializable(
+                    str(key), f"session keys must be strings, got {type(key).__name__}"
+                )
+            out[key] = value if type(value) in _PLAIN_TYPES else tag(value)
+        return out
+
+    def untag(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Return the Python values of tagged data (new containers, ``raw`` untouched)."""
+        scan = self._untag_scan
+        return {key: scan(value) for key, value in raw.items()}
+
+    def _untag_scan(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is dict:
+            return self._serializer.untag({k: self._untag_scan(v) for k, v in value.items()})
+        if kind is list:
+            return [self._untag_scan(v) for v in value]
+        return value
+
+    # -- payloads --------------------------------------------------------------
+
+    def encode(self, meta: Meta, tagged: dict[str, Any]) -> bytes:
+        """Return the payload for ``meta`` and tagged data.
+
+        Raises :class:`SessionNotSerializable` naming the first key whose value
+        is not serializable, and :class:`RecordTooLarge` past ``max_size``.
+        """
+        doc: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "c": meta.created_at,
+            "s": meta.last_seen_at,
+        }
+        if meta.auth_at is not None:
+            doc["a"] = meta.auth_at
+        if meta.user_id is not None:
+            doc["u"] = meta.user_id
+        if meta.remember:
+            doc["r"] = True
+        if meta.ip is not None:
+            doc["ip"] = meta.ip
+        if meta.user_agent is not None:
+            doc["ua"] = meta.user_agent
+        if meta.login_ip is not None:
+            doc["lip"] = meta.login_ip
+        if meta.extra:
+            doc["x"] = meta.extra
+        doc["d"] = tagged
+        try:
+            payload = _dumps(doc).encode("utf-8")
+        except (TypeError, ValueError) as error:
+            raise self._explain(tagged, error) from error
+        if len(payload) > self.max_size:
+            sizes = sorted(
+                ((k, len(_dumps(v).encode("utf-8"))) for k, v in tagged.items()),
+                key=lambda item: item[1],
+                reverse=True,
+            )
+            raise RecordTooLarge(len(payload), self.max_size, sizes[:3])
+        return payload
+
+    @staticmethod
+    def _explain(tagged: dict[str, Any], error: Exception) -> Exception:
+        for key, value in tagged.items():
+            try:
+                _dumps(value)
+            except (TypeError, ValueError) as inner:
+                return SessionNotSerializable(
+                    key,
+                    f"{inner}. Session values must be JSON types or tuple, bytes, Markup, "
+                    "UUID or datetime (Flask's tagged JSON); store an id or a plain dict "
+                    "instead of the object",
+                )
+        return error
+
+    def decode(self, payload: bytes) -> tuple[Meta, dict[str, Any]]:
+        """Return the meta and tagged data in a payload.
+
+        Raises :class:`RecordDecodeError` if the payload is not a well-formed
+        record of a format this version understands.
+        """
+        try:
+            doc = json.loads(payload)
+        except (ValueError, TypeError) as error:
+            raise RecordDecodeError(f"not valid JSON: {error}") from error
+        if type(doc) is not dict:
+            raise RecordDecodeError("not a JSON object")
+        version = doc.get("v")
+        if version != FORMAT_VERSION:
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                raise RecordDecodeError(
+                    f"written in format {version} by a newer Flask-Cloakroom; "
+                    f"this one reads format {FORMAT_VERSION}"
+                )
+            raise RecordDecodeError(f"unknown format version {version!r}")
+        try:
+            created, seen, data = doc["c"], doc["s"], doc["d"]
+            auth_at = doc.get("a")
+            user_id = doc.get("u")
+            extra = doc.get("x", {})
+            meta = Meta(
+                created_at=created,
+                last_seen_at=seen,
+                auth_at=auth_at,
+                user_id=user_id,
+                remember=doc.get("r", False),
+                ip=doc.get("ip"),
+                user_agent=doc.get("ua"),
+                login_ip=doc.get("lip"),
+                extra=extra,
+            )
+        except KeyError as error:
+            raise RecordDecodeError(f"missing field {error}") from error
+        if not (
+            _is_time(created)
+            and _is_time(seen)
+            and (auth_at is None or _is_time(auth_at))
+            and (user_id is None or type(user_id) is str)
+            and type(meta.remember) is bool
+            and _optional_str(meta.ip)
+            and _optional_str(meta.user_agent)
+            and _optional_str(meta.login_ip)
+            and type(extra) is dict
+            and type(data) is dict
+        ):
+            raise RecordDecodeError("a field has the wrong type")
+        return meta, data
+
+
+def _is_time(value: Any) -> bool:
+    return type(value) in (float, int) and math.isfinite(value)
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or type(value) is str

@@ -1,0 +1,111 @@
+"""The exceptions Flask-Cloakroom raises.
+
+Every exception derives from :class:`CloakroomError`, so ``except CloakroomError``
+catches all of them.  Each carries the data a caller needs to act on it (the
+config key, the store, the session key that failed) and keeps the original
+error as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from werkzeug.exceptions import ServiceUnavailable
+
+
+class CloakroomError(Exception):
+    """Base class of every Flask-Cloakroom error."""
+
+
+class ConfigError(CloakroomError, ValueError):
+    """A ``CLOAKROOM_*`` (or a Flask session) setting is missing or wrong.
+
+    Raised by :meth:`Cloakroom.init_app`, never during a request.  ``key`` names
+    the setting; the message says what is wrong and how to fix it.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+class StoreError(CloakroomError):
+    """A store could not carry out an operation.
+
+    ``store`` is a short description of the store (never a password).  The
+    driver's own exception is attached as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, store: str = "") -> None:
+        super().__init__(f"{store}: {message}" if store else message)
+        self.store = store
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached: connection refused, timeout, failover, disk full.
+
+    A request that touches the session while its store is unavailable gets
+    :class:`SessionUnavailable` (HTTP 503) unless ``CLOAKROOM_ON_STORE_ERROR``
+    says otherwise.
+    """
+
+
+class RecordDecodeError(CloakroomError):
+    """A stored record could not be decoded (corrupt, truncated, foreign, too new).
+
+    Never reaches the client: the interface logs it and treats the session as
+    absent.
+    """
+
+
+class SessionNotSerializable(CloakroomError, TypeError):
+    """A session value cannot be stored.
+
+    ``key`` is the top-level session key whose value failed.  Only the types
+    Flask's tagged JSON serializer knows are accepted (JSON types plus tuple,
+    bytes, Markup, UUID and datetime); pickle is never used.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"session[{key!r}]: {message}")
+        self.key = key
+
+
+class RecordTooLarge(CloakroomError, ValueError):
+    """An encoded session is larger than ``CLOAKROOM_MAX_RECORD_SIZE``.
+
+    Nothing is written: the stored session keeps its previous value.
+    """
+
+    def __init__(self, size: int, limit: int, largest: list[tuple[str, int]]) -> None:
+        parts = ", ".join(f"{k!r} ({n} bytes)" for k, n in largest)
+        super().__init__(
+            f"the session would take {size} bytes, over the limit of {limit} bytes "
+            f"(CLOAKROOM_MAX_RECORD_SIZE); its largest values: {parts}. Keep large data "
+            "in your own tables and put only a reference in the session, or raise the limit."
+        )
+        self.size = size
+        self.limit = limit
+        self.largest = largest
+
+
+class SessionUnavailable(CloakroomError, ServiceUnavailable):
+    """HTTP 503 raised when a view touches the session while its store is down.
+
+    It is a Werkzeug ``HTTPException``: Flask turns it into a 503 response (with
+    ``Retry-After``), and ``@app.errorhandler(SessionUnavailable)`` can replace it.
+    The :class:`StoreError` is ``__cause__``.
+    """
+
+    description = "Sessions are temporarily unavailable. Please try again shortly."
+
+    def __init__(self, retry_after: int = 5) -> None:
+        CloakroomError.__init__(self, self.description)
+        ServiceUnavailable.__init__(self, retry_after=retry_after)
+        self.retry_after_seconds = retry_after
+
+
+class NoSession(CloakroomError, RuntimeError):
+    """A session API was called where there is no Cloakroom session.
+
+    For example ``cloak.login()`` outside a request, or on an app whose
+    session interface is not Cloakroom's.
+    """

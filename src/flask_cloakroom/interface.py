@@ -1,0 +1,157 @@
+"""Flask's session interface for Cloakroom: the cookie on one side, the manager on the other.
+
+This module is the only one that knows about HTTP: which cookie to read,
+when to set or delete it and with which attributes, ``Vary: Cookie``, and
+what a client sees when the store is down.  It knows nothing about SQL or
+Redis: it talks to a :class:`~flask_cloakroom.manager.SessionManager`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Request, Response, request
+from flask.sessions import SessionInterface, SessionMixin
+from werkzeug.exceptions import HTTPException
+
+from .errors import SessionUnavailable, StoreError
+from .manager import SessionManager
+from .session import ANONYMOUS, ServerSession, UnavailableSession
+
+if TYPE_CHECKING:
+    from werkzeug.sansio.response import Response as BaseResponse
+
+logger = logging.getLogger("flask_cloakroom")
+
+
+class CloakroomSessionInterface(SessionInterface):
+    """Loads the session named by the request's cookie and saves it after the view."""
+
+    session_class = ServerSession
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    # -- Flask's hooks ---------------------------------------------------------
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin:
+        manager = self.manager
+        values = request.cookies.getlist(manager.settings.cookie.name)
+        try:
+            return manager.open(values, manager.now())
+        except StoreError as error:
+            logger.error("session store unavailable while loading a session: %s", error)
+            return UnavailableSession(error, self._on_unavailable)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        if not isinstance(session, ServerSession):  # pragma: no cover - Flask's null session
+            return
+        if session.accessed:
+            response.vary.add("Cookie")
+        if isinstance(session, UnavailableSession):
+            return
+        manager = self.manager
+        try:
+            manager.save(session, manager.now(), _client_ip(), _user_agent())
+        except StoreError as error:
+            logger.error("session store unavailable while saving session %s: %s", session.key, error)
+            self._fail(app, response, error)
+            return
+        self._set_cookie(session, response)
+
+    # -- cookies ---------------------------------------------------------------
+
+    def should_set_cookie(self, app: Flask, session: SessionMixin) -> bool:
+        """Whether the browser needs the cookie (again) after this request."""
+        return isinstance(session, ServerSession) and _needs_cookie(session)
+
+    def _set_cookie(self, session: ServerSession, response: BaseResponse) -> None:
+        cookie = self.manager.settings.cookie
+        secure = cookie.secure or request.is_secure
+        extra: dict[str, Any] = {"partitioned": True} if cookie.partitioned else {}
+        if _needs_cookie(session):
+            session_id = session.issued or session.session_id
+            assert session_id is not None and session.meta is not None
+            expires = None
+            if session.get_raw("_permanent", False):
+                expires = datetime.fromtimestamp(
+                    self.manager.policy.absolute_expiry(session.meta), UTC
+                )
+            response.set_cookie(
+                cookie.name,
+                self.manager.signer.sign(session_id),
+                expires=expires,
+                path=cookie.path,
+                domain=cookie.domain,
+                secure=secure,
+                httponly=cookie.httponly,
+                samesite=cookie.samesite,
+                **extra,
+            )
+        elif session.key is None and session.had_cookie:
+            response.delete_cookie(
+                cookie.name,
+                path=cookie.path,
+                domain=cookie.domain,
+                secure=secure,
+                httponly=cookie.httponly,
+                samesite=cookie.samesite,
+                **extra,
+            )
+
+    # -- store failures --------------------------------------------------------
+
+    def _on_unavailable(self, session: UnavailableSession) -> None:
+        """Called on the first use of the session while the store is failing."""
+        hook = self.manager.settings.on_store_error
+        if hook is not None:
+            chosen = hook(session.error)
+            if chosen is ANONYMOUS:
+                session.degraded = True
+                return
+            if chosen is not None:
+                from flask import current_app
+
+                raise HTTPException(response=current_app.make_response(chosen))
+        raise SessionUnavailable(self.manager.settings.retry_after) from session.error
+
+    def _fail(self, app: Flask, response: Response, error: StoreError) -> None:
+        """Turn the response into the store-error response: the session was not saved."""
+        hook = self.manager.settings.on_store_error
+        chosen = hook(error) if hook is not None else None
+        if chosen is ANONYMOUS:
+            return  # the app accepts that this request's session changes are lost
+        if chosen is None:
+            exc = SessionUnavailable(self.manager.settings.retry_after)
+            exc.__cause__ = error
+            try:
+                chosen = app.handle_user_exception(exc)
+            except HTTPException as raised:  # pragma: no cover - handler re-raised
+                chosen = raised
+        replacement = app.make_response(chosen)
+        response.status_code = replacement.status_code
+        response.headers.clear()
+        response.headers.extend(replacement.headers)
+        response.direct_passthrough = False
+        response.set_data(replacement.get_data())
+
+
+def _needs_cookie(session: ServerSession) -> bool:
+    if session.key is None:
+        return False
+    return (
+        session.issued is not None
+        or session.stale_signature
+        or bool(session.get_raw("_permanent", False)) != session.loaded_permanent
+    )
+
+
+def _client_ip() -> str | None:
+    return request.remote_addr
+
+
+def _user_agent() -> str | None:
+    agent = request.headers.get("User-Agent")
+    return agent[:512] if agent else None

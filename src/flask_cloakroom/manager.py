@@ -1,0 +1,364 @@
+"""The session lifecycle, apart from HTTP: load, save, rotate, end, list, revoke.
+
+One :class:`SessionManager` serves one Flask app.  It ties a store to the
+codec, the timeout policy and the cookie signer, and holds the rules that
+make server-side sessions safe:
+
+* an unknown, expired or undecodable record is never adopted: the request
+  gets a fresh, empty session and any later write gets a new id;
+* a read-only request does one store read and no write, except a touch of
+  the last-seen time at most once per touch interval;
+* a changed session is written with a conditional write on its version; if
+  another request wrote first, this request's changes are re-applied key by
+  key onto the fresh record and the write is retried, so concurrent requests
+  lose nothing; a session deleted meanwhile (logout, revoke) stays deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from flask.json.tag import TaggedJSONSerializer
+
+from .codec import Codec
+from .errors import RecordDecodeError, StoreError
+from .policy import Policy
+from .session import Meta, ServerSession
+from .settings import Settings
+from .stores.base import Record, Store
+from .tokens import CookieSigner, new_session_id, store_key
+
+logger = logging.getLogger("flask_cloakroom")
+
+Clock = Callable[[], datetime]
+
+#: How many times a conflicting write is merged and retried before giving up.
+MAX_WRITE_ATTEMPTS = 8
+#: How many cookies of the session's name are checked in one request.
+MAX_COOKIES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A public description of one session, for "your sessions" pages and operators.
+
+    ``handle`` names the session without revealing its id: it is safe to put
+    in a page, a URL or a log, and it is what :meth:`Cloakroom.revoke` takes.
+    ``current`` is true for the session of the request being handled.
+    """
+
+    handle: str
+    user_id: str | None
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+    login_at: datetime | None
+    remember: bool
+    ip: str | None
+    login_ip: str | None
+    user_agent: str | None
+    current: bool
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+class SessionManager:
+    """Everything Cloakroom does with sessions for one app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        serializer: TaggedJSONSerializer,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.codec = Codec(serializer, max_size=settings.max_record_size)
+        self.policy = Policy(
+            idle=settings.idle_timeout,
+            absolute=settings.absolute_timeout,
+            remember_idle=settings.remember_idle_timeout,
+            remember_absolute=settings.remember_absolute_timeout,
+            touch_interval=settings.touch_interval,
+        )
+        self.signer = CookieSigner(settings.secret_keys)
+        self._clock = clock
+
+    def now(self) -> float:
+        """The current time as a Unix timestamp, from the injected clock if any."""
+        if self._clock is None:
+            return time.time()
+        return self._clock().timestamp()
+
+    def user_index(self, user_id: str) -> str:
+        """The value a user's sessions are indexed under in the store."""
+        return user_id
+
+    # -- reading ---------------------------------------------------------------
+
+    def open(self, cookies: Iterable[str], now: float) -> ServerSession:
+        """Return the session named by the request's cookie values.
+
+        Cookies that fail verification cost no store traffic.  Raises
+        :class:`StoreError` if the store cannot be read.
+        """
+        had_cookie = False
+        for count, value in enumerate(cookies):
+            if count == MAX_COOKIES:
+                break
+            had_cookie = True
+            unsigned = self.signer.unsign(value)
+            if unsigned is None:
+                continue
+            session = self.load(store_key(unsigned.session_id), now)
+            if session is None:
+                break
+            session.session_id = unsigned.session_id
+            session.stale_signature = unsigned.stale_key
+            session.had_cookie = True
+            return session
+        session = ServerSession()
+        session.had_cookie = had_cookie
+        return session
+
+    def load(self, key: str, now: float) -> ServerSession | None:
+        """Load and check the live session stored under ``key``, or return ``None``."""
+        record = self.store.load(key)
+        if record is None:
+            return None
+        decoded = self._decode(record)
+        if decoded is None:
+            return None
+        meta, raw = decoded
+        why = self.policy.expired(meta, now)
+        if why is not None:
+            logger.info("session %s expired (%s timeout)", key, why)
+            self._delete_quietly(key)
+            return None
+        return ServerSession(
+            self.codec.untag(raw), key=key, version=record.version, meta=meta, raw=raw
+        )
+
+    def _decode(self, record: Record) -> tuple[Meta, dict[str, Any]] | None:
+        try:
+            return self.codec.decode(record.payload)
+        except RecordDecodeError as error:
+            logger.warning(
+                "session %s: stored record is unreadable and is treated as absent: %s",
+                record.key,
+                error,
+            )
+            return None
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self.store.delete(key)
+        except StoreError as error:
+            logger.warning("session %s: could not delete the expired record: %s", key, error)
+
+    # -- writing ---------------------------------------------------------------
+
+    def save(self, session: ServerSession, now: float, ip: str | None, ua: str | None) -> None:
+        """Write what the request did to the session, in as few store calls as possible.
+
+        Afterwards ``session.issued`` holds a new session id if the browser needs a
+        new cookie, and ``session.key`` is ``None`` if the session no longer exists.
+        """
+        for key in session.discard:
+            self.store.delete(key)
+        session.discard.clear()
+        meta = session.meta
+        has_content = bool(dict.__len__(session)) or (meta is not None and meta.user_id is not None)
+        if session.key is None:
+            if has_content:
+                if meta is None:
+                    meta = Meta(created_at=now, last_seen_at=now, ip=ip, user_agent=ua)
+                meta.last_seen_at = now
+                self._create(session, meta, self.codec.tag(session), now)
+            return
+        assert meta is not None, "a stored session always has meta"
+        if session.rotate_requested:
+            self._rotate(session, meta, self.codec.tag(session), now)
+        elif session.modified:
+            if not has_content:
+                self.store.delete(session.key)
+                session.key = None
+                return
+            meta.last_seen_at = now
+            self._update(session, meta, self.codec.tag(session), now)
+        elif self.policy.touch_due(meta, now):
+            meta.last_seen_at = now
+            record = self._record(session.key, meta, session.raw, (session.version or 0) + 1)
+            if self.store.save(record, expected=session.version, now=now):
+                session.version = record.version
+            # On a conflict another request has just written: nothing to touch.
+
+    def _record(self, key: str, meta: Meta, tagged: dict[str, Any], version: int) -> Record:
+        user = None if meta.user_id is None else self.user_index(meta.user_id)
+        payload = self.codec.encode(meta, tagged)
+        return Record(key, user, self.policy.expires_at(meta), version, payload)
+
+    def _stored(self, session: ServerSession, record: Record, meta: Meta, tagged: dict[str, Any]) -> None:
+        session.key = record.key
+        session.version = record.version
+        session.meta = meta
+        session.raw = tagged
+        session.new = False
+        session.rotate_requested = False
+
+    def _create(self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float) -> None:
+        for _ in range(3):  # a clash of 256-bit random ids does not happen; be tidy anyway
+            session_id = new_session_id()
+            record = self._record(store_key(session_id), meta, tagged, 1)
+            if self.store.save(record, expected=None, now=now):
+                self._stored(session, record, meta, tagged)
+                session.issued = session.session_id = session_id
+                return
+        raise StoreError("could not create a session: the store refused three new keys")
+
+    def _rotate(self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float) -> None:
+        old_key = session.key
+        assert old_key is not None and session.version is not None
+        meta.last_seen_at = now
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            session_id = new_session_id()
+            record = self._record(store_key(session_id), meta, tagged, 1)
+            if self.store.rotate(old_key, record, expected=session.version, now=now):
+                self._stored(session, record, meta, tagged)
+                session.issued = session.session_id = session_id
+                return
+            fresh = self._fresh(old_key, now)
+            if fresh is None:
+                # The old session ended meanwhile; a login still gets its session.
+                self._create(session, meta, tagged, now)
+                return
+            version, _, fresh_raw = fresh
+            tagged = self._merge(session.raw, tagged, fresh_raw)
+            session.raw, session.version = fresh_raw, version
+        raise StoreError(f"session {old_key}: gave up rotating after {MAX_WRITE_ATTEMPTS} conflicts")
+
+    def _update(self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float) -> None:
+        key = session.key
+        assert key is not None and session.version is not None
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            record = self._record(key, meta, tagged, session.version + 1)
+            if self.store.save(record, expected=session.version, now=now):
+                self._stored(session, record, meta, tagged)
+                return
+            fresh = self._fresh(key, now)
+            if fresh is None:
+                # Logged out, revoked or expired meanwhile: that decision is final.
+                logger.info("session %s ended during the request; its changes are dropped", key)
+                session.key = None
+                return
+            version, fresh_meta, fresh_raw = fresh
+            tagged = self._merge(session.raw, tagged, fresh_raw)
+            fresh_meta.last_seen_at = max(fresh_meta.last_seen_at, now)
+            meta = fresh_meta
+            session.raw, session.version = fresh_raw, version
+        raise StoreError(f"session {key}: gave up saving after {MAX_WRITE_ATTEMPTS} conflicts")
+
+    def _fresh(self, key: str, now: float) -> tuple[int, Meta, dict[str, Any]] | None:
+        record = self.store.load(key)
+        if record is None:
+            return None
+        decoded = self._decode(record)
+        if decoded is None or self.policy.expired(decoded[0], now) is not None:
+            return None
+        return record.version, decoded[0], decoded[1]
+
+    @staticmethod
+    def _merge(
+        before: dict[str, Any], after: dict[str, Any], fresh: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Re-apply this request's changes (``before`` -> ``after``) onto ``fresh``."""
+        merged = dict(fresh)
+        for key, value in after.items():
+            if key not in before or before[key] != value:
+                merged[key] = value
+        for key in before.keys() - after.keys():
+            merged.pop(key, None)
+        return merged
+
+    # -- identity --------------------------------------------------------------
+
+    def login(
+        self,
+        session: ServerSession,
+        user_id: str,
+        *,
+        remember: bool,
+        now: float,
+        ip: str | None,
+        ua: str | None,
+    ) -> None:
+        """Bind the session to a user; it gets a new id when it is saved."""
+        if session.meta is not None and session.meta.user_id not in (None, user_id):
+            session.end()  # another user's session: start clean, keep nothing of theirs
+        meta = session.meta
+        if meta is None:
+            meta = session.meta = Meta(created_at=now, last_seen_at=now)
+        meta.user_id = user_id
+        meta.auth_at = now
+        meta.remember = remember
+        meta.ip = meta.login_ip = ip
+        meta.user_agent = ua
+        if remember:
+            session.permanent = True
+        session.rotate_requested = session.key is not None
+        session.modified = session.accessed = True
+
+    def logout(self, session: ServerSession) -> None:
+        """End the session now: its record is deleted and its data cleared."""
+        key = session.key
+        if key is not None:
+            self.store.delete(key)
+        session.end(deleted=True)
+
+    # -- many sessions ---------------------------------------------------------
+
+    def describe(self, record: Record, now: float, current_key: str | None) -> SessionInfo | None:
+        """Describe a stored record, or return ``None`` if it is unreadable or dead."""
+        decoded = self._decode(record)
+        if decoded is None:
+            return None
+        meta = decoded[0]
+        if self.policy.expired(meta, now) is not None:
+            return None
+        return SessionInfo(
+            handle=record.key,
+            user_id=meta.user_id,
+            created_at=_utc(meta.created_at),
+            last_seen_at=_utc(meta.last_seen_at),
+            expires_at=_utc(self.policy.expires_at(meta)),
+            login_at=None if meta.auth_at is None else _utc(meta.auth_at),
+            remember=meta.remember,
+            ip=meta.ip,
+            login_ip=meta.login_ip,
+            user_agent=meta.user_agent,
+            current=record.key == current_key,
+        )
+
+    def sessions(self, user_id: str, now: float, current_key: str | None) -> list[SessionInfo]:
+        """The live sessions of a user, most recently used first."""
+        out = []
+        for record in self.store.user_records(self.user_index(user_id), now=now):
+            info = self.describe(record, now, current_key)
+            if info is not None and info.user_id == user_id:
+                out.append(info)
+        out.sort(key=lambda i: i.last_seen_at, reverse=True)
+        return out
+
+    def revoke_user(self, user_id: str, now: float, *, keep: str | None = None) -> int:
+        """Delete every session of a user except ``keep``; return how many ended."""
+        records = self.store.user_records(self.user_index(user_id), now=now)
+        return self.store.delete_many([r.key for r in records if r.key != keep])

@@ -1,0 +1,251 @@
+"""The session object Flask apps see as ``flask.session``.
+
+:class:`ServerSession` is a ``dict`` (so ``jsonify(session)``, ``dict(session)``
+and templates work as with Flask's own session) that also tracks whether it
+was read or changed, and carries the server-side facts about the session
+(:class:`Meta`) that live beside the data rather than in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask.sessions import SessionMixin
+
+_MISSING: Any = object()
+
+
+class _Anonymous:
+    """The type of :data:`ANONYMOUS`."""
+
+    def __repr__(self) -> str:
+        return "flask_cloakroom.ANONYMOUS"
+
+
+#: Return this from ``CLOAKROOM_ON_STORE_ERROR`` to go on without the store: the
+#: request sees an empty session, and its changes are not saved.
+ANONYMOUS = _Anonymous()
+
+
+@dataclass(slots=True)
+class Meta:
+    """What the server knows about a session, kept beside its data.
+
+    Times are Unix timestamps in seconds.  ``auth_at`` is the time of the last
+    :meth:`~flask_cloakroom.Cloakroom.login` (``None`` for an anonymous
+    session); the absolute timeout counts from it, or from ``created_at``.
+    ``extra`` holds fields added by optional features (activity tracking).
+    """
+
+    created_at: float
+    last_seen_at: float
+    auth_at: float | None = None
+    user_id: str | None = None
+    remember: bool = False
+    ip: str | None = None
+    user_agent: str | None = None
+    login_ip: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ServerSession(dict[str, Any], SessionMixin):
+    """A server-side session: a dict of the app's data plus server state.
+
+    Reading marks the session ``accessed`` (so the response varies on
+    ``Cookie``); changing it marks it ``modified`` (so it is written at the
+    end of the request).  As with Flask's session, changes inside a mutable
+    value (``session["cart"].append(x)``) are not seen: set
+    ``session.modified = True`` after them.
+
+    ``session.clear()`` ends the server session, as
+    :meth:`~flask_cloakroom.Cloakroom.logout` does: the stored record is
+    deleted at the end of the request, and anything stored afterwards goes
+    into a new session with a new id.
+    """
+
+    #: Stored sessions are never "new"; a session with no record yet is.
+    new: bool
+
+    def __init__(
+        self,
+        data: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        version: int | None = None,
+        meta: Meta | None = None,
+        raw: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(data or {})
+        self.modified = False
+        self.accessed = False
+        #: The store key (the public handle) of the loaded record, or None.
+        self.key = key
+        #: The version of the loaded record, for the conditional write.
+        self.version = version
+        #: Server-side facts about the session; None until it is first stored.
+        self.meta = meta
+        #: The tagged JSON form of the data as loaded (to merge concurrent writes).
+        self.raw: dict[str, Any] = raw if raw is not None else {}
+        self.new = key is None
+        #: Set by login()/rotate(): give the session a new id when it is saved.
+        self.rotate_requested = False
+        #: Keys of stored records to delete when the session is saved (clear()).
+        self.discard: list[str] = []
+        #: The secret session id behind ``key``, when known (never stored or logged).
+        self.session_id: bytes | None = None
+        #: A new session id given out while saving: the browser needs a new cookie.
+        self.issued: bytes | None = None
+        #: Whether the request carried a session cookie (valid or not).
+        self.had_cookie = False
+        #: Whether that cookie was signed with a SECRET_KEY_FALLBACKS key.
+        self.stale_signature = False
+        #: The loaded value of session.permanent, to notice a change.
+        self.loaded_permanent = bool(self.get_raw("_permanent", False))
+
+    # -- state changes ---------------------------------------------------------
+
+    def end(self, *, deleted: bool = False) -> None:
+        """Forget the stored record: the data is cleared and the next write gets a new id.
+
+        The record is deleted when the session is saved, unless the caller has
+        already deleted it (``deleted=True``).
+        """
+        if self.key is not None and not deleted:
+            self.discard.append(self.key)
+        super().clear()
+        self.key = None
+        self.version = None
+        self.meta = None
+        self.raw = {}
+        self.new = True
+        self.rotate_requested = False
+        self.modified = True
+        self.accessed = True
+
+    def get_raw(self, key: str, default: Any = None) -> Any:
+        """Read a value without marking the session accessed (for Cloakroom itself)."""
+        return super().get(key, default)
+
+    # -- reads -----------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        self.accessed = True
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.accessed = True
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.accessed = True
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        self.accessed = True
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self.accessed = True
+        return super().__len__()
+
+    def keys(self) -> Any:
+        self.accessed = True
+        return super().keys()
+
+    def values(self) -> Any:
+        self.accessed = True
+        return super().values()
+
+    def items(self) -> Any:
+        self.accessed = True
+        return super().items()
+
+    def copy(self) -> dict[str, Any]:
+        self.accessed = True
+        return dict(super().items())
+
+    # -- writes ----------------------------------------------------------------
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.accessed = self.modified = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.accessed = self.modified = True
+        super().__delitem__(key)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self.accessed = True
+        if not super().__contains__(key):
+            self.modified = True
+        return super().setdefault(key, default)
+
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        self.accessed = True
+        if super().__contains__(key):
+            self.modified = True
+            return super().pop(key)
+        if default is _MISSING:
+            raise KeyError(key)
+        return default
+
+    def popitem(self) -> tuple[str, Any]:
+        self.accessed = self.modified = True
+        return super().popitem()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.accessed = self.modified = True
+        super().update(*args, **kwargs)
+
+    def __ior__(self, other: Any) -> ServerSession:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def clear(self) -> None:
+        """Clear the data and end the server session (see the class docstring)."""
+        self.end()
+
+    def __repr__(self) -> str:
+        handle = self.key or "new"
+        return f"<{type(self).__name__} {handle} {dict.__repr__(self)}>"
+
+
+class UnavailableSession(ServerSession):
+    """Stands in for the session while its store is failing.
+
+    Any use of it raises the error chosen by ``CLOAKROOM_ON_STORE_ERROR``
+    (by default :class:`~flask_cloakroom.errors.SessionUnavailable`, HTTP
+    503), so views that never touch the session keep working during an outage.
+    If the hook chose to go on anonymously, it behaves as an empty session
+    whose changes are not saved.
+    """
+
+    def __init__(self, error: Exception, on_use: Any) -> None:
+        super().__init__()
+        self.error = error
+        self._on_use = on_use
+        self.degraded = False
+
+    def _check(self) -> None:
+        if not self.degraded:
+            self._on_use(self)  # raises, or sets self.degraded
+
+
+def _guarded(name: str) -> Any:
+    inner = getattr(ServerSession, name)
+
+    def method(self: UnavailableSession, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return inner(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in (
+    "__getitem__", "get", "__contains__", "__iter__", "__len__", "keys", "values", "items",
+    "copy", "__setitem__", "__delitem__", "setdefault", "pop", "popitem", "update", "clear",
+):  # fmt: skip
+    setattr(UnavailableSession, _name, _guarded(_name))

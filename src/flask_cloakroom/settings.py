@@ -1,0 +1,323 @@
+"""Configuration: every ``CLOAKROOM_*`` key, defined once, validated once.
+
+:data:`OPTIONS` is the single definition of the configuration keys: their
+type, default, documentation and parser.  :func:`load_settings` reads an app's
+config into a frozen :class:`Settings` at ``init_app`` time; any unknown
+``CLOAKROOM_*`` key or bad value raises :class:`~flask_cloakroom.errors.ConfigError`
+naming the key and the fix.  The configuration reference in the docs is
+generated from :data:`OPTIONS`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .stores.base import Store
+
+PREFIX = "CLOAKROOM_"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """The definition of one ``CLOAKROOM_*`` configuration key."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+    example: str
+    parse: Callable[[str, Any], Any]
+
+    @property
+    def key(self) -> str:
+        return PREFIX + self.name
+
+
+def _duration(key: str, value: Any) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigError(
+            key,
+            f"expected a datetime.timedelta or a number of seconds, got {value!r} "
+            f"({type(value).__name__}). Example: {key} = timedelta(minutes=30)",
+        )
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        raise ConfigError(key, f"must be zero or more seconds, got {value!r}")
+    return seconds
+
+
+def _positive_duration(key: str, value: Any) -> float:
+    seconds = _duration(key, value)
+    if seconds <= 0:
+        raise ConfigError(key, f"must be longer than zero, got {value!r}")
+    return seconds
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(key, f"expected a whole number above zero, got {value!r}")
+    return value
+
+
+def _store(key: str, value: Any) -> str | Store | None:
+    if value is None or isinstance(value, Store):
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and "://" in value:
+        return value
+    raise ConfigError(
+        key,
+        f"expected a store URL such as 'sqlite:///sessions.db', 'memory://', "
+        f"'file:///var/lib/app/sessions', 'postgresql+psycopg://...' or a "
+        f"flask_cloakroom.stores.Store instance, got {value!r}",
+    )
+
+
+def _identifier(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.replace("_", "").isalnum() or not value.isascii():
+        raise ConfigError(key, f"expected a table name of letters, digits and _, got {value!r}")
+    return value
+
+
+def _on_store_error(key: str, value: Any) -> Callable[[Exception], Any] | None:
+    if value is None or callable(value):
+        return value  # type: ignore[no-any-return]
+    raise ConfigError(key, f"expected a callable taking the StoreError, or None; got {value!r}")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "STORE",
+        "str | Store | None",
+        None,
+        "Where sessions are kept: a store URL or a Store instance. The default is an "
+        "SQLite file, ``cloakroom.sqlite3``, in the app's instance folder. URLs: "
+        "``memory://``, ``sqlite:///path``, ``file:///dir`` and any SQLAlchemy URL "
+        "(``postgresql+psycopg://...``, ``mysql+pymysql://...``).",
+        '"postgresql+psycopg://app@db/app"',
+        _store,
+    ),
+    Option(
+        "IDLE_TIMEOUT",
+        "timedelta | float",
+        timedelta(minutes=30),
+        "A session not used for this long is dead (enforced on the server). Precise to "
+        "within CLOAKROOM_TOUCH_INTERVAL: activity is recorded at most that often.",
+        "timedelta(minutes=30)",
+        _positive_duration,
+    ),
+    Option(
+        "ABSOLUTE_TIMEOUT",
+        "timedelta | float",
+        timedelta(hours=12),
+        "Every session is dead this long after it began (after login, for a logged-in "
+        "session), however active it is.",
+        "timedelta(hours=12)",
+        _positive_duration,
+    ),
+    Option(
+        "REMEMBER_IDLE_TIMEOUT",
+        "timedelta | float",
+        timedelta(days=14),
+        "The idle timeout of sessions started with ``login(..., remember=True)``.",
+        "timedelta(days=14)",
+        _positive_duration,
+    ),
+    Option(
+        "REMEMBER_ABSOLUTE_TIMEOUT",
+        "timedelta | float",
+        timedelta(days=30),
+        "The absolute timeout of sessions started with ``login(..., remember=True)``.",
+        "timedelta(days=30)",
+        _positive_duration,
+    ),
+    Option(
+        "TOUCH_INTERVAL",
+        "timedelta | float",
+        timedelta(seconds=60),
+        "A request that only reads the session records its last-seen time at most this "
+        "often, so most requests write nothing. Must be under half the idle timeouts.",
+        "timedelta(seconds=60)",
+        _duration,
+    ),
+    Option(
+        "MAX_RECORD_SIZE",
+        "int",
+        64 * 1024,
+        "The largest encoded session, in bytes. A bigger session is refused with "
+        "RecordTooLarge when it would be written; the stored session stays as it was.",
+        "65536",
+        _positive_int,
+    ),
+    Option(
+        "SQL_TABLE",
+        "str",
+        "cloakroom_sessions",
+        "The table the SQL store creates and uses (SQLite, PostgreSQL, MySQL/MariaDB).",
+        '"cloakroom_sessions"',
+        _identifier,
+    ),
+    Option(
+        "ON_STORE_ERROR",
+        "Callable[[StoreError], object] | None",
+        None,
+        "Called when a view touches the session while the store is failing. Return None "
+        "for the default (HTTP 503 with Retry-After), or a response to send instead.",
+        "lambda error: ('Down for maintenance', 503)",
+        _on_store_error,
+    ),
+    Option(
+        "RETRY_AFTER",
+        "int",
+        5,
+        "Seconds sent in the Retry-After header of the 503 a request gets when the "
+        "store is unavailable.",
+        "5",
+        _positive_int,
+    ),
+)
+
+_BY_KEY = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True, slots=True)
+class CookieSettings:
+    """Flask's ``SESSION_COOKIE_*`` settings, as Cloakroom applies them."""
+
+    name: str
+    domain: str | None
+    path: str
+    httponly: bool
+    secure: bool
+    samesite: Literal["Lax", "Strict", "None"] | None
+    partitioned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All of an app's Cloakroom settings, validated, with durations in seconds."""
+
+    store: str | Store | None
+    idle_timeout: float
+    absolute_timeout: float
+    remember_idle_timeout: float
+    remember_absolute_timeout: float
+    touch_interval: float
+    max_record_size: int
+    sql_table: str
+    on_store_error: Callable[[Exception], Any] | None
+    retry_after: int
+    secret_keys: tuple[str | bytes, ...]
+    cookie: CookieSettings
+
+
+def _secret_keys(config: Mapping[str, Any]) -> tuple[str | bytes, ...]:
+    secret = config.get("SECRET_KEY")
+    if not secret or not isinstance(secret, str | bytes):
+        raise ConfigError(
+            "SECRET_KEY",
+            "is not set. Cloakroom signs session cookies with it: set "
+            "app.config['SECRET_KEY'] to a long random value (for example "
+            "secrets.token_hex(32)) before calling init_app.",
+        )
+    fallbacks = config.get("SECRET_KEY_FALLBACKS") or []
+    if not isinstance(fallbacks, list | tuple) or not all(
+        isinstance(k, str | bytes) and k for k in fallbacks
+    ):
+        raise ConfigError("SECRET_KEY_FALLBACKS", "must be a list of non-empty keys")
+    return (secret, *fallbacks)
+
+
+def _cookie(config: Mapping[str, Any]) -> CookieSettings:
+    name = config.get("SESSION_COOKIE_NAME") or "session"
+    if not isinstance(name, str) or not name.isascii() or any(c in name for c in ' =;,\t"'):
+        raise ConfigError("SESSION_COOKIE_NAME", f"is not a valid cookie name: {name!r}")
+    domain = config.get("SESSION_COOKIE_DOMAIN") or None
+    path = config.get("SESSION_COOKIE_PATH") or config.get("APPLICATION_ROOT") or "/"
+    # Flask's default is None (no attribute); Cloakroom's is Lax. False omits it.
+    samesite = config.get("SESSION_COOKIE_SAMESITE")
+    if samesite is None:
+        samesite = "Lax"
+    elif samesite is False:
+        samesite = None
+    elif samesite not in ("Lax", "Strict", "None"):
+        raise ConfigError(
+            "SESSION_COOKIE_SAMESITE",
+            f"must be 'Lax' (the default), 'Strict', 'None', or False for no attribute; "
+            f"got {samesite!r}",
+        )
+    secure = bool(config.get("SESSION_COOKIE_SECURE", False))
+    partitioned = bool(config.get("SESSION_COOKIE_PARTITIONED", False))
+    if name.startswith("__Host-"):
+        if domain:
+            raise ConfigError(
+                "SESSION_COOKIE_DOMAIN",
+                f"a cookie named {name!r} (__Host- prefix) must not have a Domain: "
+                "remove SESSION_COOKIE_DOMAIN or rename the cookie",
+            )
+        if path != "/":
+            raise ConfigError(
+                "SESSION_COOKIE_PATH",
+                f"a cookie named {name!r} (__Host- prefix) must have Path=/, got {path!r}",
+            )
+        secure = True
+    elif name.startswith("__Secure-"):
+        secure = True
+    if samesite == "None" and not secure:
+        raise ConfigError(
+            "SESSION_COOKIE_SECURE",
+            "browsers drop SameSite=None cookies that are not Secure: set "
+            "SESSION_COOKIE_SECURE = True or choose another SESSION_COOKIE_SAMESITE",
+        )
+    if partitioned and not secure:
+        raise ConfigError(
+            "SESSION_COOKIE_SECURE", "a partitioned cookie must be Secure: set it to True"
+        )
+    httponly = bool(config.get("SESSION_COOKIE_HTTPONLY", True))
+    return CookieSettings(name, domain, path, httponly, secure, samesite, partitioned)
+
+
+def load_settings(config: Mapping[str, Any]) -> Settings:
+    """Read and validate an app's configuration.
+
+    Raises :class:`ConfigError` naming the first bad key.
+    """
+    for key in config:
+        if key.startswith(PREFIX) and key not in _BY_KEY:
+            close = difflib.get_close_matches(key, _BY_KEY, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                key,
+                f"is not a Flask-Cloakroom setting.{hint} The settings are listed in "
+                "docs/configuration.md.",
+            )
+    values = {o.name.lower(): o.parse(o.key, config.get(o.key, o.default)) for o in OPTIONS}
+    touch = values["touch_interval"]
+    for idle_name, absolute_name in (
+        ("idle_timeout", "absolute_timeout"),
+        ("remember_idle_timeout", "remember_absolute_timeout"),
+    ):
+        idle, absolute = values[idle_name], values[absolute_name]
+        if idle > absolute:
+            raise ConfigError(
+                PREFIX + idle_name.upper(),
+                f"({idle:g} s) is longer than {PREFIX + absolute_name.upper()} "
+                f"({absolute:g} s), so it would never apply: shorten it or raise the latter",
+            )
+        if touch * 2 > idle:
+            raise ConfigError(
+                PREFIX + "TOUCH_INTERVAL",
+                f"({touch:g} s) must be at most half of {PREFIX + idle_name.upper()} "
+                f"({idle:g} s), or active sessions could expire: lower it",
+            )
+    return Settings(**values, secret_keys=_secret_keys(config), cookie=_cookie(config))

@@ -1,0 +1,80 @@
+"""Session stores: the :class:`Store` contract and one module per backend.
+
+:func:`open_store` turns a ``CLOAKROOM_STORE`` URL into a store.  Backends
+with optional dependencies are imported only when used, and a missing driver
+is reported with the ``pip install`` line that fixes it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Record, Store
+
+__all__ = ["Record", "Store", "open_store"]
+
+_KEY = "CLOAKROOM_STORE"
+_DRIVERS = {
+    "postgresql": ("psycopg", "postgres"),
+    "mysql": ("pymysql", "mysql"),
+    "mariadb": ("pymysql", "mysql"),
+}
+
+
+def open_store(url: str, *, sql_table: str = "cloakroom_sessions", **options: Any) -> Store:
+    """Open the store a ``CLOAKROOM_STORE`` URL names.
+
+    ``memory://``, ``file:///dir``, and any SQLAlchemy URL (``sqlite:///path``,
+    ``postgresql+psycopg://...``, ``mysql+pymysql://...``).  Raises
+    :class:`~flask_cloakroom.errors.ConfigError` for an unknown scheme or a
+    missing driver.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore()
+    if scheme == "file":
+        from .files import FileStore
+
+        path = url[len("file://") :]
+        if not path.startswith("/"):
+            raise ConfigError(_KEY, f"a file store URL needs an absolute path, like file:///var/lib/app/sessions; got {url!r}")
+        return FileStore(path)
+    if scheme.startswith(("redis", "rediss", "unix", "cookie")):
+        raise ConfigError(_KEY, f"the {scheme}:// store is not available in this version")
+    return _open_sql(url, scheme, sql_table, options)
+
+
+def _open_sql(url: str, scheme: str, sql_table: str, options: dict[str, Any]) -> Store:
+    try:
+        from sqlalchemy import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    except ImportError as error:  # pragma: no cover - SQLAlchemy is a dependency
+        raise ConfigError(_KEY, "SQL stores need SQLAlchemy: pip install sqlalchemy") from error
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise ConfigError(
+            _KEY,
+            f"{scheme!r} is not a known store: use memory://, file:///dir, sqlite:///path, "
+            "postgresql+psycopg://..., mysql+pymysql://... (or pass a Store)",
+        ) from error
+    from sqlalchemy import create_engine
+
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+        folder = os.path.dirname(os.path.abspath(parsed.database))
+        if not os.path.isdir(folder):
+            raise ConfigError(_KEY, f"the folder of the SQLite file does not exist: {folder}")
+    try:
+        engine = create_engine(parsed, **options)
+    except (NoSuchModuleError, ImportError) as error:
+        module, extra = _DRIVERS.get(backend, (parsed.get_driver_name(), None))
+        fix = f"pip install 'flask-cloakroom[{extra}]'" if extra else f"install {module}"
+        raise ConfigError(_KEY, f"the database driver for {scheme!r} is missing: {fix}") from error
+    from .sql import SQLStore
+
+    return SQLStore(engine, table=sql_table)

@@ -1,0 +1,139 @@
+"""The store contract: what every session store must do, and nothing more.
+
+A store keeps :class:`Record` objects by ``key``.  It knows nothing about HTTP,
+cookies, Flask, timeouts or encryption: the key is already a hash of the
+session id, the payload is opaque bytes (possibly ciphertext), and ``now`` is
+passed in by the caller so stores never read a clock of their own.
+
+To write your own store, subclass :class:`Store` and implement the abstract
+methods; run ``tests/test_store_contract.py`` against it (see docs/stores.md).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored session.
+
+    ``key``
+        The store key: a hash of the session id (hex), never the id itself.
+    ``user_id``
+        The index value for the session's user, or ``None`` for an anonymous
+        session.  Stores index it for :meth:`Store.user_records`.
+    ``expires_at``
+        Unix time (seconds) at which the record is dead for sure: the sooner of
+        its idle and absolute expiry at the time it was written.  Stores use it
+        for TTLs and :meth:`Store.purge_expired`.
+    ``version``
+        Starts at 1 and grows by one on every write; the basis of conditional
+        writes (:meth:`Store.save`).
+    ``payload``
+        The encoded session: opaque bytes the store keeps as they are.
+    """
+
+    key: str
+    user_id: str | None
+    expires_at: float
+    version: int
+    payload: bytes
+
+
+class Store(abc.ABC):
+    """Abstract base class of session stores.
+
+    All methods may raise :class:`~flask_cloakroom.errors.StoreUnavailable`
+    (the store cannot be reached) or another
+    :class:`~flask_cloakroom.errors.StoreError`; nothing else should escape.
+    Methods must be safe to call from several threads at once.
+    """
+
+    #: A short name used in logs, metrics and error messages ("sqlite", "redis").
+    name: str = "store"
+
+    @abc.abstractmethod
+    def load(self, key: str) -> Record | None:
+        """Return the record stored under ``key``, or ``None``.
+
+        This is on every request's path: one round trip, no writes.  A store may
+        return a record whose ``expires_at`` has passed; the caller checks it.
+        """
+
+    @abc.abstractmethod
+    def save(self, record: Record, *, expected: int | None, now: float) -> bool:
+        """Write ``record`` if the stored version is still ``expected``.
+
+        ``expected=None`` means "create": succeed only if no record exists under
+        ``record.key``.  Otherwise succeed only if a record exists and its
+        version equals ``expected`` (a deleted record is never re-created by
+        an update).  Returns ``False`` on a conflict, without writing anything.
+        ``now`` lets a store derive a TTL from ``record.expires_at``.
+        """
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete the record under ``key``; return whether there was one."""
+
+    @abc.abstractmethod
+    def user_records(self, user_id: str, *, now: float) -> list[Record]:
+        """Return the records indexed under ``user_id``.
+
+        Expired records may be left out; a store may prune index entries of
+        expired records while it is here.
+        """
+
+    @abc.abstractmethod
+    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+        """Return up to ``limit`` records with keys greater than ``after``, by key.
+
+        Used to page through every record (operator tools, re-encryption).
+        Must not load the whole store to answer one page.
+        """
+
+    @abc.abstractmethod
+    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+        """Delete records whose ``expires_at`` is at or before ``now``.
+
+        Works in batches of ``batch_size`` so that a large purge never holds
+        long locks; returns how many records were deleted.
+        """
+
+    @abc.abstractmethod
+    def count(self, *, now: float) -> int:
+        """Return how many records are live at ``now`` (cheap enough for a gauge)."""
+
+    def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
+        """Move a session to a new key in one step (session id rotation).
+
+        Creates ``record`` (under its new key) and deletes ``old_key``, whose
+        version must be ``expected``.  Returns ``False``, writing nothing, if the
+        old record is gone or has another version.  The default does it in two
+        steps; stores that can should override it to be atomic.
+        """
+        current = self.load(old_key)
+        if current is None or current.version != expected:
+            return False
+        if not self.save(record, expected=None, now=now):
+            return False
+        self.delete(old_key)
+        return True
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Delete several records; return how many existed."""
+        return sum(1 for key in keys if self.delete(key))
+
+    def ping(self) -> None:
+        """Raise :class:`~flask_cloakroom.errors.StoreUnavailable` if the store is down."""
+        self.count(now=0.0)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release connections and files.  The store must not be used afterwards."""
+
+    def describe(self) -> str:
+        """A one-line description for logs and operator tools (no passwords)."""
+        return self.name
+

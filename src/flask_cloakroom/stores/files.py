@@ -1,0 +1,253 @@
+"""A store in a directory of files, for single-host apps without a database.
+
+Layout under the root directory::
+
+    records/<k[:2]>/<key>       one file per session: a small header, then the payload
+    records/<k[:2]>/.lock       the lock of that shard, taken for writes
+    users/<hash of user>/<key>  empty marker files: the per-user index
+
+Every file name is either a store key (32 hex digits, checked) or a hash, so
+nothing a client sends becomes part of a path.  Writes go to a temporary file
+that is renamed over the record (atomic on POSIX); conditional writes hold
+the shard's ``flock`` while they compare versions.  Readers take no lock.
+POSIX only (Linux, macOS, the BSDs).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+
+from ..errors import StoreError, StoreUnavailable
+from ..tokens import is_store_key
+from .base import Record, Store
+
+_MAGIC = b"CLKF1"
+_HEADER = struct.Struct("!QdH")  # version, expires_at, length of the user id
+_UNAVAILABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+class FileStore(Store):
+    """Keeps each session in its own file under ``root``.
+
+    ``durable=True`` fsyncs every write (slower; survives a power cut).
+    """
+
+    name = "files"
+
+    def __init__(self, root: str, *, durable: bool = False) -> None:
+        self.root = os.path.abspath(root)
+        self.durable = durable
+        self._records = os.path.join(self.root, "records")
+        self._users = os.path.join(self.root, "users")
+        with self._errors():
+            os.makedirs(self._records, exist_ok=True)
+            os.makedirs(self._users, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"files ({self.root})"
+
+    # -- paths -----------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        if not is_store_key(key):
+            raise StoreError(f"not a store key: {key[:40]!r}", store=self.name)
+        return os.path.join(self._records, key[:2], key)
+
+    def _user_dir(self, user_id: str) -> str:
+        digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:32]
+        return os.path.join(self._users, digest)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as error:
+            cls = StoreUnavailable if error.errno in _UNAVAILABLE else StoreError
+            raise cls(f"{error.strerror or error} ({error.filename or self.root})", store=self.name) from error
+
+    @contextmanager
+    def _shard_lock(self, shard: str) -> Iterator[None]:
+        """Hold the write lock of one shard (the first two hex digits of keys)."""
+        folder = os.path.join(self._records, shard)
+        with self._errors():
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._errors():
+                yield
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[str]:
+        path = self._path(key)
+        with self._shard_lock(key[:2]):
+            yield path
+
+    # -- encoding --------------------------------------------------------------
+
+    @staticmethod
+    def _encode(record: Record) -> bytes:
+        user = b"" if record.user_id is None else record.user_id.encode("utf-8")
+        flag = b"\x00" if record.user_id is None else b"\x01"
+        header = _HEADER.pack(record.version, record.expires_at, len(user))
+        return _MAGIC + flag + header + user + record.payload
+
+    def _decode(self, key: str, blob: bytes) -> Record:
+        start = len(_MAGIC) + 1
+        if not blob.startswith(_MAGIC) or len(blob) < start + _HEADER.size:
+            raise StoreError(f"record {key} is not a Cloakroom record file", store=self.name)
+        version, expires_at, user_len = _HEADER.unpack_from(blob, start)
+        start += _HEADER.size
+        user = blob[start : start + user_len].decode("utf-8", "replace")
+        has_user = blob[len(_MAGIC)] == 1
+        return Record(key, user if has_user else None, expires_at, version, blob[start + user_len :])
+
+    def _read(self, path: str, key: str) -> Record | None:
+        try:
+            with open(path, "rb") as handle:
+                blob = handle.read()
+        except FileNotFoundError:
+            return None
+        return self._decode(key, blob)
+
+    def _write(self, path: str, record: Record) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(self._encode(record))
+                if self.durable:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _index(self, record: Record, previous: Record | None) -> None:
+        if previous is not None and previous.user_id not in (None, record.user_id):
+            self._unindex(previous)
+        if record.user_id is not None:
+            folder = self._user_dir(record.user_id)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, record.key), "ab"):
+                pass
+
+    def _unindex(self, record: Record) -> None:
+        if record.user_id is not None:
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._user_dir(record.user_id), record.key))
+
+    # -- the contract ----------------------------------------------------------
+
+    def load(self, key: str) -> Record | None:
+        if not is_store_key(key):
+            return None
+        with self._errors():
+            return self._read(self._path(key), key)
+
+    def save(self, record: Record, *, expected: int | None, now: float) -> bool:
+        with self._locked(record.key) as path:
+            current = self._read(path, record.key)
+            if (current is not None) if expected is None else (
+                current is None or current.version != expected
+            ):
+                return False
+            self._write(path, record)
+            self._index(record, current)
+            return True
+
+    def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
+        old_path, new_path = self._path(old_key), self._path(record.key)
+        # Lock both shards, in order, so that two rotations cannot deadlock.
+        with ExitStack() as locks:
+            for shard in sorted({old_key[:2], record.key[:2]}):
+                locks.enter_context(self._shard_lock(shard))
+            current = self._read(old_path, old_key)
+            if current is None or current.version != expected or os.path.exists(new_path):
+                return False
+            self._write(new_path, record)
+            self._index(record, None)
+            os.unlink(old_path)
+            self._unindex(current)
+            return True
+
+    def delete(self, key: str) -> bool:
+        if not is_store_key(key):
+            return False
+        with self._locked(key) as path:
+            current = self._read(path, key)
+            if current is None:
+                return False
+            os.unlink(path)
+            self._unindex(current)
+            return True
+
+    def user_records(self, user_id: str, *, now: float) -> list[Record]:
+        folder = self._user_dir(user_id)
+        out = []
+        with self._errors():
+            try:
+                keys = os.listdir(folder)
+            except FileNotFoundError:
+                return []
+            for key in keys:
+                record = self.load(key)
+                if record is None or record.user_id != user_id:
+                    with suppress(FileNotFoundError):  # prune a stale index entry
+                        os.unlink(os.path.join(folder, key))
+                elif record.expires_at > now:
+                    out.append(record)
+        return out
+
+    def _keys(self) -> Iterator[str]:
+        with self._errors():
+            for shard in sorted(os.listdir(self._records)):
+                folder = os.path.join(self._records, shard)
+                if len(shard) == 2 and os.path.isdir(folder):
+                    yield from sorted(k for k in os.listdir(folder) if is_store_key(k))
+
+    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+        out: list[Record] = []
+        for key in self._keys():
+            if after is not None and key <= after:
+                continue
+            record = self.load(key)
+            if record is not None:
+                out.append(record)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+        deleted = 0
+        for key in list(self._keys()):
+            record = self.load(key)
+            if record is None or record.expires_at > now:
+                continue
+            with self._locked(key) as path:
+                current = self._read(path, key)
+                if current is not None and current.expires_at <= now:
+                    os.unlink(path)
+                    self._unindex(current)
+                    deleted += 1
+        return deleted
+
+    def count(self, *, now: float) -> int:
+        return sum(
+            1 for key in self._keys() if (r := self.load(key)) is not None and r.expires_at > now
+        )
+
+    def ping(self) -> None:
+        with self._errors():
+            if not os.access(self._records, os.W_OK):
+                raise OSError(errno.EACCES, "not writable", self._records)

@@ -1,0 +1,95 @@
+"""An in-process store for tests and single-process development.
+
+Records live in a dict guarded by a lock; they vanish with the process and are
+not shared between worker processes.  Use ``memory://`` as ``CLOAKROOM_STORE``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+from .base import Record, Store
+
+
+class MemoryStore(Store):
+    """Keeps records in this process's memory."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, Record] = {}
+        self._by_user: dict[str, set[str]] = {}
+
+    def load(self, key: str) -> Record | None:
+        return self._records.get(key)
+
+    def save(self, record: Record, *, expected: int | None, now: float) -> bool:
+        with self._lock:
+            current = self._records.get(record.key)
+            if expected is None:
+                if current is not None:
+                    return False
+            elif current is None or current.version != expected:
+                return False
+            self._put(record, current)
+            return True
+
+    def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
+        with self._lock:
+            old = self._records.get(old_key)
+            if old is None or old.version != expected or record.key in self._records:
+                return False
+            self._remove(old_key)
+            self._put(record, None)
+            return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            return self._remove(key)
+
+    def user_records(self, user_id: str, *, now: float) -> list[Record]:
+        with self._lock:
+            keys = self._by_user.get(user_id, ())
+            return [self._records[k] for k in keys if self._records[k].expires_at > now]
+
+    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+        with self._lock:
+            keys = sorted(self._records)
+            start = 0 if after is None else bisect.bisect_right(keys, after)
+            return [self._records[k] for k in keys[start : start + limit]]
+
+    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+        with self._lock:
+            dead = [k for k, r in self._records.items() if r.expires_at <= now]
+            for key in dead:
+                self._remove(key)
+            return len(dead)
+
+    def count(self, *, now: float) -> int:
+        with self._lock:
+            return sum(1 for r in self._records.values() if r.expires_at > now)
+
+    def _put(self, record: Record, current: Record | None) -> None:
+        if current is not None and current.user_id != record.user_id:
+            self._unindex(current)
+        self._records[record.key] = record
+        if record.user_id is not None:
+            self._by_user.setdefault(record.user_id, set()).add(record.key)
+
+    def _remove(self, key: str) -> bool:
+        record = self._records.pop(key, None)
+        if record is None:
+            return False
+        self._unindex(record)
+        return True
+
+    def _unindex(self, record: Record) -> None:
+        if record.user_id is None:
+            return
+        keys = self._by_user.get(record.user_id)
+        if keys is not None:
+            keys.discard(record.key)
+            if not keys:
+                del self._by_user[record.user_id]

@@ -1,0 +1,282 @@
+"""A store in an SQL table, through SQLAlchemy 2 Core: SQLite, PostgreSQL, MySQL/MariaDB.
+
+One code path serves every database.  The table (``cloakroom_sessions`` unless
+``CLOAKROOM_SQL_TABLE`` says otherwise) is created on first use::
+
+    key         VARCHAR(32)  primary key: hash of the session id, never the id
+    user_id     VARCHAR(255) indexed, NULL for anonymous sessions
+    expires_at  DOUBLE       indexed, Unix time
+    version     INTEGER      grows by one on every write
+    payload     BLOB         the encoded (and possibly encrypted) session
+
+Conditional writes are a single ``UPDATE ... WHERE key = ? AND version = ?``;
+rotation at login is a single ``UPDATE`` of the primary key, so it is atomic.
+SQLite files are opened in WAL mode with ``synchronous=NORMAL`` and a busy
+timeout, which is what makes the embedded default fast and safe with several
+worker processes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from ..errors import StoreError, StoreUnavailable
+from .base import Record, Store
+
+_T = TypeVar("_T")
+_DELETE_CHUNK = 500
+
+
+def sessions_table(name: str, metadata: MetaData | None = None) -> Table:
+    """The session table definition (add it to your own ``MetaData`` for Alembic)."""
+    return Table(
+        name,
+        metadata if metadata is not None else MetaData(),
+        Column("key", String(32), primary_key=True),
+        Column("user_id", String(255), nullable=True),
+        Column("expires_at", Float(precision=53), nullable=False),
+        Column("version", Integer, nullable=False),
+        Column(
+            "payload",
+            LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb"),
+            nullable=False,
+        ),
+        Index(f"ix_{name}_user_id", "user_id"),
+        Index(f"ix_{name}_expires_at", "expires_at"),
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+    finally:
+        cursor.close()
+
+
+class SQLStore(Store):
+    """Keeps sessions in a table of an SQL database.
+
+    Pass an :class:`sqlalchemy.Engine` (for example Flask-SQLAlchemy's
+    ``db.engine``) or let :func:`~flask_cloakroom.stores.open_store` make one
+    from a URL.  ``create_table=False`` leaves the schema to you (see
+    :func:`sessions_table`).
+    """
+
+    def __init__(
+        self, engine: Engine, *, table: str = "cloakroom_sessions", create_table: bool = True
+    ) -> None:
+        self.engine = engine
+        self.table = sessions_table(table)
+        self.name = engine.dialect.name
+        self._create_table = create_table
+        self._ready = not create_table
+        self._lock = threading.Lock()
+        if self.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        t = self.table.c
+        self._load = select(t.key, t.user_id, t.expires_at, t.version, t.payload).where(
+            t.key == bindparam("k")
+        )
+        self._insert = insert(self.table)
+        self._update = (
+            update(self.table)
+            .where(t.key == bindparam("k"), t.version == bindparam("expected"))
+            .values(
+                user_id=bindparam("user_id"),
+                expires_at=bindparam("expires_at"),
+                version=bindparam("version"),
+                payload=bindparam("payload"),
+            )
+        )
+        self._rotate = (
+            update(self.table)
+            .where(t.key == bindparam("old"), t.version == bindparam("expected"))
+            .values(
+                key=bindparam("new"),
+                user_id=bindparam("user_id"),
+                expires_at=bindparam("expires_at"),
+                version=bindparam("version"),
+                payload=bindparam("payload"),
+            )
+        )
+        self._delete = delete(self.table).where(t.key == bindparam("k"))
+
+    def describe(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"{self.name} ({url}, table {self.table.name})"
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _ensure_table(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            try:
+                self.table.create(self.engine, checkfirst=True)
+            except DBAPIError:
+                # Another process may have created it between check and create.
+                with self.engine.connect() as conn:
+                    if not self.engine.dialect.has_table(conn, self.table.name):
+                        raise
+            self._ready = True
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (DBAPIError, PoolTimeout) as error:
+            unavailable = isinstance(error, PoolTimeout) or (
+                error.connection_invalidated
+                or type(error.orig).__name__ in ("OperationalError", "InterfaceError")
+            )
+            cls = StoreUnavailable if unavailable else StoreError
+            raise cls(str(error).splitlines()[0], store=self.name) from error
+        except SQLAlchemyError as error:
+            raise StoreError(str(error).splitlines()[0], store=self.name) from error
+
+    def _run(self, work: Callable[[Connection], _T], *, write: bool) -> _T:
+        if not self._ready:
+            with self._errors():
+                self._ensure_table()
+        with self._errors():
+            if write:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            with self.engine.connect() as conn:
+                return work(conn)
+
+    @staticmethod
+    def _record(row: Row[Any]) -> Record:
+        return Record(row[0], row[1], row[2], row[3], bytes(row[4]))
+
+    @staticmethod
+    def _values(record: Record) -> dict[str, Any]:
+        return {
+            "user_id": record.user_id,
+            "expires_at": record.expires_at,
+            "version": record.version,
+            "payload": record.payload,
+        }
+
+    # -- the contract ----------------------------------------------------------
+
+    def load(self, key: str) -> Record | None:
+        row = self._run(lambda c: c.execute(self._load, {"k": key}).first(), write=False)
+        return None if row is None else self._record(row)
+
+    def save(self, record: Record, *, expected: int | None, now: float) -> bool:
+        if expected is None:
+
+            def create(conn: Connection) -> bool:
+                conn.execute(self._insert, {"key": record.key, **self._values(record)})
+                return True
+
+            try:
+                return self._run(create, write=True)
+            except StoreError as error:
+                if isinstance(error.__cause__, IntegrityError):
+                    return False
+                raise
+        params = {"k": record.key, "expected": expected, **self._values(record)}
+        return self._run(lambda c: c.execute(self._update, params).rowcount == 1, write=True)
+
+    def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
+        params = {"old": old_key, "new": record.key, "expected": expected, **self._values(record)}
+        try:
+            return self._run(lambda c: c.execute(self._rotate, params).rowcount == 1, write=True)
+        except StoreError as error:
+            if isinstance(error.__cause__, IntegrityError):
+                return False
+            raise
+
+    def delete(self, key: str) -> bool:
+        return self._run(lambda c: c.execute(self._delete, {"k": key}).rowcount > 0, write=True)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        t = self.table.c
+
+        def work(conn: Connection) -> int:
+            deleted = 0
+            for start in range(0, len(keys), _DELETE_CHUNK):
+                chunk = keys[start : start + _DELETE_CHUNK]
+                deleted += conn.execute(delete(self.table).where(t.key.in_(chunk))).rowcount
+            return deleted
+
+        return self._run(work, write=True) if keys else 0
+
+    def user_records(self, user_id: str, *, now: float) -> list[Record]:
+        t = self.table.c
+        query = select(t.key, t.user_id, t.expires_at, t.version, t.payload).where(
+            t.user_id == user_id, t.expires_at > now
+        )
+        rows = self._run(lambda c: c.execute(query).all(), write=False)
+        return [self._record(r) for r in rows]
+
+    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+        t = self.table.c
+        query = select(t.key, t.user_id, t.expires_at, t.version, t.payload)
+        if after is not None:
+            query = query.where(t.key > after)
+        query = query.order_by(t.key).limit(limit)
+        rows = self._run(lambda c: c.execute(query).all(), write=False)
+        return [self._record(r) for r in rows]
+
+    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+        t = self.table.c
+        find = select(t.key).where(t.expires_at <= now).limit(batch_size)
+        total = 0
+        while True:
+
+            def batch(conn: Connection) -> tuple[int, int]:
+                keys = list(conn.execute(find).scalars())
+                if not keys:
+                    return 0, 0
+                # Re-check the expiry: a record may have been renewed since the select.
+                gone = delete(self.table).where(t.key.in_(keys), t.expires_at <= now)
+                return len(keys), conn.execute(gone).rowcount
+
+            found, deleted = self._run(batch, write=True)
+            total += deleted
+            if found < batch_size:
+                return total
+
+    def count(self, *, now: float) -> int:
+        t = self.table.c
+        query = select(func.count()).select_from(self.table).where(t.expires_at > now)
+        return int(self._run(lambda c: c.execute(query).scalar_one(), write=False))
+
+    def ping(self) -> None:
+        self._run(lambda c: c.execute(select(1)).scalar_one(), write=False)
+
+    def close(self) -> None:
+        self.engine.dispose()

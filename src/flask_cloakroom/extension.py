@@ -66,7 +66,7 @@ class Cloakroom:
             path = os.path.join(app.instance_path, "cloakroom.sqlite3")
             store = f"sqlite:///{path}"
         if isinstance(store, str):
-            store = open_store(store, sql_table=settings.sql_table)
+            store = open_store(store, sql_table=settings.sql_table, timeout=settings.store_timeout)
         manager = SessionManager(
             settings, store, serializer=session_json_serializer, clock=self._clock
         )

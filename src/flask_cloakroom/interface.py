@@ -56,7 +56,9 @@ class CloakroomSessionInterface(SessionInterface):
         try:
             manager.save(session, manager.now(), _client_ip(), _user_agent())
         except StoreError as error:
-            logger.error("session store unavailable while saving session %s: %s", session.key, error)
+            logger.error(
+                "session store unavailable while saving session %s: %s", session.key, error
+            )
             self._fail(app, response, error)
             return
         self._set_cookie(session, response)
@@ -73,7 +75,8 @@ class CloakroomSessionInterface(SessionInterface):
         extra: dict[str, Any] = {"partitioned": True} if cookie.partitioned else {}
         if _needs_cookie(session):
             session_id = session.issued or session.session_id
-            assert session_id is not None and session.meta is not None
+            assert session_id is not None
+            assert session.meta is not None
             expires = None
             if session.get_raw("_permanent", False):
                 expires = datetime.fromtimestamp(

@@ -207,7 +207,9 @@ class SessionManager:
         payload = self.codec.encode(meta, tagged)
         return Record(key, user, self.policy.expires_at(meta), version, payload)
 
-    def _stored(self, session: ServerSession, record: Record, meta: Meta, tagged: dict[str, Any]) -> None:
+    def _stored(
+        self, session: ServerSession, record: Record, meta: Meta, tagged: dict[str, Any]
+    ) -> None:
         session.key = record.key
         session.version = record.version
         session.meta = meta
@@ -215,7 +217,9 @@ class SessionManager:
         session.new = False
         session.rotate_requested = False
 
-    def _create(self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float) -> None:
+    def _create(
+        self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float
+    ) -> None:
         for _ in range(3):  # a clash of 256-bit random ids does not happen; be tidy anyway
             session_id = new_session_id()
             record = self._record(store_key(session_id), meta, tagged, 1)
@@ -225,9 +229,12 @@ class SessionManager:
                 return
         raise StoreError("could not create a session: the store refused three new keys")
 
-    def _rotate(self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float) -> None:
+    def _rotate(
+        self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float
+    ) -> None:
         old_key = session.key
-        assert old_key is not None and session.version is not None
+        assert old_key is not None
+        assert session.version is not None
         meta.last_seen_at = now
         for _ in range(MAX_WRITE_ATTEMPTS):
             session_id = new_session_id()
@@ -244,11 +251,16 @@ class SessionManager:
             version, _, fresh_raw = fresh
             tagged = self._merge(session.raw, tagged, fresh_raw)
             session.raw, session.version = fresh_raw, version
-        raise StoreError(f"session {old_key}: gave up rotating after {MAX_WRITE_ATTEMPTS} conflicts")
+        raise StoreError(
+            f"session {old_key}: gave up rotating after {MAX_WRITE_ATTEMPTS} conflicts"
+        )
 
-    def _update(self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float) -> None:
+    def _update(
+        self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float
+    ) -> None:
         key = session.key
-        assert key is not None and session.version is not None
+        assert key is not None
+        assert session.version is not None
         for _ in range(MAX_WRITE_ATTEMPTS):
             record = self._record(key, meta, tagged, session.version + 1)
             if self.store.save(record, expected=session.version, now=now):

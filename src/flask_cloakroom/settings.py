@@ -168,6 +168,17 @@ OPTIONS: tuple[Option, ...] = (
         _identifier,
     ),
     Option(
+        "STORE_TIMEOUT",
+        "timedelta | float",
+        timedelta(seconds=2),
+        "How long a store operation may take before the request gives up with a 503: "
+        "connect and socket timeouts for stores opened from a URL, SQLite's busy "
+        "timeout, and the wait for a pooled connection. Stores you build yourself "
+        "keep their own settings.",
+        "timedelta(seconds=2)",
+        _positive_duration,
+    ),
+    Option(
         "ON_STORE_ERROR",
         "Callable[[StoreError], object] | None",
         None,
@@ -215,6 +226,7 @@ class Settings:
     touch_interval: float
     max_record_size: int
     sql_table: str
+    store_timeout: float
     on_store_error: Callable[[Exception], Any] | None
     retry_after: int
     secret_keys: tuple[str | bytes, ...]
@@ -245,7 +257,7 @@ def _cookie(config: Mapping[str, Any]) -> CookieSettings:
     domain = config.get("SESSION_COOKIE_DOMAIN") or None
     path = config.get("SESSION_COOKIE_PATH") or config.get("APPLICATION_ROOT") or "/"
     # Flask's default is None (no attribute); Cloakroom's is Lax. False omits it.
-    samesite = config.get("SESSION_COOKIE_SAMESITE")
+    samesite: Any = config.get("SESSION_COOKIE_SAMESITE")
     if samesite is None:
         samesite = "Lax"
     elif samesite is False:

@@ -7,6 +7,7 @@ is reported with the ``pip install`` line that fixes it.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -23,13 +24,14 @@ _DRIVERS = {
 }
 
 
-def open_store(url: str, *, sql_table: str = "cloakroom_sessions", **options: Any) -> Store:
+def open_store(url: str, *, sql_table: str = "cloakroom_sessions", timeout: float = 2.0) -> Store:
     """Open the store a ``CLOAKROOM_STORE`` URL names.
 
     ``memory://``, ``file:///dir``, and any SQLAlchemy URL (``sqlite:///path``,
-    ``postgresql+psycopg://...``, ``mysql+pymysql://...``).  Raises
-    :class:`~flask_cloakroom.errors.ConfigError` for an unknown scheme or a
-    missing driver.
+    ``postgresql+psycopg://...``, ``mysql+pymysql://...``).  ``timeout`` (seconds)
+    bounds connecting, waiting for locks and pooled connections, and each
+    statement.  Raises :class:`~flask_cloakroom.errors.ConfigError` for an
+    unknown scheme or a missing driver.
     """
     scheme = url.split("://", 1)[0].lower()
     if scheme == "memory":
@@ -41,14 +43,18 @@ def open_store(url: str, *, sql_table: str = "cloakroom_sessions", **options: An
 
         path = url[len("file://") :]
         if not path.startswith("/"):
-            raise ConfigError(_KEY, f"a file store URL needs an absolute path, like file:///var/lib/app/sessions; got {url!r}")
+            raise ConfigError(
+                _KEY,
+                "a file store URL needs an absolute path, like "
+                f"file:///var/lib/app/sessions; got {url!r}",
+            )
         return FileStore(path)
     if scheme.startswith(("redis", "rediss", "unix", "cookie")):
         raise ConfigError(_KEY, f"the {scheme}:// store is not available in this version")
-    return _open_sql(url, scheme, sql_table, options)
+    return _open_sql(url, scheme, sql_table, timeout)
 
 
-def _open_sql(url: str, scheme: str, sql_table: str, options: dict[str, Any]) -> Store:
+def _open_sql(url: str, scheme: str, sql_table: str, timeout: float) -> Store:
     try:
         from sqlalchemy import make_url
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -70,11 +76,31 @@ def _open_sql(url: str, scheme: str, sql_table: str, options: dict[str, Any]) ->
         if not os.path.isdir(folder):
             raise ConfigError(_KEY, f"the folder of the SQLite file does not exist: {folder}")
     try:
-        engine = create_engine(parsed, **options)
+        engine = create_engine(
+            parsed, **_engine_options(backend, parsed.get_driver_name(), timeout)
+        )
     except (NoSuchModuleError, ImportError) as error:
         module, extra = _DRIVERS.get(backend, (parsed.get_driver_name(), None))
         fix = f"pip install 'flask-cloakroom[{extra}]'" if extra else f"install {module}"
         raise ConfigError(_KEY, f"the database driver for {scheme!r} is missing: {fix}") from error
     from .sql import SQLStore
 
-    return SQLStore(engine, table=sql_table)
+    return SQLStore(engine, table=sql_table, busy_timeout=timeout)
+
+
+def _engine_options(backend: str, driver: str, timeout: float) -> dict[str, Any]:
+    """Connection settings that keep every operation within ``timeout`` seconds."""
+    whole = max(1, math.ceil(timeout))
+    millis = int(timeout * 1000)
+    connect_args: dict[str, Any] = {}
+    if backend == "sqlite":
+        connect_args = {"timeout": timeout, "check_same_thread": False}
+    elif backend == "postgresql" and driver == "psycopg":
+        connect_args = {
+            "connect_timeout": max(2, whole),  # libpq's minimum is 2 seconds
+            "tcp_user_timeout": millis,
+            "options": f"-c statement_timeout={millis}",
+        }
+    elif backend in ("mysql", "mariadb") and driver == "pymysql":
+        connect_args = {"connect_timeout": whole, "read_timeout": whole, "write_timeout": whole}
+    return {"pool_timeout": timeout, "connect_args": connect_args}

@@ -136,4 +136,3 @@ class Store(abc.ABC):
     def describe(self) -> str:
         """A one-line description for logs and operator tools (no passwords)."""
         return self.name
-

@@ -70,7 +70,9 @@ class FileStore(Store):
             yield
         except OSError as error:
             cls = StoreUnavailable if error.errno in _UNAVAILABLE else StoreError
-            raise cls(f"{error.strerror or error} ({error.filename or self.root})", store=self.name) from error
+            raise cls(
+                f"{error.strerror or error} ({error.filename or self.root})", store=self.name
+            ) from error
 
     @contextmanager
     def _shard_lock(self, shard: str) -> Iterator[None]:
@@ -109,7 +111,9 @@ class FileStore(Store):
         start += _HEADER.size
         user = blob[start : start + user_len].decode("utf-8", "replace")
         has_user = blob[len(_MAGIC)] == 1
-        return Record(key, user if has_user else None, expires_at, version, blob[start + user_len :])
+        return Record(
+            key, user if has_user else None, expires_at, version, blob[start + user_len :]
+        )
 
     def _read(self, path: str, key: str) -> Record | None:
         try:
@@ -158,8 +162,10 @@ class FileStore(Store):
     def save(self, record: Record, *, expected: int | None, now: float) -> bool:
         with self._locked(record.key) as path:
             current = self._read(path, record.key)
-            if (current is not None) if expected is None else (
-                current is None or current.version != expected
+            if (
+                (current is not None)
+                if expected is None
+                else (current is None or current.version != expected)
             ):
                 return False
             self._write(path, record)

@@ -19,7 +19,7 @@ worker processes.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import Connection, Row
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -72,14 +72,17 @@ def sessions_table(name: str, metadata: MetaData | None = None) -> Table:
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=5000")
-    finally:
-        cursor.close()
+def _sqlite_pragmas(busy_timeout: float) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        finally:
+            cursor.close()
+
+    return on_connect
 
 
 class SQLStore(Store):
@@ -88,11 +91,17 @@ class SQLStore(Store):
     Pass an :class:`sqlalchemy.Engine` (for example Flask-SQLAlchemy's
     ``db.engine``) or let :func:`~flask_cloakroom.stores.open_store` make one
     from a URL.  ``create_table=False`` leaves the schema to you (see
-    :func:`sessions_table`).
+    :func:`sessions_table`).  ``busy_timeout`` (seconds) is how long SQLite
+    waits for another process's write lock before the store gives up.
     """
 
     def __init__(
-        self, engine: Engine, *, table: str = "cloakroom_sessions", create_table: bool = True
+        self,
+        engine: Engine,
+        *,
+        table: str = "cloakroom_sessions",
+        create_table: bool = True,
+        busy_timeout: float = 5.0,
     ) -> None:
         self.engine = engine
         self.table = sessions_table(table)
@@ -101,7 +110,7 @@ class SQLStore(Store):
         self._ready = not create_table
         self._lock = threading.Lock()
         if self.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
         t = self.table.c
         self._load = select(t.key, t.user_id, t.expires_at, t.version, t.payload).where(
             t.key == bindparam("k")
@@ -175,7 +184,7 @@ class SQLStore(Store):
                 return work(conn)
 
     @staticmethod
-    def _record(row: Row[Any]) -> Record:
+    def _record(row: Sequence[Any]) -> Record:
         return Record(row[0], row[1], row[2], row[3], bytes(row[4]))
 
     @staticmethod

@@ -1,0 +1,138 @@
+"""Shared fixtures: stores on every backend, a fake clock, and an app factory."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_cloakroom import Cloakroom
+from flask_cloakroom.stores import Store, open_store
+from flask_cloakroom.stores.files import FileStore
+from flask_cloakroom.stores.memory import MemoryStore
+from flask_cloakroom.stores.sql import SQLStore
+
+from .support import CountingStore, FakeClock
+
+# pytest_plugins = ["tests.servers"]
+
+#: Every store backend the contract suite and the end-to-end tests run on.
+STORE_KINDS = ["memory", "sqlite", "files", "postgres", "mysql"]
+
+
+def _sql_store(url: str) -> SQLStore:
+    table = "cr_test_" + secrets.token_hex(4)
+    store = open_store(url, sql_table=table)
+    assert isinstance(store, SQLStore)
+    return store
+
+
+def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """Make an empty store of ``kind``; it is removed when the test ends."""
+    store: Store
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "files":
+        return FileStore(str(tmp_path / "sessions"))
+    if kind == "sqlite":
+        store = _sql_store(f"sqlite:///{tmp_path / 'sessions.sqlite3'}")
+    elif kind == "postgres":
+        store = _sql_store(request.getfixturevalue("postgres_url"))
+    elif kind == "mysql":
+        store = _sql_store(request.getfixturevalue("mysql_url"))
+    else:  # pragma: no cover
+        raise ValueError(kind)
+
+    def drop() -> None:
+        assert isinstance(store, SQLStore)
+        store.table.drop(store.engine, checkfirst=True)
+        store.close()
+
+    request.addfinalizer(drop)
+    return store
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """An empty store, once per backend."""
+    return build_store(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+AppFactory = Callable[..., tuple[Flask, Cloakroom, CountingStore]]
+
+
+@pytest.fixture
+def make_app(clock: FakeClock) -> Iterator[AppFactory]:
+    """Build a Flask app with Cloakroom on a given store (memory by default).
+
+    Returns ``(app, cloak, counting_store)``; config keys are passed as keyword
+    arguments.  The app has a few generic views used across the tests.
+    """
+    stores: list[CountingStore] = []
+
+    def factory(store: Store | None = None, **config: Any) -> tuple[Flask, Cloakroom, CountingStore]:
+        counting = CountingStore(store if store is not None else MemoryStore())
+        stores.append(counting)
+        app = Flask(__name__)
+        app.config.update(SECRET_KEY="test-secret-" + "k" * 20, TESTING=True)
+        app.config.update(config)
+        cloak = Cloakroom(app, store=counting, clock=clock)
+        add_views(app, cloak)
+        return app, cloak, counting
+
+    yield factory
+
+
+def add_views(app: Flask, cloak: Cloakroom) -> None:
+    """Views the tests drive: set/get/pop values, login, logout, rotate, sessions."""
+    from flask import jsonify, request, session
+
+    @app.get("/get/<name>")
+    def get_value(name: str) -> Any:
+        return jsonify(value=session.get(name))
+
+    @app.post("/set/<name>")
+    def set_value(name: str) -> Any:
+        session[name] = request.get_json()
+        return jsonify(ok=True)
+
+    @app.post("/pop/<name>")
+    def pop_value(name: str) -> Any:
+        session.pop(name, None)
+        return jsonify(ok=True)
+
+    @app.get("/nothing")
+    def nothing() -> str:
+        return "no session here"
+
+    @app.post("/login/<user>")
+    def login(user: str) -> Any:
+        cloak.login(user, remember=request.args.get("remember") == "1")
+        return jsonify(ok=True)
+
+    @app.post("/logout")
+    def logout() -> Any:
+        cloak.logout()
+        return jsonify(ok=True)
+
+    @app.post("/rotate")
+    def rotate() -> Any:
+        cloak.rotate()
+        return jsonify(ok=True)
+
+    @app.get("/whoami")
+    def whoami() -> Any:
+        return jsonify(user=cloak.user_id)
+
+    @app.get("/sessions/<user>")
+    def sessions(user: str) -> Any:
+        return jsonify([{"handle": s.handle, "current": s.current} for s in cloak.sessions(user)])

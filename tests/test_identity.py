@@ -1,0 +1,265 @@
+"""Login, logout, rotation, listing and revoking sessions, on every store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask, jsonify, request, session
+from flask.testing import FlaskClient
+
+from flask_cloakroom import Cloakroom, NoSession
+from flask_cloakroom.stores import Store
+
+from .conftest import AppFactory
+from .support import FakeClock
+
+
+def cookie(client: FlaskClient) -> str:
+    value = client.get_cookie("session")
+    assert value is not None
+    return value.value
+
+
+def as_user(app: Flask, user: str, agent: str = "TestBrowser/1.0") -> FlaskClient:
+    client = app.test_client()
+    client.environ_base["HTTP_USER_AGENT"] = agent
+    client.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    client.post("/set/cart", json=["book"])
+    client.post(f"/login/{user}")
+    return client
+
+
+def add_revoke_views(app: Flask, cloak: Cloakroom) -> None:
+    @app.post("/revoke/<handle>")
+    def revoke(handle: str) -> Any:
+        return jsonify(ended=cloak.revoke(handle))
+
+    @app.post("/revoke-user/<user>")
+    def revoke_user(user: str) -> Any:
+        keep = request.args.get("keep") == "1"
+        return jsonify(ended=cloak.revoke_user(user, keep_current=keep))
+
+
+def test_login_rotates_the_id_keeps_the_data_and_records_the_client(
+    make_app: AppFactory, store: Store, clock: FakeClock
+) -> None:
+    app, cloak, _ = make_app(store)
+    client = app.test_client()
+    client.environ_base["HTTP_USER_AGENT"] = "TestBrowser/1.0"
+    client.post("/set/cart", json=["book"])
+    before = cookie(client)
+    client.post("/login/alice")
+    after = cookie(client)
+    assert after != before
+    assert client.get("/whoami").get_json() == {"user": "alice"}
+    assert client.get("/get/cart").get_json() == {"value": ["book"]}
+    old = app.test_client()
+    old.set_cookie("session", before)
+    assert old.get("/get/cart").get_json() == {"value": None}
+    with app.test_request_context():
+        (info,) = cloak.sessions("alice")
+    assert info.user_id == "alice"
+    assert info.ip == info.login_ip == "127.0.0.1"
+    assert info.user_agent == "TestBrowser/1.0"
+    assert info.login_at is not None
+    assert info.login_at.timestamp() == pytest.approx(clock.timestamp())
+    assert info.created_at <= info.login_at <= info.last_seen_at < info.expires_at
+    assert info.current is False  # listed from outside that session's request
+
+
+def test_login_on_another_users_session_starts_clean(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+    client = as_user(app, "alice")
+    client.post("/set/private", json="alice's")
+    client.post("/login/bob")
+    assert client.get("/whoami").get_json() == {"user": "bob"}
+    assert client.get("/get/private").get_json() == {"value": None}
+
+
+def test_logout_ends_the_session_and_a_flash_afterwards_survives(
+    make_app: AppFactory, store: Store
+) -> None:
+    app, cloak, counted = make_app(store)
+
+    @app.post("/logout-and-flash")
+    def logout_and_flash() -> str:
+        cloak.logout()
+        session["notice"] = "goodbye"
+        return "ok"
+
+    client = as_user(app, "alice")
+    old = cookie(client)
+    client.post("/logout-and-flash")
+    assert cookie(client) != old
+    assert client.get("/whoami").get_json() == {"user": None}
+    assert client.get("/get/notice").get_json() == {"value": "goodbye"}
+    assert client.get("/get/cart").get_json() == {"value": None}
+    with app.test_request_context():
+        assert cloak.sessions("alice") == []
+
+
+def test_rotate_gives_a_new_id_and_kills_the_old(make_app: AppFactory, store: Store) -> None:
+    app, _, _ = make_app(store)
+    client = as_user(app, "alice")
+    old = cookie(client)
+    client.post("/rotate")
+    assert cookie(client) != old
+    assert client.get("/whoami").get_json() == {"user": "alice"}
+    replay = app.test_client()
+    replay.set_cookie("session", old)
+    assert replay.get("/whoami").get_json() == {"user": None}
+
+
+def test_sessions_lists_a_users_sessions_newest_first(
+    make_app: AppFactory, store: Store, clock: FakeClock
+) -> None:
+    app, _, _ = make_app(store)
+    phone = as_user(app, "alice", "Phone/1")
+    clock.advance(seconds=120)
+    laptop = as_user(app, "alice", "Laptop/1")
+    as_user(app, "bob")
+    listed = laptop.get("/sessions/alice").get_json()
+    assert len(listed) == 2
+    assert [s["current"] for s in listed] == [True, False]
+    assert phone.get("/sessions/alice").get_json()[1]["current"] is True
+    assert len(laptop.get("/sessions/bob").get_json()) == 1
+    assert laptop.get("/sessions/nobody").get_json() == []
+
+
+def test_revoke_one_session(make_app: AppFactory, store: Store) -> None:
+    app, cloak, _ = make_app(store)
+    add_revoke_views(app, cloak)
+    phone = as_user(app, "alice", "Phone/1")
+    laptop = as_user(app, "alice", "Laptop/1")
+    listed = laptop.get("/sessions/alice").get_json()
+    phone_handle = next(s["handle"] for s in listed if not s["current"])
+    assert laptop.post(f"/revoke/{phone_handle}").get_json() == {"ended": True}
+    assert laptop.post(f"/revoke/{phone_handle}").get_json() == {"ended": False}
+    assert laptop.post("/revoke/not-a-handle").get_json() == {"ended": False}
+    assert phone.get("/whoami").get_json() == {"user": None}
+    assert laptop.get("/whoami").get_json() == {"user": "alice"}
+
+
+def test_revoking_the_current_session_logs_it_out(make_app: AppFactory) -> None:
+    app, cloak, _ = make_app()
+    add_revoke_views(app, cloak)
+    client = as_user(app, "alice")
+    (mine,) = client.get("/sessions/alice").get_json()
+    response = client.post(f"/revoke/{mine['handle']}")
+    assert "session=;" in response.headers["Set-Cookie"]
+    assert client.get("/whoami").get_json() == {"user": None}
+
+
+def test_revoke_user_ends_all_or_all_but_current(make_app: AppFactory, store: Store) -> None:
+    app, cloak, _ = make_app(store)
+    add_revoke_views(app, cloak)
+    clients = [as_user(app, "alice", f"Browser/{i}") for i in range(3)]
+    bob = as_user(app, "bob")
+    assert clients[0].post("/revoke-user/alice?keep=1").get_json() == {"ended": 2}
+    assert [c.get("/whoami").get_json()["user"] for c in clients] == ["alice", None, None]
+    assert clients[0].post("/revoke-user/alice").get_json() == {"ended": 1}
+    assert clients[0].get("/whoami").get_json() == {"user": None}
+    assert bob.get("/whoami").get_json() == {"user": "bob"}
+    with app.test_request_context():
+        assert cloak.revoke_user("alice") == 0
+
+
+def test_a_revoked_session_is_not_resurrected_by_a_request_in_flight(
+    make_app: AppFactory, store: Store
+) -> None:
+    app, _, counted = make_app(store)
+
+    @app.post("/slow-write")
+    def slow_write() -> str:
+        session.get("cart")  # loaded ...
+        counted.inner.delete(session.key)  # ... then revoked by someone else ...
+        session["cart"] = ["resurrected?"]  # ... and then changed
+        return "ok"
+
+    client = as_user(app, "alice")
+    response = client.post("/slow-write")
+    assert "session=;" in response.headers["Set-Cookie"]
+    assert client.get("/get/cart").get_json() == {"value": None}
+    assert client.get("/whoami").get_json() == {"user": None}
+
+
+def test_concurrent_changes_to_different_keys_are_merged(
+    make_app: AppFactory, store: Store
+) -> None:
+    app, _, _ = make_app(store)
+    client = app.test_client()
+
+    @app.post("/write-b-while-someone-writes-c")
+    def interleaved() -> str:
+        session["b"] = 2
+        other = app.test_client()
+        other.set_cookie("session", cookie(client))
+        other.post("/set/c", json=3)  # a concurrent request on the same session wins the race
+        other.post("/pop/a")
+        return "ok"
+
+    client.post("/set/a", json=1)
+    client.post("/write-b-while-someone-writes-c")
+    values = {k: client.get(f"/get/{k}").get_json()["value"] for k in "abc"}
+    assert values == {"a": None, "b": 2, "c": 3}
+
+
+def test_purge_expired(make_app: AppFactory, store: Store, clock: FakeClock) -> None:
+    app, cloak, _ = make_app(store)
+    for i in range(3):
+        as_user(app, f"user{i}")
+    clock.advance(minutes=20)
+    fresh = as_user(app, "fresh")
+    clock.advance(minutes=15)
+    with app.app_context():
+        assert cloak.purge_expired() == 3
+        assert cloak.purge_expired() == 0
+    assert fresh.get("/whoami").get_json() == {"user": "fresh"}
+
+
+def test_api_outside_a_request_explains_itself(make_app: AppFactory) -> None:
+    app, cloak, _ = make_app()
+    with app.app_context(), pytest.raises(NoSession, match="no request"):
+        cloak.login("alice")
+    plain = Flask(__name__)
+    with plain.test_request_context(), pytest.raises(NoSession, match="init_app"):
+        cloak.sessions("alice")
+
+
+def test_user_ids_are_text(make_app: AppFactory) -> None:
+    app, cloak, _ = make_app()
+    with app.test_request_context():
+        cloak.login(42)
+        assert cloak.user_id == "42"
+        with pytest.raises(TypeError):
+            cloak.login(4.2)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="1 to 255"):
+            cloak.login("")
+
+
+def test_one_cloakroom_serves_two_apps(clock: FakeClock) -> None:
+    cloak = Cloakroom(clock=clock)
+    apps = []
+    for name in ("one", "two"):
+        app = Flask(name)
+        app.config.update(SECRET_KEY=f"{name}-secret-key-xxxxxxxxxxxxxxxx", CLOAKROOM_STORE="memory://")
+        cloak.init_app(app)
+
+        @app.post("/login/<user>")
+        def login(user: str) -> str:
+            cloak.login(user)
+            return "ok"
+
+        @app.get("/whoami")
+        def whoami() -> Any:
+            return jsonify(user=cloak.user_id)
+
+        apps.append(app)
+    assert not hasattr(cloak, "app")
+    one, two = (a.test_client() for a in apps)
+    one.post("/login/alice")
+    two.post("/login/bob")
+    assert one.get("/whoami").get_json() == {"user": "alice"}
+    assert two.get("/whoami").get_json() == {"user": "bob"}
+    assert apps[0].extensions["cloakroom"].store is not apps[1].extensions["cloakroom"].store

@@ -1,0 +1,194 @@
+"""flask.session keeps working as Flask users know it, now stored on the server."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import flash, get_flashed_messages, jsonify, session
+from markupsafe import Markup
+
+from .conftest import AppFactory
+
+
+def test_every_tagged_json_type_round_trips(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+    values: dict[str, Any] = {
+        "tuple": (1, "two", (3.0, None)),
+        "bytes": b"\x00\xffraw",
+        "markup": Markup("<b>bold</b>"),
+        "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "datetime": datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "nested": {"list": [1, {"x": (1, 2)}], " t": "looks like a tag"},
+        "unicode": "ünïcødé ✓",
+        "number": 1.5,
+        "flag": True,
+        "nothing": None,
+    }
+
+    @app.get("/store")
+    def store_values() -> str:
+        session.update(values)
+        return "ok"
+
+    @app.get("/check")
+    def check() -> Any:
+        return jsonify({k: session[k] == v and type(session[k]) is type(v) for k, v in values.items()})
+
+    client = app.test_client()
+    client.get("/store")
+    result = client.get("/check").get_json()
+    assert result == dict.fromkeys(values, True)
+
+
+def test_dict_api(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+
+    @app.get("/ops")
+    def ops() -> Any:
+        session["a"] = 1
+        session.setdefault("b", [])
+        session["b"].append(2)
+        session.modified = True
+        session.update(c=3)
+        session.update({"d": 4})
+        del session["a"]
+        popped = session.pop("c")
+        missing = session.pop("zzz", "default")
+        return jsonify(
+            popped=popped,
+            missing=missing,
+            keys=sorted(session.keys()),
+            contains="d" in session,
+            length=len(session),
+            copy=dict(session),
+        )
+
+    @app.get("/after")
+    def after() -> Any:
+        return jsonify(dict(session))
+
+    client = app.test_client()
+    data = client.get("/ops").get_json()
+    assert data == {
+        "popped": 3,
+        "missing": "default",
+        "keys": ["b", "d"],
+        "contains": True,
+        "length": 2,
+        "copy": {"b": [2], "d": 4},
+    }
+    assert client.get("/after").get_json() == {"b": [2], "d": 4}
+
+
+def test_flash_messages_survive_a_redirect(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+
+    @app.get("/flash")
+    def do_flash() -> str:
+        flash("saved!", "info")
+        return "ok"
+
+    @app.get("/show")
+    def show() -> Any:
+        return jsonify(get_flashed_messages(with_categories=True))
+
+    client = app.test_client()
+    client.get("/flash")
+    assert client.get("/show").get_json() == [["info", "saved!"]]
+    assert client.get("/show").get_json() == []
+
+
+def test_permanent_session_gets_a_persistent_cookie(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+
+    @app.get("/temporary")
+    def temporary() -> str:
+        session["x"] = 1
+        return "ok"
+
+    @app.get("/permanent")
+    def permanent() -> str:
+        session.permanent = True
+        return "ok"
+
+    client = app.test_client()
+    first = client.get("/temporary").headers["Set-Cookie"]
+    assert "Expires" not in first
+    second = client.get("/permanent").headers["Set-Cookie"]
+    assert "Expires=" in second
+    # Nothing changed about the cookie afterwards: no new Set-Cookie.
+    assert "Set-Cookie" not in client.get("/permanent").headers
+
+
+def test_nested_change_needs_modified_like_flask(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+
+    @app.get("/start")
+    def start() -> str:
+        session["cart"] = ["apple"]
+        return "ok"
+
+    @app.get("/append-silently")
+    def append_silently() -> str:
+        session["cart"].append("pear")
+        return "ok"
+
+    @app.get("/append-marked")
+    def append_marked() -> str:
+        session["cart"].append("plum")
+        session.modified = True
+        return "ok"
+
+    client = app.test_client()
+    client.get("/start")
+    client.get("/append-silently")
+    assert client.get("/get/cart").get_json() == {"value": ["apple"]}
+    client.get("/append-marked")
+    assert client.get("/get/cart").get_json() == {"value": ["apple", "plum"]}
+
+
+def test_vary_cookie_only_when_the_session_was_used(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+    client = app.test_client()
+    client.post("/set/x", json=1)
+    assert "Cookie" in client.get("/get/x").headers.get("Vary", "")
+    assert "Cookie" not in client.get("/nothing").headers.get("Vary", "")
+
+
+def test_anonymous_visitor_with_empty_session_gets_no_cookie_and_no_record(
+    make_app: AppFactory,
+) -> None:
+    app, _, store = make_app()
+    client = app.test_client()
+    response = client.get("/get/x")
+    assert "Set-Cookie" not in response.headers
+    assert store.calls["save"] == 0
+    assert store.inner.count(now=0) == 0
+
+
+def test_clearing_the_session_ends_it(make_app: AppFactory) -> None:
+    app, _, store = make_app()
+
+    @app.get("/clear")
+    def clear() -> str:
+        session.clear()
+        return "ok"
+
+    client = app.test_client()
+    client.post("/set/x", json=1)
+    assert store.inner.count(now=0) == 1
+    response = client.get("/clear")
+    assert "session=;" in response.headers["Set-Cookie"]  # cookie expired
+    assert store.inner.count(now=0) == 0
+    assert client.get("/get/x").get_json() == {"value": None}
+
+
+def test_emptying_the_session_deletes_its_record(make_app: AppFactory) -> None:
+    app, _, store = make_app()
+    client = app.test_client()
+    client.post("/set/x", json=1)
+    client.post("/pop/x")
+    assert store.inner.count(now=0) == 0
+    assert client.get("/get/x").get_json() == {"value": None}

@@ -1,0 +1,231 @@
+"""The store contract: one suite, run unchanged against every store backend.
+
+The ``store`` fixture (tests/conftest.py) yields an empty store per backend:
+memory, SQLite, files, PostgreSQL and MariaDB, all real.  A third-party store
+can reuse this module by overriding that fixture.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+
+import pytest
+
+from flask_cloakroom.stores import Record, Store
+
+NOW = 2_000_000_000.0
+
+
+def rec(
+    key: str | None = None,
+    *,
+    user: str | None = None,
+    expires: float = NOW + 600,
+    version: int = 1,
+    payload: bytes = b'{"v":1}',
+) -> Record:
+    return Record(key or secrets.token_hex(16), user, expires, version, payload)
+
+
+def test_load_missing_returns_none(store: Store) -> None:
+    assert store.load(secrets.token_hex(16)) is None
+
+
+def test_create_then_load_round_trips_every_field(store: Store) -> None:
+    payload = bytes(range(256)) * 4  # every byte value survives
+    record = rec(user="ålice 🔑", expires=NOW + 123.456, payload=payload)
+    assert store.save(record, expected=None, now=NOW) is True
+    loaded = store.load(record.key)
+    assert loaded is not None
+    assert loaded.key == record.key
+    assert loaded.user_id == "ålice 🔑"
+    assert loaded.expires_at == pytest.approx(NOW + 123.456, abs=1e-3)
+    assert loaded.version == 1
+    assert loaded.payload == payload
+
+
+def test_large_payload_round_trips(store: Store) -> None:
+    record = rec(payload=secrets.token_bytes(64 * 1024))
+    assert store.save(record, expected=None, now=NOW)
+    loaded = store.load(record.key)
+    assert loaded is not None
+    assert loaded.payload == record.payload
+
+
+def test_create_refuses_an_existing_key(store: Store) -> None:
+    first = rec(payload=b"first")
+    assert store.save(first, expected=None, now=NOW)
+    clash = rec(first.key, payload=b"second")
+    assert store.save(clash, expected=None, now=NOW) is False
+    loaded = store.load(first.key)
+    assert loaded is not None
+    assert loaded.payload == b"first"
+
+
+def test_conditional_update(store: Store) -> None:
+    record = rec(payload=b"v1")
+    assert store.save(record, expected=None, now=NOW)
+    v2 = rec(record.key, version=2, payload=b"v2")
+    assert store.save(v2, expected=1, now=NOW) is True
+    stale = rec(record.key, version=2, payload=b"stale")
+    assert store.save(stale, expected=1, now=NOW) is False
+    loaded = store.load(record.key)
+    assert loaded is not None
+    assert (loaded.version, loaded.payload) == (2, b"v2")
+
+
+def test_update_never_recreates_a_deleted_record(store: Store) -> None:
+    record = rec()
+    assert store.save(record, expected=None, now=NOW)
+    assert store.delete(record.key) is True
+    again = rec(record.key, version=2)
+    assert store.save(again, expected=1, now=NOW) is False
+    assert store.load(record.key) is None
+
+
+def test_delete(store: Store) -> None:
+    record = rec(user="u1")
+    store.save(record, expected=None, now=NOW)
+    assert store.delete(record.key) is True
+    assert store.delete(record.key) is False
+    assert store.load(record.key) is None
+    assert store.user_records("u1", now=NOW) == []
+
+
+def test_delete_many(store: Store) -> None:
+    records = [rec(user="u") for _ in range(5)]
+    for r in records:
+        store.save(r, expected=None, now=NOW)
+    gone = [r.key for r in records[:3]] + [secrets.token_hex(16)]
+    assert store.delete_many(gone) == 3
+    assert {r.key for r in store.user_records("u", now=NOW)} == {r.key for r in records[3:]}
+    assert store.delete_many([]) == 0
+
+
+def test_user_index(store: Store) -> None:
+    alice = [rec(user="alice") for _ in range(3)]
+    bob = rec(user="bob")
+    anonymous = rec()
+    for r in [*alice, bob, anonymous]:
+        assert store.save(r, expected=None, now=NOW)
+    assert {r.key for r in store.user_records("alice", now=NOW)} == {r.key for r in alice}
+    assert [r.key for r in store.user_records("bob", now=NOW)] == [bob.key]
+    assert store.user_records("carol", now=NOW) == []
+
+
+def test_user_index_follows_a_change_of_user(store: Store) -> None:
+    record = rec(user="alice")
+    store.save(record, expected=None, now=NOW)
+    moved = rec(record.key, user="bob", version=2)
+    assert store.save(moved, expected=1, now=NOW)
+    assert store.user_records("alice", now=NOW) == []
+    assert [r.key for r in store.user_records("bob", now=NOW)] == [record.key]
+    unbound = rec(record.key, user=None, version=3)
+    assert store.save(unbound, expected=2, now=NOW)
+    assert store.user_records("bob", now=NOW) == []
+
+
+def test_user_records_leave_out_expired_records(store: Store) -> None:
+    live = rec(user="alice", expires=NOW + 60)
+    dead = rec(user="alice", expires=NOW - 1)
+    store.save(live, expected=None, now=NOW - 100)
+    store.save(dead, expected=None, now=NOW - 100)
+    assert [r.key for r in store.user_records("alice", now=NOW)] == [live.key]
+
+
+def test_rotate_moves_the_record_atomically(store: Store) -> None:
+    old = rec(user="alice", payload=b"old")
+    store.save(old, expected=None, now=NOW)
+    new = rec(user="alice", payload=b"new")
+    assert store.rotate(old.key, new, expected=1, now=NOW) is True
+    assert store.load(old.key) is None
+    loaded = store.load(new.key)
+    assert loaded is not None
+    assert loaded.payload == b"new"
+    assert [r.key for r in store.user_records("alice", now=NOW)] == [new.key]
+
+
+def test_rotate_refuses_a_stale_or_missing_record(store: Store) -> None:
+    old = rec(payload=b"old")
+    store.save(old, expected=None, now=NOW)
+    assert store.rotate(old.key, rec(), expected=7, now=NOW) is False
+    loaded = store.load(old.key)
+    assert loaded is not None
+    assert loaded.payload == b"old"
+    store.delete(old.key)
+    orphan = rec()
+    assert store.rotate(old.key, orphan, expected=1, now=NOW) is False
+    assert store.load(orphan.key) is None
+
+
+def test_scan_pages_through_every_record_in_key_order(store: Store) -> None:
+    keys = sorted(secrets.token_hex(16) for _ in range(7))
+    for key in keys:
+        store.save(rec(key), expected=None, now=NOW)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = store.scan(after=after, limit=3)
+        assert len(page) <= 3
+        if not page:
+            break
+        seen += [r.key for r in page]
+        after = page[-1].key
+    assert seen == keys
+
+
+def test_purge_expired_deletes_only_expired_records_in_batches(store: Store) -> None:
+    dead = [rec(user="u", expires=NOW - i) for i in range(10)]
+    at_the_edge = rec(expires=NOW)  # expires_at == now: dead
+    live = [rec(user="u", expires=NOW + 1 + i) for i in range(4)]
+    for r in [*dead, at_the_edge, *live]:
+        store.save(r, expected=None, now=NOW - 1000)
+    assert store.count(now=NOW) == 4
+    assert store.purge_expired(now=NOW, batch_size=3) == 11
+    assert store.count(now=NOW) == 4
+    assert all(store.load(r.key) is None for r in dead)
+    assert all(store.load(r.key) is not None for r in live)
+    assert {r.key for r in store.user_records("u", now=NOW)} == {r.key for r in live}
+    assert store.purge_expired(now=NOW) == 0
+
+
+def test_count_counts_live_records(store: Store) -> None:
+    assert store.count(now=NOW) == 0
+    for i in range(3):
+        store.save(rec(expires=NOW + 10 + i), expected=None, now=NOW)
+    store.save(rec(expires=NOW - 5), expected=None, now=NOW - 10)
+    assert store.count(now=NOW) == 3
+    store.ping()
+
+
+def test_conditional_writes_lose_no_update_under_contention(store: Store) -> None:
+    """Threads increment one record with compare-and-set: every increment lands."""
+    record = rec(payload=b"0")
+    store.save(record, expected=None, now=NOW)
+    threads, per_thread = 6, 15
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(per_thread):
+                while True:
+                    current = store.load(record.key)
+                    assert current is not None
+                    value = int(current.payload) + 1
+                    nxt = rec(record.key, version=current.version + 1, payload=b"%d" % value)
+                    if store.save(nxt, expected=current.version, now=NOW):
+                        break
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert errors == []
+    final = store.load(record.key)
+    assert final is not None
+    assert int(final.payload) == threads * per_thread
+    assert final.version == 1 + threads * per_thread

@@ -54,6 +54,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import os
 import pwd
@@ -855,6 +856,12 @@ def _redis_client(host: str, port: int, **kwargs: Any) -> redis.Redis:
     return client
 
 
+def _command(client: redis.Redis, *args: Any) -> Any:
+    """``client.execute_command(*args)``: a raw reply (redis-py types this loosely)."""
+    untyped: Any = client
+    return untyped.execute_command(*args)
+
+
 def _redis_version(program: _Program) -> str:
     output = _run([program.path, "--version"], timeout=30)
     match = re.search(r"v=(\S+)", output)
@@ -953,7 +960,7 @@ class _RedisNode:
         if not self.sentinel:
             client = self.client(socket_timeout=timeout)
             try:
-                client.execute_command("SHUTDOWN", "SAVE")
+                _command(client, "SHUTDOWN", "SAVE")
             except Exception:  # the connection closes as the server exits
                 pass
             finally:
@@ -1063,7 +1070,7 @@ class ControllableRedis:
 
 
 def _cluster_info(client: redis.Redis) -> dict[str, str]:
-    raw = client.execute_command("CLUSTER", "INFO")
+    raw = _command(client, "CLUSTER", "INFO")
     if isinstance(raw, dict):
         return {str(key): str(value) for key, value in raw.items()}
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
@@ -1124,12 +1131,12 @@ class ControllableRedisCluster:
         try:
             count = len(clients)
             for index, client in enumerate(clients):
-                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+                _command(client, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
                 low = index * CLUSTER_SLOTS // count
                 high = (index + 1) * CLUSTER_SLOTS // count
-                client.execute_command("CLUSTER", "ADDSLOTS", *range(low, high))
+                _command(client, "CLUSTER", "ADDSLOTS", *range(low, high))
             for node in self._nodes[1:]:
-                clients[0].execute_command("CLUSTER", "MEET", node.host, node.port)
+                _command(clients[0], "CLUSTER", "MEET", node.host, node.port)
         finally:
             for client in clients:
                 client.close()
@@ -1169,8 +1176,9 @@ class ControllableRedisCluster:
     def wait_until_ok(self, timeout: float = _START_TIMEOUT) -> None:
         """Wait until every node reports cluster_state:ok with all slots served."""
         for node in self._nodes:
-            _wait_for(f"{node.name} to report cluster_state:ok", lambda n=node: self._node_ok(n),
-                      timeout=timeout, process=node.process)
+            _wait_for(f"{node.name} to report cluster_state:ok",
+                      functools.partial(self._node_ok, node), timeout=timeout,
+                      process=node.process)
 
     def kill_node(self, index: int) -> Address:
         node = self._nodes[index]
@@ -1285,7 +1293,7 @@ class ControllableRedisSentinel:
         """The master's address according to the sentinel."""
         client = self._sentinel.client(socket_timeout=2.0)
         try:
-            raw = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name)
+            raw = _command(client, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name)
         finally:
             client.close()
         if not raw:
@@ -1383,7 +1391,7 @@ class ControllableRedisSentinel:
                 return False
         client = self._sentinel.client(socket_timeout=2.0)
         try:
-            replicas = client.execute_command("SENTINEL", "REPLICAS", self.service_name)
+            replicas = _command(client, "SENTINEL", "REPLICAS", self.service_name)
         finally:
             client.close()
         known = [_pairs(item) for item in replicas]
@@ -1442,13 +1450,19 @@ def _pg_usable_bindir(harness: _Harness, program: _Program, user: _User | None) 
     reach it (a pgserver inside a venv under /root, say)."""
     if _pg_accessible(program.path, user):
         return program.path
+    # Copy <package>/<install> and a sibling <package>.libs (where auditwheel puts the
+    # shared libraries that the programs' RPATH $ORIGIN/../../../<package>.libs names).
     install = program.path.parent
-    copy = harness.root / f"pg-install-{install.name}"
+    package = install.parent
+    copy_root = harness.root / "pg-install-copy"
+    copy = copy_root / package.name / install.name
     if not copy.exists():
         shutil.copytree(install, copy, symlinks=True)
-        for dirpath, _dirnames, _filenames in os.walk(copy):
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, copy_root / libs.name, symlinks=True)
+        for dirpath, _dirnames, _filenames in os.walk(copy_root):
             os.chmod(dirpath, 0o755)
-        copy.chmod(0o755)
     bindir = copy / program.path.name
     if not _pg_accessible(bindir, user):
         raise ServerError(f"{program.path} cannot be run as user {user.name if user else '?'}")
@@ -1811,25 +1825,30 @@ def _parse_sentinel_url(url: str) -> tuple[list[Address], str]:
 
 def _cluster_client(nodes: Sequence[Address], **kwargs: Any) -> RedisCluster:
     _redis_module()
-    from redis.cluster import ClusterNode, RedisCluster
+    from redis import cluster as cluster_module
 
+    module: Any = cluster_module
     kwargs.setdefault("decode_responses", True)
     kwargs.setdefault("socket_timeout", 5.0)
     kwargs.setdefault("socket_connect_timeout", 2.0)
-    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **kwargs)
+    startup = [module.ClusterNode(host, port) for host, port in nodes]
+    client: RedisCluster = module.RedisCluster(startup_nodes=startup, **kwargs)
+    return client
 
 
 def _sentinel_master_client(
     sentinels: Sequence[Address], service_name: str, **kwargs: Any
 ) -> redis.Redis:
     _redis_module()
-    from redis.sentinel import Sentinel
+    from redis import sentinel as sentinel_module
 
+    module: Any = sentinel_module
     kwargs.setdefault("decode_responses", True)
     kwargs.setdefault("socket_timeout", 5.0)
     kwargs.setdefault("socket_connect_timeout", 2.0)
-    sentinel = Sentinel(list(sentinels), socket_timeout=2.0, socket_connect_timeout=2.0)
-    return sentinel.master_for(service_name, **kwargs)
+    sentinel = module.Sentinel(list(sentinels), socket_timeout=2.0, socket_connect_timeout=2.0)
+    client: redis.Redis = sentinel.master_for(service_name, **kwargs)
+    return client
 
 
 def _glob_escape(text: str) -> str:
@@ -1901,7 +1920,8 @@ def flush_prefix(target: RedisTarget, prefix: str) -> int:
 
 def _flush_cluster(cluster: RedisCluster, pattern: str) -> int:
     deleted = 0
-    for node in cluster.get_primaries():
+    untyped: Any = cluster
+    for node in untyped.get_primaries():
         client = _redis_client(node.host, node.port, socket_timeout=10.0)
         try:
             deleted += _flush_node(client, pattern, one_key_per_command=True)
@@ -1916,7 +1936,8 @@ def _flush_cluster(cluster: RedisCluster, pattern: str) -> int:
 
 
 def _redis_source(program: _Program) -> str:
-    return f"throwaway redis-server {_redis_version(program)} from {program.source} ({program.path})"
+    version = _redis_version(program)
+    return f"throwaway redis-server {version} from {program.source} ({program.path})"
 
 
 def _start_redis(h: _Harness) -> RedisServer:
@@ -1939,7 +1960,9 @@ def _use_env_redis(h: _Harness, url: str) -> RedisServer:
         finally:
             client.close()
     except Exception as exc:
-        raise BackendUnavailable(f"{ENV_REDIS_URL}={_redact(url)} is set but: {_short(exc)}") from exc
+        raise BackendUnavailable(
+            f"{ENV_REDIS_URL}={_redact(url)} is set but: {_short(exc)}"
+        ) from exc
     h.on_cleanup("redis env keys", lambda: _discard(flush_prefix(url, h.prefix)))
     h.set_source("redis", f"{ENV_REDIS_URL}={_redact(url)} (keys under {h.prefix})")
     host = str(kwargs.get("host", kwargs.get("path", "")))
@@ -1963,7 +1986,9 @@ def _start_redis_cluster(h: _Harness) -> RedisClusterServer:
             finally:
                 cluster.close()
         except Exception as exc:
-            raise BackendUnavailable(f"{ENV_REDIS_CLUSTER_NODES}={raw} is set but: {_short(exc)}") from exc
+            raise BackendUnavailable(
+                f"{ENV_REDIS_CLUSTER_NODES}={raw} is set but: {_short(exc)}"
+            ) from exc
         h.on_cleanup("redis cluster env keys", lambda: _discard(flush_prefix(url, h.prefix)))
         h.set_source("redis_cluster", f"{ENV_REDIS_CLUSTER_NODES}={raw} (keys under {h.prefix})")
         return RedisClusterServer(nodes=nodes, url=url, prefix=h.prefix)
@@ -1995,7 +2020,9 @@ def _start_redis_sentinel(h: _Harness) -> RedisSentinelServer:
             finally:
                 client.close()
         except Exception as exc:
-            raise BackendUnavailable(f"{ENV_REDIS_SENTINEL}={raw} is set but: {_short(exc)}") from exc
+            raise BackendUnavailable(
+                f"{ENV_REDIS_SENTINEL}={raw} is set but: {_short(exc)}"
+            ) from exc
         h.on_cleanup("redis sentinel env keys", lambda: _discard(flush_prefix(url, h.prefix)))
         h.set_source("redis_sentinel", f"{ENV_REDIS_SENTINEL}={raw} (keys under {h.prefix})")
         return RedisSentinelServer(sentinels=sentinels, service_name=service, url=url,

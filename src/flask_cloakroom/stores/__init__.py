@@ -62,7 +62,8 @@ def _open_sql(url: str, scheme: str, sql_table: str, timeout: float) -> Store:
         raise ConfigError(_KEY, "SQL stores need SQLAlchemy: pip install sqlalchemy") from error
     try:
         parsed = make_url(url)
-    except ArgumentError as error:
+        parsed.get_dialect()  # the dialect module only; the driver is imported below
+    except (ArgumentError, NoSuchModuleError) as error:
         raise ConfigError(
             _KEY,
             f"{scheme!r} is not a known store: use memory://, file:///dir, sqlite:///path, "
@@ -75,14 +76,24 @@ def _open_sql(url: str, scheme: str, sql_table: str, timeout: float) -> Store:
         folder = os.path.dirname(os.path.abspath(parsed.database))
         if not os.path.isdir(folder):
             raise ConfigError(_KEY, f"the folder of the SQLite file does not exist: {folder}")
+    options = _engine_options(backend, parsed.get_driver_name(), timeout)
     try:
-        engine = create_engine(
-            parsed, **_engine_options(backend, parsed.get_driver_name(), timeout)
-        )
-    except (NoSuchModuleError, ImportError) as error:
-        module, extra = _DRIVERS.get(backend, (parsed.get_driver_name(), None))
-        fix = f"pip install 'flask-cloakroom[{extra}]'" if extra else f"install {module}"
-        raise ConfigError(_KEY, f"the database driver for {scheme!r} is missing: {fix}") from error
+        engine = create_engine(parsed, **options)
+    except ImportError as error:
+        driver = parsed.get_driver_name()
+        module, extra = _DRIVERS.get(backend, (driver, None))
+        if extra is None:
+            fix = f"install the {driver} package"
+        elif driver == module:
+            fix = f"pip install 'flask-cloakroom[{extra}]'"
+        else:
+            fix = (
+                f"install {driver}, or use {backend}+{module}:// and "
+                f"pip install 'flask-cloakroom[{extra}]'"
+            )
+        raise ConfigError(
+            _KEY, f"the database driver for {scheme!r} is not installed: {fix}"
+        ) from error
     from .sql import SQLStore
 
     return SQLStore(engine, table=sql_table, busy_timeout=timeout)

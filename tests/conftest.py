@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +71,17 @@ AppFactory = Callable[..., tuple[Flask, Cloakroom, CountingStore]]
 
 
 @pytest.fixture
-def make_app(clock: FakeClock) -> Iterator[AppFactory]:
+def make_app(clock: FakeClock) -> AppFactory:
     """Build a Flask app with Cloakroom on a given store (memory by default).
 
     Returns ``(app, cloak, counting_store)``; config keys are passed as keyword
     arguments.  The app has a few generic views used across the tests.
     """
-    stores: list[CountingStore] = []
 
-    def factory(store: Store | None = None, **config: Any) -> tuple[Flask, Cloakroom, CountingStore]:
+    def factory(
+        store: Store | None = None, **config: Any
+    ) -> tuple[Flask, Cloakroom, CountingStore]:
         counting = CountingStore(store if store is not None else MemoryStore())
-        stores.append(counting)
         app = Flask(__name__)
         app.config.update(SECRET_KEY="test-secret-" + "k" * 20, TESTING=True)
         app.config.update(config)
@@ -89,7 +89,7 @@ def make_app(clock: FakeClock) -> Iterator[AppFactory]:
         add_views(app, cloak)
         return app, cloak, counting
 
-    yield factory
+    return factory
 
 
 def add_views(app: Flask, cloak: Cloakroom) -> None:

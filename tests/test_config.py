@@ -26,13 +26,21 @@ def init(tmp_path: Path, **config: Any) -> Flask:
 @pytest.mark.parametrize(
     ("config", "key", "words"),
     [
-        ({"CLOAKROOM_IDLE_TIMOUT": 5}, "CLOAKROOM_IDLE_TIMOUT", "Did you mean CLOAKROOM_IDLE_TIMEOUT"),
+        (
+            {"CLOAKROOM_IDLE_TIMOUT": 5},
+            "CLOAKROOM_IDLE_TIMOUT",
+            "Did you mean CLOAKROOM_IDLE_TIMEOUT",
+        ),
         ({"CLOAKROOM_WHATEVER": 1}, "CLOAKROOM_WHATEVER", "not a Flask-Cloakroom setting"),
         ({"CLOAKROOM_IDLE_TIMEOUT": "30m"}, "CLOAKROOM_IDLE_TIMEOUT", "timedelta"),
         ({"CLOAKROOM_IDLE_TIMEOUT": True}, "CLOAKROOM_IDLE_TIMEOUT", "timedelta"),
         ({"CLOAKROOM_IDLE_TIMEOUT": 0}, "CLOAKROOM_IDLE_TIMEOUT", "longer than zero"),
         ({"CLOAKROOM_IDLE_TIMEOUT": -5}, "CLOAKROOM_IDLE_TIMEOUT", "zero or more"),
-        ({"CLOAKROOM_ABSOLUTE_TIMEOUT": float("nan")}, "CLOAKROOM_ABSOLUTE_TIMEOUT", "zero or more"),
+        (
+            {"CLOAKROOM_ABSOLUTE_TIMEOUT": float("nan")},
+            "CLOAKROOM_ABSOLUTE_TIMEOUT",
+            "zero or more",
+        ),
         (
             {"CLOAKROOM_IDLE_TIMEOUT": timedelta(hours=2), "CLOAKROOM_ABSOLUTE_TIMEOUT": 3600},
             "CLOAKROOM_IDLE_TIMEOUT",

@@ -80,7 +80,7 @@ def test_login_on_another_users_session_starts_clean(make_app: AppFactory) -> No
 def test_logout_ends_the_session_and_a_flash_afterwards_survives(
     make_app: AppFactory, store: Store
 ) -> None:
-    app, cloak, counted = make_app(store)
+    app, cloak, _ = make_app(store)
 
     @app.post("/logout-and-flash")
     def logout_and_flash() -> str:
@@ -168,12 +168,13 @@ def test_revoke_user_ends_all_or_all_but_current(make_app: AppFactory, store: St
 def test_a_revoked_session_is_not_resurrected_by_a_request_in_flight(
     make_app: AppFactory, store: Store
 ) -> None:
-    app, _, counted = make_app(store)
+    app, cloak, counted = make_app(store)
 
     @app.post("/slow-write")
     def slow_write() -> str:
         session.get("cart")  # loaded ...
-        counted.inner.delete(session.key)  # ... then revoked by someone else ...
+        assert cloak.handle is not None
+        counted.inner.delete(cloak.handle)  # ... then revoked by someone else ...
         session["cart"] = ["resurrected?"]  # ... and then changed
         return "ok"
 
@@ -243,7 +244,9 @@ def test_one_cloakroom_serves_two_apps(clock: FakeClock) -> None:
     apps = []
     for name in ("one", "two"):
         app = Flask(name)
-        app.config.update(SECRET_KEY=f"{name}-secret-key-xxxxxxxxxxxxxxxx", CLOAKROOM_STORE="memory://")
+        app.config.update(
+            SECRET_KEY=f"{name}-secret-key-xxxxxxxxxxxxxxxx", CLOAKROOM_STORE="memory://"
+        )
         cloak.init_app(app)
 
         @app.post("/login/<user>")

@@ -184,7 +184,8 @@ def test_store_dump_holds_no_session_id(tmp_path: Path, make_app: AppFactory) ->
         text_id = value.split(".")[0]
         raw_id = base64.urlsafe_b64decode(text_id + "=")
         if isinstance(store, FileStore):
-            blobs = [p.read_bytes() + str(p).encode() for p in Path(store.root).rglob("*") if p.is_file()]
+            files = [p for p in Path(store.root).rglob("*") if p.is_file()]
+            blobs = [p.read_bytes() + str(p).encode() for p in files]
         else:
             store.close()
             blobs = [p.read_bytes() for p in tmp_path.glob("dump.sqlite3*")]
@@ -256,7 +257,7 @@ def test_a_corrupt_record_is_treated_as_absent(
 
 
 def test_an_oversized_session_is_refused_and_the_stored_one_kept(make_app: AppFactory) -> None:
-    app, _, store = make_app(CLOAKROOM_MAX_RECORD_SIZE=2048)
+    app, _, _ = make_app(CLOAKROOM_MAX_RECORD_SIZE=2048)
     client = app.test_client()
     client.post("/set/small", json="fits")
     with pytest.raises(RecordTooLarge) as caught:

@@ -34,7 +34,9 @@ def test_every_tagged_json_type_round_trips(make_app: AppFactory) -> None:
 
     @app.get("/check")
     def check() -> Any:
-        return jsonify({k: session[k] == v and type(session[k]) is type(v) for k, v in values.items()})
+        return jsonify(
+            {k: session[k] == v and type(session[k]) is type(v) for k, v in values.items()}
+        )
 
     client = app.test_client()
     client.get("/store")

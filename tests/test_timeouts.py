@@ -59,9 +59,7 @@ def test_idle_expiry_is_never_late_and_at_most_one_touch_interval_early(
 def test_absolute_timeout_ends_even_an_active_session(
     make_app: AppFactory, clock: FakeClock
 ) -> None:
-    app, _, _ = make_app(
-        CLOAKROOM_IDLE_TIMEOUT=1800, CLOAKROOM_ABSOLUTE_TIMEOUT=3600 * 12
-    )
+    app, _, _ = make_app(CLOAKROOM_IDLE_TIMEOUT=1800, CLOAKROOM_ABSOLUTE_TIMEOUT=3600 * 12)
     client = app.test_client()
     client.post("/set/x", json="here")
     for _ in range(71):  # active every 10 minutes for 11 h 50 min

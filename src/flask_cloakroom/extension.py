@@ -154,6 +154,11 @@ class Cloakroom:
             session.accessed = True
 
     @property
+    def handle(self) -> str | None:
+        """The current session's public handle, or ``None`` if it is not stored yet."""
+        return self._session().key
+
+    @property
     def user_id(self) -> str | None:
         """The user id the current session is bound to, or ``None``."""
         meta = self._session().meta

@@ -1,0 +1,124 @@
+"""The Flask-Cloakroom demo: a tiny shop with logins, a cart and a "your sessions" page.
+
+Run it with ``./scripts/demo`` from the repository root, or with
+``flask --app examples/demo/app.py run`` (Flask finds :func:`create_app`).
+Sessions go to the default store, an SQLite file in the app's instance folder.
+Demo users: alice / alice and bob / bob.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from typing import Any
+
+from flask import Flask, abort, flash, redirect, render_template, request, session, url_for
+from werkzeug.wrappers import Response
+
+from flask_cloakroom import Cloakroom
+
+#: Demo accounts. A real app keeps password hashes in its database.
+USERS = {"alice": "alice", "bob": "bob"}
+PRODUCTS = {"tea": "Green tea", "pen": "Fountain pen", "book": "Field notebook"}
+
+cloak = Cloakroom()
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update(config or {})
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = os.environ.get("DEMO_SECRET_KEY") or _instance_secret(app)
+    cloak.init_app(app)
+
+    @app.before_request
+    def check_csrf() -> None:
+        if request.method == "POST":
+            sent = request.form.get("csrf_token", "")
+            expected = session.get("csrf_token", "")
+            if not expected or not hmac.compare_digest(sent, expected):
+                abort(400, "The form expired or did not come from this site. Go back and retry.")
+
+    @app.context_processor
+    def template_globals() -> dict[str, Any]:
+        def csrf_token() -> str:
+            if "csrf_token" not in session:
+                session["csrf_token"] = secrets.token_urlsafe(24)
+            return str(session["csrf_token"])
+
+        return {"csrf_token": csrf_token, "user": cloak.user_id, "products": PRODUCTS}
+
+    @app.get("/")
+    def index() -> str:
+        cart = session.get("cart", {})
+        return render_template("index.html", cart=cart)
+
+    @app.post("/cart/<item>")
+    def add_to_cart(item: str) -> Response:
+        if item not in PRODUCTS:
+            abort(404)
+        cart = dict(session.get("cart", {}))
+        cart[item] = cart.get(item, 0) + 1
+        session["cart"] = cart
+        flash(f"Added {PRODUCTS[item]} to your cart.")
+        return redirect(url_for("index"))
+
+    @app.route("/login", methods=["GET", "POST"])
+    def login() -> str | Response:
+        if request.method == "POST":
+            name = request.form.get("username", "")
+            password = request.form.get("password", "")
+            expected = USERS.get(name)
+            if expected is not None and hmac.compare_digest(password, expected):
+                cloak.login(name, remember=bool(request.form.get("remember")))
+                flash(f"Welcome, {name}! Your cart came with you.")
+                return redirect(url_for("index"))
+            flash("Unknown user or wrong password.")
+        return render_template("login.html")
+
+    @app.post("/logout")
+    def logout() -> Response:
+        cloak.logout()
+        flash("You are signed out; this session no longer exists on the server.")
+        return redirect(url_for("index"))
+
+    @app.get("/sessions")
+    def sessions() -> str | Response:
+        if cloak.user_id is None:
+            return redirect(url_for("login"))
+        return render_template("sessions.html", sessions=cloak.sessions(cloak.user_id))
+
+    @app.post("/sessions/revoke")
+    def revoke() -> Response:
+        user = cloak.user_id
+        if user is None:
+            return redirect(url_for("login"))
+        handle = request.form.get("handle", "")
+        # Only the signed-in user's own sessions can be ended from here.
+        if handle in {s.handle for s in cloak.sessions(user)}:
+            cloak.revoke(handle)
+            flash("That session has been ended.")
+        return redirect(url_for("sessions"))
+
+    @app.post("/sessions/revoke-others")
+    def revoke_others() -> Response:
+        user = cloak.user_id
+        if user is not None:
+            ended = cloak.revoke_user(user, keep_current=True)
+            flash(f"Signed out of {ended} other session(s).")
+        return redirect(url_for("sessions"))
+
+    return app
+
+
+def _instance_secret(app: Flask) -> str:
+    """A random secret kept in the instance folder, so restarts keep sessions valid."""
+    os.makedirs(app.instance_path, exist_ok=True)
+    path = os.path.join(app.instance_path, "demo-secret-key")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    with open(path) as handle:
+        return handle.read().strip()

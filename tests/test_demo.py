@@ -1,0 +1,81 @@
+"""The demo app works end to end: cart, login, the sessions page, revoke, logout."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+from flask.testing import FlaskClient
+
+_DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo" / "app.py"
+_spec = importlib.util.spec_from_file_location("cloakroom_demo", _DEMO)
+assert _spec is not None and _spec.loader is not None
+demo = importlib.util.module_from_spec(_spec)
+sys.modules["cloakroom_demo"] = demo
+_spec.loader.exec_module(demo)
+create_app = demo.create_app
+
+
+def token(client: FlaskClient, path: str = "/") -> str:
+    html = client.get(path).get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, html
+    return match.group(1)
+
+
+def login(client: FlaskClient, user: str) -> None:
+    response = client.post(
+        "/login", data={"username": user, "password": user, "csrf_token": token(client, "/login")}
+    )
+    assert response.status_code == 302
+
+
+def test_demo_walkthrough(tmp_path: Path) -> None:
+    app = create_app({"SECRET_KEY": "demo-test-" + "x" * 22, "CLOAKROOM_STORE": "memory://"})
+    laptop, phone = app.test_client(), app.test_client()
+    laptop.environ_base["HTTP_USER_AGENT"] = "Laptop browser"
+    phone.environ_base["HTTP_USER_AGENT"] = "Phone browser"
+
+    laptop.post("/cart/tea", data={"csrf_token": token(laptop)})
+    login(laptop, "alice")
+    home = laptop.get("/").get_data(as_text=True)
+    assert "Signed in as <strong>alice</strong>" in home
+    assert "<td>Green tea</td>\n    <td>1</td>" in home  # the cart survived login
+
+    login(phone, "alice")
+    page = laptop.get("/sessions").get_data(as_text=True)
+    assert "Laptop browser" in page
+    assert "Phone browser" in page
+    assert page.count("This device") == 1
+    handle = re.search(r'name="handle" value="([0-9a-f]{32})"', page)
+    assert handle
+    laptop.post(
+        "/sessions/revoke",
+        data={"handle": handle.group(1), "csrf_token": token(laptop, "/sessions")},
+    )
+    assert "Sign in</a>" in phone.get("/").get_data(as_text=True)  # the phone is signed out
+
+    laptop.post("/logout", data={"csrf_token": token(laptop)})
+    assert "Sign in</a>" in laptop.get("/").get_data(as_text=True)
+
+
+def test_demo_refuses_posts_without_the_csrf_token() -> None:
+    app = create_app({"SECRET_KEY": "demo-test-" + "x" * 22, "CLOAKROOM_STORE": "memory://"})
+    client = app.test_client()
+    assert client.post("/cart/tea").status_code == 400
+    assert client.post("/login", data={"username": "alice", "password": "alice"}).status_code == 400
+
+
+def test_demo_does_not_let_a_user_end_another_users_session() -> None:
+    app = create_app({"SECRET_KEY": "demo-test-" + "x" * 22, "CLOAKROOM_STORE": "memory://"})
+    alice, bob = app.test_client(), app.test_client()
+    login(alice, "alice")
+    login(bob, "bob")
+    with app.test_request_context():
+        (bobs,) = demo.cloak.sessions("bob")
+    alice.post(
+        "/sessions/revoke", data={"handle": bobs.handle, "csrf_token": token(alice, "/sessions")}
+    )
+    assert "Signed in as <strong>bob</strong>" in bob.get("/").get_data(as_text=True)

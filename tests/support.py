@@ -68,9 +68,11 @@ class CountingStore(Store):
         self.calls["user_records"] += 1
         return self.inner.user_records(user_id, now=now)
 
-    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+    def scan(
+        self, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Record], str | None]:
         self.calls["scan"] += 1
-        return self.inner.scan(after=after, limit=limit)
+        return self.inner.scan(cursor=cursor, limit=limit)
 
     def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
         self.calls["purge_expired"] += 1

@@ -159,20 +159,28 @@ def test_rotate_refuses_a_stale_or_missing_record(store: Store) -> None:
     assert store.load(orphan.key) is None
 
 
-def test_scan_pages_through_every_record_in_key_order(store: Store) -> None:
-    keys = sorted(secrets.token_hex(16) for _ in range(7))
+def test_scan_pages_through_every_record(store: Store) -> None:
+    keys = {secrets.token_hex(16) for _ in range(25)}
     for key in keys:
         store.save(rec(key), expected=None, now=NOW)
-    seen: list[str] = []
-    after = None
+    seen: set[str] = set()
+    cursor = None
+    pages = 0
     while True:
-        page = store.scan(after=after, limit=3)
-        assert len(page) <= 3
-        if not page:
+        page, cursor = store.scan(cursor=cursor, limit=4)
+        pages += 1
+        assert len(page) <= 40, "a page must stay near its limit"
+        seen.update(r.key for r in page)
+        if cursor is None:
             break
-        seen += [r.key for r in page]
-        after = page[-1].key
+        assert pages < 100, "the scan does not end"
     assert seen == keys
+    assert pages >= 3, "the store should page, not return everything at once"
+
+
+def test_scan_of_an_empty_store(store: Store) -> None:
+    page, cursor = store.scan(limit=10)
+    assert (page, cursor) == ([], None)
 
 
 def test_purge_expired_deletes_only_expired_records_in_batches(store: Store) -> None:

@@ -170,12 +170,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "STORE_TIMEOUT",
         "timedelta | float",
-        timedelta(seconds=2),
+        timedelta(seconds=1),
         "How long a store operation may take before the request gives up with a 503: "
         "connect and socket timeouts for stores opened from a URL, SQLite's busy "
         "timeout, and the wait for a pooled connection. Stores you build yourself "
         "keep their own settings.",
-        "timedelta(seconds=2)",
+        "timedelta(seconds=1)",
         _positive_duration,
     ),
     Option(

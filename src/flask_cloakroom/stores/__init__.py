@@ -24,7 +24,7 @@ _DRIVERS = {
 }
 
 
-def open_store(url: str, *, sql_table: str = "cloakroom_sessions", timeout: float = 2.0) -> Store:
+def open_store(url: str, *, sql_table: str = "cloakroom_sessions", timeout: float = 1.0) -> Store:
     """Open the store a ``CLOAKROOM_STORE`` URL names.
 
     ``memory://``, ``file:///dir``, and any SQLAlchemy URL (``sqlite:///path``,

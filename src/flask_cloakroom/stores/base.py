@@ -87,11 +87,16 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
-        """Return up to ``limit`` records with keys greater than ``after``, by key.
+    def scan(
+        self, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Record], str | None]:
+        """Return a page of records and the cursor of the next page (``None`` at the end).
 
-        Used to page through every record (operator tools, re-encryption).
-        Must not load the whole store to answer one page.
+        Start with ``cursor=None`` and pass each returned cursor back in.  A full
+        pass returns every record that lived through it at least once (a store
+        may return one more than once, as Redis's SCAN does); the order is the
+        store's.  A page holds about ``limit`` records and must not cost a scan
+        of the whole store.  Used by operator tools and re-encryption.
         """
 
     @abc.abstractmethod

@@ -215,24 +215,29 @@ class FileStore(Store):
                     out.append(record)
         return out
 
-    def _keys(self) -> Iterator[str]:
+    def _keys(self, after: str | None = None) -> Iterator[str]:
+        """Every key in order, or those after ``after`` (listing only the shards needed)."""
         with self._errors():
             for shard in sorted(os.listdir(self._records)):
                 folder = os.path.join(self._records, shard)
-                if len(shard) == 2 and os.path.isdir(folder):
-                    yield from sorted(k for k in os.listdir(folder) if is_store_key(k))
+                if len(shard) != 2 or not os.path.isdir(folder):
+                    continue
+                if after is not None and shard < after[:2]:
+                    continue
+                keys = sorted(k for k in os.listdir(folder) if is_store_key(k))
+                yield from (k for k in keys if after is None or k > after)
 
-    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+    def scan(
+        self, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Record], str | None]:
         out: list[Record] = []
-        for key in self._keys():
-            if after is not None and key <= after:
-                continue
+        for key in self._keys(after=cursor):
             record = self.load(key)
             if record is not None:
                 out.append(record)
                 if len(out) >= limit:
-                    break
-        return out
+                    return out, key
+        return out, None
 
     def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
         deleted = 0

@@ -54,11 +54,14 @@ class MemoryStore(Store):
             keys = self._by_user.get(user_id, ())
             return [self._records[k] for k in keys if self._records[k].expires_at > now]
 
-    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+    def scan(
+        self, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Record], str | None]:
         with self._lock:
             keys = sorted(self._records)
-            start = 0 if after is None else bisect.bisect_right(keys, after)
-            return [self._records[k] for k in keys[start : start + limit]]
+            start = 0 if cursor is None else bisect.bisect_right(keys, cursor)
+            page = [self._records[k] for k in keys[start : start + limit]]
+        return page, (page[-1].key if len(page) == limit else None)
 
     def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
         with self._lock:

@@ -251,14 +251,17 @@ class SQLStore(Store):
         rows = self._run(lambda c: c.execute(query).all(), write=False)
         return [self._record(r) for r in rows]
 
-    def scan(self, *, after: str | None = None, limit: int = 100) -> list[Record]:
+    def scan(
+        self, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Record], str | None]:
         t = self.table.c
         query = select(t.key, t.user_id, t.expires_at, t.version, t.payload)
-        if after is not None:
-            query = query.where(t.key > after)
+        if cursor is not None:
+            query = query.where(t.key > cursor)
         query = query.order_by(t.key).limit(limit)
         rows = self._run(lambda c: c.execute(query).all(), write=False)
-        return [self._record(r) for r in rows]
+        records = [self._record(r) for r in rows]
+        return records, (records[-1].key if len(records) == limit else None)
 
     def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
         t = self.table.c

@@ -44,7 +44,7 @@ def test_tampered_mac_is_rejected_without_a_store_lookup(make_app: AppFactory) -
     assert value is not None
     attacker = app.test_client()
     for forged in (
-        value[:-1] + ("A" if value[-1] != "A" else "B"),  # flipped MAC
+        value[:50] + ("A" if value[50] != "A" else "B") + value[51:],  # flipped MAC
         ("B" if value[0] != "B" else "C") + value[1:],  # flipped id, MAC kept
         value.split(".")[0] + "." + base64.urlsafe_b64encode(b"\0" * 16).decode().rstrip("="),
         value.split(".")[0],  # MAC dropped
@@ -55,6 +55,18 @@ def test_tampered_mac_is_rejected_without_a_store_lookup(make_app: AppFactory) -
         assert response.get_json() == {"value": None}
         assert store.reads == 0, "a forged cookie must cost no store traffic"
         assert "session=;" in set_cookie_header(response)  # the bad cookie is expired
+
+
+def test_a_cookie_has_exactly_one_valid_spelling() -> None:
+    """Base64 leaves spare bits in the last character; other spellings must not verify."""
+    signer = CookieSigner(["k" * 32])
+    value = signer.sign(new_session_id())
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    for position in (42, len(value) - 1):  # last character of the id and of the tag
+        accepted = [
+            c for c in alphabet if signer.unsign(value[:position] + c + value[position + 1 :])
+        ]
+        assert accepted == [value[position]]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from .interface import CloakroomSessionInterface
 from .manager import Clock, SessionInfo, SessionManager
 from .session import ServerSession
 from .settings import load_settings
-from .stores import Store, open_store
+from .stores import Store, open_store, wrap_client
 from .tokens import is_store_key
 
 EXTENSION_KEY = "cloakroom"
@@ -65,8 +65,16 @@ class Cloakroom:
             os.makedirs(app.instance_path, exist_ok=True)
             path = os.path.join(app.instance_path, "cloakroom.sqlite3")
             store = f"sqlite:///{path}"
+        options: dict[str, Any] = {
+            "sql_table": settings.sql_table,
+            "timeout": settings.store_timeout,
+            "redis_prefix": settings.redis_prefix,
+            "redis_wait_replicas": settings.redis_wait_replicas,
+        }
         if isinstance(store, str):
-            store = open_store(store, sql_table=settings.sql_table, timeout=settings.store_timeout)
+            store = open_store(store, **options)
+        elif not isinstance(store, Store):
+            store = wrap_client(store, **options)
         manager = SessionManager(
             settings, store, serializer=session_json_serializer, clock=self._clock
         )

@@ -68,8 +68,8 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
-def _store(key: str, value: Any) -> str | Store | None:
-    if value is None or isinstance(value, Store):
+def _store(key: str, value: Any) -> Any:
+    if value is None or isinstance(value, Store) or _is_client(value):
         return value
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -81,6 +81,28 @@ def _store(key: str, value: Any) -> str | Store | None:
         f"'file:///var/lib/app/sessions', 'postgresql+psycopg://...' or a "
         f"flask_cloakroom.stores.Store instance, got {value!r}",
     )
+
+
+def _is_client(value: Any) -> bool:
+    """Whether ``value`` is a ready database client Cloakroom can wrap (redis-py, SQLAlchemy)."""
+    module = type(value).__module__
+    return module.startswith(("redis.", "sqlalchemy."))
+
+
+def _redis_prefix(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.isascii() or "{" in value or "}" in value:
+        raise ConfigError(
+            key,
+            f"expected a short ASCII text without braces (braces pick Redis Cluster hash "
+            f"slots), got {value!r}. Example: 'myapp:sessions:'",
+        )
+    return value
+
+
+def _non_negative_int(key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(key, f"expected a whole number, zero or more, got {value!r}")
+    return value
 
 
 def _identifier(key: str, value: Any) -> str:
@@ -98,12 +120,16 @@ def _on_store_error(key: str, value: Any) -> Callable[[Exception], Any] | None:
 OPTIONS: tuple[Option, ...] = (
     Option(
         "STORE",
-        "str | Store | None",
+        "str | Store | redis.Redis | sqlalchemy.Engine | None",
         None,
-        "Where sessions are kept: a store URL or a Store instance. The default is an "
-        "SQLite file, ``cloakroom.sqlite3``, in the app's instance folder. URLs: "
-        "``memory://``, ``sqlite:///path``, ``file:///dir`` and any SQLAlchemy URL "
-        "(``postgresql+psycopg://...``, ``mysql+pymysql://...``).",
+        "Where sessions are kept: a store URL, a Store instance, or a ready client "
+        "(a redis-py ``Redis``/``RedisCluster``, or an SQLAlchemy ``Engine``). The "
+        "default is an SQLite file, ``cloakroom.sqlite3``, in the app's instance folder. "
+        "URLs: ``memory://``, ``sqlite:///path``, ``file:///dir``, any SQLAlchemy URL "
+        "(``postgresql+psycopg://...``, ``mysql+pymysql://...``), and Redis: "
+        "``redis://``, ``rediss://``, ``unix://``, "
+        "``redis+sentinel://host:port,host:port/service``, "
+        "``redis+cluster://host:port,host:port``.",
         '"postgresql+psycopg://app@db/app"',
         _store,
     ),
@@ -168,6 +194,25 @@ OPTIONS: tuple[Option, ...] = (
         _identifier,
     ),
     Option(
+        "REDIS_PREFIX",
+        "str",
+        "cloakroom:",
+        "The prefix of every Redis key Cloakroom writes, so several apps can share one "
+        "Redis. No braces (they choose Redis Cluster hash slots).",
+        '"shop:sessions:"',
+        _redis_prefix,
+    ),
+    Option(
+        "REDIS_WAIT_REPLICAS",
+        "int",
+        0,
+        "After each write, wait (up to CLOAKROOM_STORE_TIMEOUT) until this many Redis "
+        "replicas have it (Redis WAIT), so an acknowledged session survives a failover. "
+        "0 does not wait: a failover can lose the last writes.",
+        "1",
+        _non_negative_int,
+    ),
+    Option(
         "STORE_TIMEOUT",
         "timedelta | float",
         timedelta(seconds=1),
@@ -218,7 +263,7 @@ class CookieSettings:
 class Settings:
     """All of an app's Cloakroom settings, validated, with durations in seconds."""
 
-    store: str | Store | None
+    store: Any
     idle_timeout: float
     absolute_timeout: float
     remember_idle_timeout: float
@@ -226,6 +271,8 @@ class Settings:
     touch_interval: float
     max_record_size: int
     sql_table: str
+    redis_prefix: str
+    redis_wait_replicas: int
     store_timeout: float
     on_store_error: Callable[[Exception], Any] | None
     retry_after: int

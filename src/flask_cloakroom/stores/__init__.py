@@ -7,6 +7,7 @@ is reported with the ``pip install`` line that fixes it.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from typing import Any
@@ -24,14 +25,23 @@ _DRIVERS = {
 }
 
 
-def open_store(url: str, *, sql_table: str = "cloakroom_sessions", timeout: float = 1.0) -> Store:
+def open_store(
+    url: str,
+    *,
+    sql_table: str = "cloakroom_sessions",
+    timeout: float = 1.0,
+    redis_prefix: str = "cloakroom:",
+    redis_wait_replicas: int = 0,
+) -> Store:
     """Open the store a ``CLOAKROOM_STORE`` URL names.
 
-    ``memory://``, ``file:///dir``, and any SQLAlchemy URL (``sqlite:///path``,
-    ``postgresql+psycopg://...``, ``mysql+pymysql://...``).  ``timeout`` (seconds)
-    bounds connecting, waiting for locks and pooled connections, and each
-    statement.  Raises :class:`~flask_cloakroom.errors.ConfigError` for an
-    unknown scheme or a missing driver.
+    ``memory://``, ``file:///dir``, Redis (``redis://``, ``rediss://``,
+    ``unix://``, ``redis+sentinel://``, ``redis+cluster://``) and any SQLAlchemy
+    URL (``sqlite:///path``, ``postgresql+psycopg://...``, ``mysql+pymysql://...``).
+    ``timeout`` (seconds) bounds connecting, waiting for locks and pooled
+    connections, and each operation.  Raises
+    :class:`~flask_cloakroom.errors.ConfigError` for an unknown scheme or a
+    missing driver.
     """
     scheme = url.split("://", 1)[0].lower()
     if scheme == "memory":
@@ -49,9 +59,44 @@ def open_store(url: str, *, sql_table: str = "cloakroom_sessions", timeout: floa
                 f"file:///var/lib/app/sessions; got {url!r}",
             )
         return FileStore(path)
-    if scheme.startswith(("redis", "rediss", "unix", "cookie")):
-        raise ConfigError(_KEY, f"the {scheme}:// store is not available in this version")
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+        store: Store = _import_redis().open_redis_store(
+            url, prefix=redis_prefix, timeout=timeout, wait_replicas=redis_wait_replicas
+        )
+        return store
     return _open_sql(url, scheme, sql_table, timeout)
+
+
+def wrap_client(
+    client: Any,
+    *,
+    sql_table: str = "cloakroom_sessions",
+    redis_prefix: str = "cloakroom:",
+    redis_wait_replicas: int = 0,
+    timeout: float = 1.0,
+) -> Store:
+    """Make a store around a ready client: a redis-py client or an SQLAlchemy engine."""
+    module = type(client).__module__
+    if module.startswith("sqlalchemy."):
+        from .sql import SQLStore
+
+        return SQLStore(client, table=sql_table)
+    if module.startswith("redis."):
+        store: Store = _import_redis().RedisStore(
+            client, prefix=redis_prefix, wait_replicas=redis_wait_replicas, wait_timeout=timeout
+        )
+        return store
+    raise ConfigError(_KEY, f"cannot make a store from a {type(client).__name__}")
+
+
+def _import_redis() -> Any:
+    try:
+        redis_store = importlib.import_module("flask_cloakroom.stores.redis")
+    except ImportError as error:
+        raise ConfigError(
+            _KEY, "the Redis store needs redis-py: pip install 'flask-cloakroom[redis]'"
+        ) from error
+    return redis_store
 
 
 def _open_sql(url: str, scheme: str, sql_table: str, timeout: float) -> Store:

@@ -18,7 +18,7 @@ from flask_cloakroom.stores.sql import SQLStore
 
 from .support import CountingStore, FakeClock
 
-# pytest_plugins = ["tests.servers"]
+pytest_plugins = ["tests.servers"]
 
 #: Every store backend the contract suite and the end-to-end tests run on.
 STORE_KINDS = ["memory", "sqlite", "files", "postgres", "mysql"]

@@ -27,6 +27,23 @@ directories removed at the end of the session, with ``atexit`` and SIGTERM/SIGHU
 as a backstop. Directories left behind by a test process that was SIGKILLed are removed by
 the next session.
 
+Fixtures (a test that asks for a backend that cannot be had is skipped, loudly):
+
+``redis_server`` -> RedisServer(url, prefix, host, port)  [session]
+``redis_cluster`` -> RedisClusterServer(nodes, url="redis+cluster://h:p,...", prefix)  [session]
+``redis_sentinel`` -> RedisSentinelServer(sentinels, service_name,
+    url="redis+sentinel://h:p/service", prefix)  [session]
+``postgres_url`` -> "postgresql+psycopg://..." of a database the session owns  [session]
+``mysql_url`` -> "mysql+pymysql://..." of a database the session owns  [session]
+``controllable_redis``, ``controllable_redis_cluster``, ``controllable_redis_sentinel``,
+``controllable_postgres``, ``controllable_mysql``: always throwaway processes with
+    ``stop()``/``start()``/``kill()`` (and ``kill_node(i)``/``start_node(i)``,
+    ``kill_master()``/``wait_for_failover()``). One per session, handed to each test
+    running and healthy again, whatever the previous test did to it.
+
+Helpers: ``flush_prefix(url_or_client, prefix)`` deletes a prefix's keys (every master of
+a cluster); ``available_backends()`` says which backends can run and why not.
+
 Environment variables:
 
 ``CLOAKROOM_TEST_REDIS_URL``
@@ -63,7 +80,6 @@ import secrets
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -97,6 +113,7 @@ __all__ = [
     "ServerError",
     "available_backends",
     "flush_prefix",
+    "free_port",
 ]
 
 ENV_REDIS_URL: Final = "CLOAKROOM_TEST_REDIS_URL"
@@ -330,8 +347,7 @@ def _unprivileged_user() -> _User | None:
             continue
         return _User(name, entry.pw_uid, entry.pw_gid)
     raise BackendUnavailable(
-        "running as root, and neither a 'postgres' nor a 'nobody' user exists to run "
-        "PostgreSQL as"
+        "running as root, and neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL as"
     )
 
 
@@ -481,11 +497,15 @@ class _Process:
         if self._popen is None:
             return
         pgid = self._popen.pid
+        killed = False
         deadline = time.monotonic() + timeout
         while _group_members(pgid):
             if time.monotonic() > deadline:
+                if killed:  # unkillable (stuck in the kernel): give up waiting
+                    break
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGKILL)
+                killed = True
                 deadline = time.monotonic() + timeout
             time.sleep(0.02)
         _LIVE_PROCESSES.pop(pgid, None)
@@ -548,10 +568,15 @@ def _wait_for(
 
 
 def _kill_all_live_processes() -> None:
+    """Last-resort backstop: SIGKILL every server process this module started."""
     for process in list(_LIVE_PROCESSES.values()):
         with contextlib.suppress(Exception):
             process.kill()
     _LIVE_PROCESSES.clear()
+
+
+# registered first, so it runs last: after every harness's own (graceful) cleanup
+atexit.register(_kill_all_live_processes)
 
 
 # --------------------------------------------------------------------------------------
@@ -712,7 +737,8 @@ class _Harness:
                 base = Path(tempfile.gettempdir())
                 if len(str(base)) > 40:  # unix socket paths must stay short
                     base = Path("/tmp")
-                self._root = Path(tempfile.mkdtemp(prefix=f"{_ROOT_PREFIX}{os.getpid()}-", dir=base))
+                prefix = f"{_ROOT_PREFIX}{os.getpid()}-"
+                self._root = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
                 # traversable (not listable) by the unprivileged user PostgreSQL runs as
                 self._root.chmod(0o711)
                 self._register_backstops()
@@ -728,18 +754,7 @@ class _Harness:
             return
         self._atexit_registered = True
         atexit.register(self.cleanup)
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) is signal.SIG_DFL:
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        try:
-            self.cleanup()
-        finally:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        _install_signal_handlers()
 
     # -- cleanups ----------------------------------------------------------------------
 
@@ -756,7 +771,6 @@ class _Harness:
                     fn()
                 except Exception as exc:
                     self.cleanup_errors.append(f"{label}: {_short(exc)}")
-            _kill_all_live_processes()
             if self._root is not None:
                 shutil.rmtree(self._root, ignore_errors=True)
                 self._root = None
@@ -797,6 +811,29 @@ class _Harness:
 
     def set_source(self, name: str, source: str) -> None:
         self.status[name].source = source
+
+
+_signal_handlers_installed = False
+
+
+def _install_signal_handlers() -> None:
+    """On SIGTERM/SIGHUP, clean up (as atexit would not run), then die of that signal."""
+    global _signal_handlers_installed
+    if _signal_handlers_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _signal_handlers_installed = True
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    try:
+        _HARNESS.cleanup()
+        _kill_all_live_processes()
+    finally:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _sweep_stale_roots() -> None:
@@ -843,16 +880,23 @@ def _redis_module() -> Any:
     return redis
 
 
+def _no_retry() -> Any:
+    """A redis-py Retry that does not retry (redis-py 6+ retries 3 times with backoff)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 0)
+
+
 def _redis_client(host: str, port: int, **kwargs: Any) -> redis.Redis:
+    """A client to one node: decoded replies, short timeouts, and no retries, so that a
+    stopped server shows at once (override any of them with keyword arguments)."""
     module = _redis_module()
-    client: redis.Redis = module.Redis(
-        host=host,
-        port=port,
-        socket_timeout=kwargs.pop("socket_timeout", 5.0),
-        socket_connect_timeout=kwargs.pop("socket_connect_timeout", 2.0),
-        decode_responses=kwargs.pop("decode_responses", True),
-        **kwargs,
-    )
+    kwargs.setdefault("socket_timeout", 5.0)
+    kwargs.setdefault("socket_connect_timeout", 2.0)
+    kwargs.setdefault("decode_responses", True)
+    kwargs.setdefault("retry", _no_retry())
+    client: redis.Redis = module.Redis(host=host, port=port, **kwargs)
     return client
 
 
@@ -944,8 +988,9 @@ class _RedisNode:
     def wait_ready(self, timeout: float = _START_TIMEOUT) -> None:
         client = self.client(socket_timeout=1.0)
         try:
-            _wait_for(f"{self.name} to answer PING", client.ping, timeout=timeout,
-                      process=self.process)
+            _wait_for(
+                f"{self.name} to answer PING", client.ping, timeout=timeout, process=self.process
+            )
         finally:
             client.close()
 
@@ -959,12 +1004,10 @@ class _RedisNode:
             return
         if not self.sentinel:
             client = self.client(socket_timeout=timeout)
-            try:
+            # the connection closes as the server exits, which redis-py may report
+            with contextlib.suppress(Exception):
                 _command(client, "SHUTDOWN", "SAVE")
-            except Exception:  # the connection closes as the server exits
-                pass
-            finally:
-                client.close()
+            client.close()
             if self.process.wait(timeout):
                 return
         self.process.terminate(signal.SIGTERM, timeout)
@@ -1114,8 +1157,13 @@ class ControllableRedisCluster:
         try:
             for index in range(masters):
                 self._nodes.append(
-                    _RedisNode(harness, self.program, f"redis-cluster-{index}", config=config,
-                               bus_offset=_CLUSTER_BUS_OFFSET)
+                    _RedisNode(
+                        harness,
+                        self.program,
+                        f"redis-cluster-{index}",
+                        config=config,
+                        bus_offset=_CLUSTER_BUS_OFFSET,
+                    )
                 )
             for node in self._nodes:  # start them in parallel
                 node.launch()
@@ -1176,9 +1224,12 @@ class ControllableRedisCluster:
     def wait_until_ok(self, timeout: float = _START_TIMEOUT) -> None:
         """Wait until every node reports cluster_state:ok with all slots served."""
         for node in self._nodes:
-            _wait_for(f"{node.name} to report cluster_state:ok",
-                      functools.partial(self._node_ok, node), timeout=timeout,
-                      process=node.process)
+            _wait_for(
+                f"{node.name} to report cluster_state:ok",
+                functools.partial(self._node_ok, node),
+                timeout=timeout,
+                process=node.process,
+            )
 
     def kill_node(self, index: int) -> Address:
         node = self._nodes[index]
@@ -1301,6 +1352,13 @@ class ControllableRedisSentinel:
         host, port = raw[0], raw[1]
         return (str(host), int(port))
 
+    def _sentinel_master_state(self) -> dict[str, str]:
+        client = self._sentinel.client(socket_timeout=2.0)
+        try:
+            return _pairs(_command(client, "SENTINEL", "MASTER", self.service_name))
+        finally:
+            client.close()
+
     def _index_of(self, address: Address) -> int:
         for index, node in enumerate(self._nodes):
             if node.port == address[1]:
@@ -1325,8 +1383,11 @@ class ControllableRedisSentinel:
         result: list[Address] = []
 
         def promoted() -> bool:
-            address = self.master_address()
-            if address == old:
+            state = self._sentinel_master_state()
+            address = (state.get("ip", ""), int(state.get("port", "0")))
+            # flags is exactly "master" once the failover is over (no s_down, o_down,
+            # failover_in_progress): then redis-py's Sentinel will hand out this master
+            if address == old or state.get("flags") != "master":
                 return False
             node = self._nodes[self._index_of(address)]
             if not node.running or node.info("replication").get("role") != "master":
@@ -1334,8 +1395,7 @@ class ControllableRedisSentinel:
             result.append(address)
             return True
 
-        _wait_for(f"sentinel failover away from {old}", promoted, timeout=timeout,
-                  interval=0.1)
+        _wait_for(f"sentinel failover away from {old}", promoted, timeout=timeout, interval=0.1)
         self._killed_master = None
         self._master_index = self._index_of(result[-1])
         return result[-1]
@@ -1358,8 +1418,10 @@ class ControllableRedisSentinel:
         if self._sentinel.running:
             with contextlib.suppress(Exception):
                 self._master_index = self._index_of(self.master_address())
-        for index in [self._master_index, *(i for i in range(len(self._nodes))
-                                            if i != self._master_index)]:
+        for index in [
+            self._master_index,
+            *(i for i in range(len(self._nodes)) if i != self._master_index),
+        ]:
             self.start_node(index)
         self._sentinel.start()
         self.wait_until_healthy()
@@ -1375,8 +1437,10 @@ class ControllableRedisSentinel:
             node.kill()
 
     def _healthy(self) -> bool:
-        master_address = self.master_address()
-        index = self._index_of(master_address)
+        state = self._sentinel_master_state()
+        if state.get("flags") != "master":
+            return False
+        index = self._index_of((state.get("ip", ""), int(state.get("port", "0"))))
         master = self._nodes[index]
         info = master.info("replication")
         if info.get("role") != "master" or int(info.get("connected_slaves", 0)) < 1:
@@ -1402,8 +1466,7 @@ class ControllableRedisSentinel:
         return True
 
     def wait_until_healthy(self, timeout: float = _START_TIMEOUT) -> None:
-        _wait_for("the sentinel group to be healthy", self._healthy, timeout=timeout,
-                  interval=0.1)
+        _wait_for("the sentinel group to be healthy", self._healthy, timeout=timeout, interval=0.1)
 
     def ensure_healthy(self) -> None:
         self.start()
@@ -1433,7 +1496,9 @@ def _psycopg() -> Any:
     try:
         import psycopg
     except ImportError as exc:
-        raise BackendUnavailable("psycopg 3 is not installed (pip install 'psycopg[binary]')") from exc
+        raise BackendUnavailable(
+            "psycopg 3 is not installed (pip install 'psycopg[binary]')"
+        ) from exc
     return psycopg
 
 
@@ -1462,7 +1527,7 @@ def _pg_usable_bindir(harness: _Harness, program: _Program, user: _User | None) 
         if libs.is_dir():
             shutil.copytree(libs, copy_root / libs.name, symlinks=True)
         for dirpath, _dirnames, _filenames in os.walk(copy_root):
-            os.chmod(dirpath, 0o755)
+            os.chmod(dirpath, 0o755)  # noqa: S103 - the server's user must read it
     bindir = copy / program.path.name
     if not _pg_accessible(bindir, user):
         raise ServerError(f"{program.path} cannot be run as user {user.name if user else '?'}")
@@ -1528,16 +1593,26 @@ class ControllablePostgres:
             "postgres",
             [
                 self.bindir / "postgres",
-                "-D", self.datadir,
-                "-p", str(self.port),
-                "-k", self.socketdir,
-                "-c", f"listen_addresses={LOOPBACK}",
-                "-c", "fsync=off",
-                "-c", "full_page_writes=off",
-                "-c", "shared_buffers=32MB",
-                "-c", "max_connections=200",
-                "-c", "log_min_messages=warning",
-                "-c", "log_checkpoints=off",
+                "-D",
+                self.datadir,
+                "-p",
+                str(self.port),
+                "-k",
+                self.socketdir,
+                "-c",
+                f"listen_addresses={LOOPBACK}",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "shared_buffers=32MB",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "log_min_messages=warning",
+                "-c",
+                "log_checkpoints=off",
             ],
             self.workdir / "server.log",
             cwd=self.workdir,
@@ -1553,10 +1628,14 @@ class ControllablePostgres:
             _run(
                 [
                     self.bindir / "initdb",
-                    "-D", self.datadir,
-                    "-U", "postgres",
-                    "-A", "trust",
-                    "-E", "UTF8",
+                    "-D",
+                    self.datadir,
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
                     "--locale=C",
                     "--no-sync",
                 ],
@@ -1603,8 +1682,9 @@ class ControllablePostgres:
         if self.running:
             return
         self.process.spawn()
-        _wait_for("postgres to accept connections", self._ready, timeout=timeout,
-                  process=self.process)
+        _wait_for(
+            "postgres to accept connections", self._ready, timeout=timeout, process=self.process
+        )
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT): clients are disconnected, data is kept."""
@@ -1692,8 +1772,9 @@ class ControllableMysql:
         ]
         if self.programs.mariadb:
             argv.append("--skip-name-resolve")
-        self.process = _Process("mysqld", argv, self.workdir / "server.log", cwd=self.workdir,
-                                deathsig=signal.SIGTERM)
+        self.process = _Process(
+            "mysqld", argv, self.workdir / "server.log", cwd=self.workdir, deathsig=signal.SIGTERM
+        )
         harness.on_cleanup("mysql", self.destroy)
         try:
             self._install()
@@ -1739,9 +1820,7 @@ class ControllableMysql:
 
     @property
     def url(self) -> str:
-        return (
-            f"mysql+pymysql://root@{self.host}:{self.port}/{self.database}?charset=utf8mb4"
-        )
+        return f"mysql+pymysql://root@{self.host}:{self.port}/{self.database}?charset=utf8mb4"
 
     @property
     def running(self) -> bool:
@@ -1778,8 +1857,9 @@ class ControllableMysql:
             return
         self.process.spawn()
         try:
-            _wait_for("mysqld to accept connections", self._ready, timeout=timeout,
-                      process=self.process)
+            _wait_for(
+                "mysqld to accept connections", self._ready, timeout=timeout, process=self.process
+            )
         except ServerError as exc:
             raise ServerError(f"{exc}\nerror log:\n{self._error_log_tail()}") from None
 
@@ -1877,9 +1957,17 @@ def _flush_node(client: redis.Redis, pattern: str, *, one_key_per_command: bool)
     return deleted + unlink(batch)
 
 
-RedisTarget = Union[str, "redis.Redis", "RedisCluster", RedisServer, RedisClusterServer,
-                    RedisSentinelServer, ControllableRedis, ControllableRedisCluster,
-                    ControllableRedisSentinel]
+RedisTarget = Union[
+    str,
+    "redis.Redis",
+    "RedisCluster",
+    RedisServer,
+    RedisClusterServer,
+    RedisSentinelServer,
+    ControllableRedis,
+    ControllableRedisCluster,
+    ControllableRedisSentinel,
+]
 
 
 def flush_prefix(target: RedisTarget, prefix: str) -> int:
@@ -1892,8 +1980,15 @@ def flush_prefix(target: RedisTarget, prefix: str) -> int:
     if not prefix:
         raise ValueError("refusing to flush an empty prefix (that is every key)")
     pattern = _glob_escape(prefix) + "*"
-    if isinstance(target, RedisServer | RedisClusterServer | RedisSentinelServer
-                  | ControllableRedis | ControllableRedisCluster | ControllableRedisSentinel):
+    if isinstance(
+        target,
+        RedisServer
+        | RedisClusterServer
+        | RedisSentinelServer
+        | ControllableRedis
+        | ControllableRedisCluster
+        | ControllableRedisSentinel,
+    ):
         target = target.url
     if isinstance(target, str):
         if target.startswith("redis+cluster://"):
@@ -1976,8 +2071,11 @@ def _discard(_value: object) -> None:
 def _start_redis_cluster(h: _Harness) -> RedisClusterServer:
     raw = os.environ.get(ENV_REDIS_CLUSTER_NODES, "").strip()
     if raw:
-        nodes = [_parse_hostport(item, ENV_REDIS_CLUSTER_NODES) for item in raw.split(",")
-                 if item.strip()]
+        nodes = [
+            _parse_hostport(item, ENV_REDIS_CLUSTER_NODES)
+            for item in raw.split(",")
+            if item.strip()
+        ]
         url = f"redis+cluster://{_format_nodes(nodes)}"
         try:
             cluster = _cluster_client(nodes)
@@ -2010,8 +2108,9 @@ def _start_redis_sentinel(h: _Harness) -> RedisSentinelServer:
         hosts, _, service = raw.partition("/")
         if not service:
             raise BackendUnavailable(f"{ENV_REDIS_SENTINEL}={raw} lacks '/service_name'")
-        sentinels = [_parse_hostport(item, ENV_REDIS_SENTINEL) for item in hosts.split(",")
-                     if item.strip()]
+        sentinels = [
+            _parse_hostport(item, ENV_REDIS_SENTINEL) for item in hosts.split(",") if item.strip()
+        ]
         url = f"redis+sentinel://{_format_nodes(sentinels)}/{service}"
         try:
             client = _sentinel_master_client(sentinels, service)
@@ -2025,12 +2124,12 @@ def _start_redis_sentinel(h: _Harness) -> RedisSentinelServer:
             ) from exc
         h.on_cleanup("redis sentinel env keys", lambda: _discard(flush_prefix(url, h.prefix)))
         h.set_source("redis_sentinel", f"{ENV_REDIS_SENTINEL}={raw} (keys under {h.prefix})")
-        return RedisSentinelServer(sentinels=sentinels, service_name=service, url=url,
-                                   prefix=h.prefix)
+        return RedisSentinelServer(
+            sentinels=sentinels, service_name=service, url=url, prefix=h.prefix
+        )
     program = _find_redis_server()
     group = _with_port_retries(
-        lambda: ControllableRedisSentinel(h, program, down_after_ms=5000,
-                                          failover_timeout_ms=10000)
+        lambda: ControllableRedisSentinel(h, program, down_after_ms=5000, failover_timeout_ms=10000)
     )
     h.set_source(
         "redis_sentinel",
@@ -2038,8 +2137,9 @@ def _start_redis_sentinel(h: _Harness) -> RedisSentinelServer:
         + ",".join(str(port) for _host, port in group.node_addresses)
         + f", sentinel on {group.sentinels[0][1]}",
     )
-    return RedisSentinelServer(sentinels=group.sentinels, service_name=group.service_name,
-                               url=group.url, prefix=h.prefix)
+    return RedisSentinelServer(
+        sentinels=group.sentinels, service_name=group.service_name, url=group.url, prefix=h.prefix
+    )
 
 
 def _sqlalchemy_url(url: str, env_name: str) -> Any:
@@ -2060,13 +2160,24 @@ def _query_kwargs(parsed: Any) -> dict[str, Any]:
     return out
 
 
+def _pg_version(server: ControllablePostgres) -> str:
+    output = _run([server.bindir / "postgres", "--version"], user=server.user)
+    match = re.search(r"\(PostgreSQL\)\s+(\S+)", output)
+    return f"PostgreSQL {match.group(1) if match else '?'}"
+
+
+def _mysql_label(programs: _MysqlPrograms) -> str:
+    match = re.search(r"Ver\s+(\S+)", programs.version)
+    return f"{'MariaDB' if programs.mariadb else 'MySQL'} {match.group(1) if match else '?'}"
+
+
 def _start_postgres(h: _Harness) -> str:
     url = os.environ.get(ENV_POSTGRES_URL, "").strip()
     if url:
         return _use_env_postgres(h, url)
     program = _find_postgres_bindir()
     server = _with_port_retries(lambda: ControllablePostgres(h, program))
-    version = _run([server.bindir / "postgres", "--version"], user=server.user).strip()
+    version = _pg_version(server)
     runs_as = f", runs as user {server.user.name}" if server.user else ""
     h.set_source(
         "postgres",
@@ -2082,8 +2193,13 @@ def _use_env_postgres(h: _Harness, url: str) -> str:
     if not str(parsed.drivername).startswith("postgresql"):
         raise BackendUnavailable(f"{ENV_POSTGRES_URL} is not a postgresql URL")
     kwargs: dict[str, Any] = {"connect_timeout": 10, **_query_kwargs(parsed)}
-    for key, value in (("host", parsed.host), ("port", parsed.port), ("user", parsed.username),
-                       ("password", parsed.password), ("dbname", parsed.database or "postgres")):
+    for key, value in (
+        ("host", parsed.host),
+        ("port", parsed.port),
+        ("user", parsed.username),
+        ("password", parsed.password),
+        ("dbname", parsed.database or "postgres"),
+    ):
         if value is not None:
             kwargs[key] = value
     name = f"cloakroom_test_{_random_hex()}"
@@ -2111,8 +2227,7 @@ def _start_mysql(h: _Harness) -> str:
     server = _with_port_retries(lambda: ControllableMysql(h, programs))
     h.set_source(
         "mysql",
-        f"throwaway {programs.version.split(' for ')[0].strip()} ({programs.server}) on port "
-        f"{server.port}",
+        f"throwaway {_mysql_label(programs)} ({programs.server}) on port {server.port}",
     )
     return server.url
 
@@ -2141,14 +2256,17 @@ def _use_env_mysql(h: _Harness, url: str) -> str:
             cursor.execute(statement)
 
     try:
-        execute(f"CREATE DATABASE {_mysql_quote_ident(name)} CHARACTER SET utf8mb4 "
-                "COLLATE utf8mb4_bin")
+        execute(
+            f"CREATE DATABASE {_mysql_quote_ident(name)} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        )
     except Exception as exc:
         raise BackendUnavailable(
             f"{ENV_MYSQL_URL}={shown} is set but CREATE DATABASE failed: {_short(exc)}"
         ) from exc
-    h.on_cleanup(f"mysql env database {name}",
-                 lambda: execute(f"DROP DATABASE IF EXISTS {_mysql_quote_ident(name)}"))
+    h.on_cleanup(
+        f"mysql env database {name}",
+        lambda: execute(f"DROP DATABASE IF EXISTS {_mysql_quote_ident(name)}"),
+    )
     h.set_source("mysql", f"{ENV_MYSQL_URL}={shown} (database {name})")
     result = parsed.set(drivername="mysql+pymysql", database=name)
     if "charset" not in query:
@@ -2173,11 +2291,11 @@ def _controllable_factory(name: str) -> Callable[[_Harness], Any]:
         elif name == "controllable_postgres":
             pg = _find_postgres_bindir()
             server = _with_port_retries(lambda: ControllablePostgres(h, pg))
-            h.set_source(name, f"throwaway PostgreSQL from {pg.source} ({pg.path})")
+            h.set_source(name, f"throwaway {_pg_version(server)} from {pg.source} ({pg.path})")
         elif name == "controllable_mysql":
             programs = _find_mysql()
             server = _with_port_retries(lambda: ControllableMysql(h, programs))
-            h.set_source(name, f"throwaway {programs.version.split(' for ')[0].strip()}")
+            h.set_source(name, f"throwaway {_mysql_label(programs)} ({programs.server})")
         else:  # pragma: no cover
             raise KeyError(name)
         return server
@@ -2393,8 +2511,10 @@ def pytest_terminal_summary(
     if missing:
         names = ", ".join(status.name for status in missing)
         terminalreporter.write_sep(
-            "!", f"{len(missing)} BACKEND(S) DID NOT RUN, THEIR TESTS WERE SKIPPED: {names}",
-            red=True, bold=True,
+            "!",
+            f"{len(missing)} BACKEND(S) DID NOT RUN, THEIR TESTS WERE SKIPPED: {names}",
+            red=True,
+            bold=True,
         )
 
 

@@ -1,0 +1,80 @@
+"""Store behaviour beyond the contract: file paths, SQL schema and engines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from sqlalchemy import create_engine, inspect
+
+from flask_cloakroom import Cloakroom, StoreError
+from flask_cloakroom.stores import Record
+from flask_cloakroom.stores.files import FileStore
+from flask_cloakroom.stores.sql import SQLStore
+
+from .conftest import add_views
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../../etc/passwd", "/etc/passwd", "..", "", "a" * 32 + "/../x", "ABCDEF" * 6, "0" * 31],
+)
+def test_file_store_refuses_keys_that_are_not_hashes(tmp_path: Path, key: str) -> None:
+    store = FileStore(str(tmp_path / "s"))
+    assert store.load(key) is None
+    assert store.delete(key) is False
+    with pytest.raises(StoreError, match="not a store key"):
+        store.save(Record(key, None, 1e10, 1, b"x"), expected=None, now=0)
+    assert {p.name for p in (tmp_path / "s").iterdir()} == {"records", "users"}
+
+
+def test_file_store_keeps_user_ids_out_of_paths(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path / "s"))
+    user = "../../../tmp/evil\x00name"
+    record = Record("ab" + "0" * 30, user, 1e10, 1, b"x")
+    assert store.save(record, expected=None, now=0)
+    names = [p.name for p in (tmp_path / "s").rglob("*")]
+    assert all("evil" not in n and ".." not in n for n in names)
+    assert [r.user_id for r in store.user_records(user, now=0)] == [user]
+
+
+def test_file_store_leaves_no_temporary_files(tmp_path: Path) -> None:
+    store = FileStore(str(tmp_path / "s"), durable=True)
+    key = "cd" + "1" * 30
+    store.save(Record(key, "u", 1e10, 1, b"one"), expected=None, now=0)
+    store.save(Record(key, "u", 1e10, 2, b"two"), expected=1, now=0)
+    leftovers = list((tmp_path / "s").rglob(".tmp-*"))
+    assert leftovers == []
+    loaded = store.load(key)
+    assert loaded is not None
+    assert loaded.payload == b"two"
+
+
+def test_sql_store_creates_its_table_with_indexes(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    store = SQLStore(engine, table="my_sessions")
+    assert store.count(now=0) == 0
+    inspector = inspect(engine)
+    assert inspector.get_pk_constraint("my_sessions")["constrained_columns"] == ["key"]
+    indexed = {tuple(i["column_names"]) for i in inspector.get_indexes("my_sessions")}
+    assert {("user_id",), ("expires_at",)} <= indexed
+
+
+def test_an_engine_can_be_the_store(tmp_path: Path) -> None:
+    """Flask-SQLAlchemy users pass their engine; Cloakroom adds its table to that database."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="s" * 32, CLOAKROOM_STORE=engine)
+    add_views(app, Cloakroom(app))
+    client = app.test_client()
+    client.post("/set/x", json=[1, 2])
+    assert client.get("/get/x").get_json() == {"value": [1, 2]}
+    assert "cloakroom_sessions" in inspect(engine).get_table_names()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    store = SQLStore(create_engine(f"sqlite:///{tmp_path / 'w.db'}"))
+    store.count(now=0)
+    assert os.path.exists(tmp_path / "w.db-wal")

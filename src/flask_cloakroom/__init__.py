@@ -20,8 +20,9 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
+from .crypto import generate_key
 from .extension import Cloakroom
-from .manager import SessionInfo
+from .manager import RekeyReport, SessionInfo
 from .session import ANONYMOUS, ServerSession
 from .stores import Record, Store
 
@@ -35,6 +36,7 @@ __all__ = [
     "NoSession",
     "Record",
     "RecordDecodeError",
+    "RekeyReport",
     "RecordTooLarge",
     "ServerSession",
     "SessionInfo",
@@ -43,4 +45,5 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "generate_key",
 ]

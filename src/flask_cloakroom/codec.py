@@ -22,26 +22,51 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask.json.tag import TaggedJSONSerializer
 
+from .crypto import SEALED, Keyring
 from .errors import RecordDecodeError, RecordTooLarge, SessionNotSerializable
 from .session import Meta
 
 FORMAT_VERSION = 1
+_SEALED_BYTE = bytes((SEALED,))
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+class Decoded(NamedTuple):
+    """A decoded payload: its meta, its tagged data, and whether it is sealed under
+    the current encryption key (``False`` for records a rekey should rewrite)."""
+
+    meta: Meta
+    raw: dict[str, Any]
+    current: bool
+
+
 class Codec:
-    """Encodes sessions into payload bytes and decodes them back."""
+    """Encodes sessions into payload bytes and decodes them back.
 
-    __slots__ = ("_serializer", "max_size")
+    With a :class:`~flask_cloakroom.crypto.Keyring` every payload is sealed
+    (AES-256-GCM) with the caller's associated data (the record's key), and
+    plaintext payloads are refused unless ``accept_plaintext`` is set.
+    """
 
-    def __init__(self, serializer: TaggedJSONSerializer, *, max_size: int) -> None:
+    __slots__ = ("_serializer", "accept_plaintext", "keyring", "max_size")
+
+    def __init__(
+        self,
+        serializer: TaggedJSONSerializer,
+        *,
+        max_size: int,
+        keyring: Keyring | None = None,
+        accept_plaintext: bool = False,
+    ) -> None:
         self._serializer = serializer
         self.max_size = max_size
+        self.keyring = keyring
+        self.accept_plaintext = accept_plaintext
 
     # -- values ----------------------------------------------------------------
 
@@ -72,8 +97,8 @@ class Codec:
 
     # -- payloads --------------------------------------------------------------
 
-    def encode(self, meta: Meta, tagged: dict[str, Any]) -> bytes:
-        """Return the payload for ``meta`` and tagged data.
+    def encode(self, meta: Meta, tagged: dict[str, Any], aad: bytes) -> bytes:
+        """Return the payload for ``meta`` and tagged data (sealed if there are keys).
 
         Raises :class:`SessionNotSerializable` naming the first key whose value
         is not serializable, and :class:`RecordTooLarge` past ``max_size``.
@@ -102,6 +127,8 @@ class Codec:
             payload = _dumps(doc).encode("utf-8")
         except (TypeError, ValueError) as error:
             raise self._explain(tagged, error) from error
+        if self.keyring is not None:
+            payload = self.keyring.seal(payload, aad)
         if len(payload) > self.max_size:
             sizes = sorted(
                 ((k, len(_dumps(v).encode("utf-8"))) for k, v in tagged.items()),
@@ -125,12 +152,27 @@ class Codec:
                 )
         return error
 
-    def decode(self, payload: bytes) -> tuple[Meta, dict[str, Any]]:
+    def decode(self, payload: bytes, aad: bytes) -> Decoded:
         """Return the meta and tagged data in a payload.
 
-        Raises :class:`RecordDecodeError` if the payload is not a well-formed
-        record of a format this version understands.
+        Raises :class:`RecordDecodeError` if the payload does not decrypt or is
+        not a well-formed record of a format this version understands.
         """
+        current = True
+        if payload[:1] == _SEALED_BYTE:
+            if self.keyring is None:
+                raise RecordDecodeError(
+                    "the record is encrypted, and CLOAKROOM_ENCRYPTION_KEYS is not set"
+                )
+            payload, current = self.keyring.open(payload, aad)
+        elif self.keyring is not None:
+            if not self.accept_plaintext:
+                raise RecordDecodeError(
+                    "the record is not encrypted, and CLOAKROOM_ENCRYPTION_KEYS is set "
+                    "(while turning encryption on, CLOAKROOM_ENCRYPTION_ACCEPT_PLAINTEXT "
+                    "lets such records be read)"
+                )
+            current = False
         try:
             doc = json.loads(payload)
         except (ValueError, TypeError) as error:
@@ -176,7 +218,7 @@ class Codec:
             and type(data) is dict
         ):
             raise RecordDecodeError("a field has the wrong type")
-        return meta, data
+        return Decoded(meta, data, current)
 
 
 def _is_time(value: Any) -> bool:

@@ -11,7 +11,7 @@ from flask.sessions import session_json_serializer
 
 from .errors import ConfigError, NoSession
 from .interface import CloakroomSessionInterface
-from .manager import Clock, SessionInfo, SessionManager
+from .manager import Clock, RekeyReport, SessionInfo, SessionManager
 from .session import ServerSession
 from .settings import load_settings
 from .stores import Store, open_store, wrap_client
@@ -213,6 +213,16 @@ class Cloakroom:
         """Delete expired records from the store; return how many."""
         manager = self._manager()
         return manager.store.purge_expired(now=manager.now())
+
+    def rekey(self) -> RekeyReport:
+        """Re-encrypt every live session under the first ``CLOAKROOM_ENCRYPTION_KEYS`` key.
+
+        Run it after putting a new key first; when it reports no unreadable
+        records, the old keys can be removed.  Also moves sessions onto the
+        current ``SECRET_KEY``'s user index when ``CLOAKROOM_HASH_USER_IDS`` is on.
+        """
+        manager = self._manager()
+        return manager.rekey(manager.now())
 
 
 def _user_text(user_id: Any) -> str:

@@ -16,6 +16,7 @@ make server-side sessions safe:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +26,8 @@ from typing import Any
 
 from flask.json.tag import TaggedJSONSerializer
 
-from .codec import Codec
+from .codec import Codec, Decoded
+from .crypto import Keyring, derive_key
 from .errors import RecordDecodeError, StoreError
 from .policy import Policy
 from .session import Meta, ServerSession
@@ -65,6 +67,17 @@ class SessionInfo:
     current: bool
 
 
+@dataclass(slots=True)
+class RekeyReport:
+    """What :meth:`SessionManager.rekey` did."""
+
+    examined: int = 0
+    rewritten: int = 0
+    current: int = 0
+    changed_meanwhile: int = 0
+    unreadable: int = 0
+
+
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
@@ -82,7 +95,19 @@ class SessionManager:
     ) -> None:
         self.settings = settings
         self.store = store
-        self.codec = Codec(serializer, max_size=settings.max_record_size)
+        keyring = Keyring(settings.encryption_keys) if settings.encryption_keys else None
+        self.codec = Codec(
+            serializer,
+            max_size=settings.max_record_size,
+            keyring=keyring,
+            accept_plaintext=settings.encryption_accept_plaintext,
+        )
+        # Keyed hashes of user ids, one per SECRET_KEY (current first), if asked for.
+        self._user_keys = (
+            [derive_key(s, "user-index") for s in settings.secret_keys]
+            if settings.hash_user_ids
+            else []
+        )
         self.policy = Policy(
             idle=settings.idle_timeout,
             absolute=settings.absolute_timeout,
@@ -100,8 +125,24 @@ class SessionManager:
         return self._clock().timestamp()
 
     def user_index(self, user_id: str) -> str:
-        """The value a user's sessions are indexed under in the store."""
-        return user_id
+        """The value a user's sessions are indexed under in the store.
+
+        The user id itself, or with ``CLOAKROOM_HASH_USER_IDS`` a keyed hash of it
+        (so a store dump does not say whose sessions are whose).
+        """
+        if not self._user_keys:
+            return user_id
+        return self._hash_user(self._user_keys[0], user_id)
+
+    def user_indexes(self, user_id: str) -> list[str]:
+        """Every index value the user's sessions may be under (one per secret key)."""
+        if not self._user_keys:
+            return [user_id]
+        return [self._hash_user(k, user_id) for k in self._user_keys]
+
+    @staticmethod
+    def _hash_user(key: bytes, user_id: str) -> str:
+        return "h:" + hmac.digest(key, user_id.encode("utf-8"), "sha256").hex()[:40]
 
     # -- reading ---------------------------------------------------------------
 
@@ -138,7 +179,7 @@ class SessionManager:
         decoded = self._decode(record)
         if decoded is None:
             return None
-        meta, raw = decoded
+        meta, raw, _ = decoded
         why = self.policy.expired(meta, now)
         if why is not None:
             logger.info("session %s expired (%s timeout)", key, why)
@@ -148,9 +189,9 @@ class SessionManager:
             self.codec.untag(raw), key=key, version=record.version, meta=meta, raw=raw
         )
 
-    def _decode(self, record: Record) -> tuple[Meta, dict[str, Any]] | None:
+    def _decode(self, record: Record) -> Decoded | None:
         try:
-            return self.codec.decode(record.payload)
+            return self.codec.decode(record.payload, record.key.encode("ascii"))
         except RecordDecodeError as error:
             logger.warning(
                 "session %s: stored record is unreadable and is treated as absent: %s",
@@ -204,7 +245,7 @@ class SessionManager:
 
     def _record(self, key: str, meta: Meta, tagged: dict[str, Any], version: int) -> Record:
         user = None if meta.user_id is None else self.user_index(meta.user_id)
-        payload = self.codec.encode(meta, tagged)
+        payload = self.codec.encode(meta, tagged, key.encode("ascii"))
         return Record(key, user, self.policy.expires_at(meta), version, payload)
 
     def _stored(
@@ -284,9 +325,9 @@ class SessionManager:
         if record is None:
             return None
         decoded = self._decode(record)
-        if decoded is None or self.policy.expired(decoded[0], now) is not None:
+        if decoded is None or self.policy.expired(decoded.meta, now) is not None:
             return None
-        return record.version, decoded[0], decoded[1]
+        return record.version, decoded.meta, decoded.raw
 
     @staticmethod
     def _merge(
@@ -341,13 +382,13 @@ class SessionManager:
     def describe(self, record: Record, now: float, current_key: str | None) -> SessionInfo | None:
         """Describe a stored record, or return ``None`` if it is unreadable or dead."""
         decoded = self._decode(record)
-        if decoded is None:
+        if decoded is None or self.policy.expired(decoded.meta, now) is not None:
             return None
-        meta = decoded[0]
-        if self.policy.expired(meta, now) is not None:
-            return None
+        return self._info(record.key, decoded.meta, current_key)
+
+    def _info(self, key: str, meta: Meta, current_key: str | None) -> SessionInfo:
         return SessionInfo(
-            handle=record.key,
+            handle=key,
             user_id=meta.user_id,
             created_at=_utc(meta.created_at),
             last_seen_at=_utc(meta.last_seen_at),
@@ -357,20 +398,70 @@ class SessionManager:
             ip=meta.ip,
             login_ip=meta.login_ip,
             user_agent=meta.user_agent,
-            current=record.key == current_key,
+            current=key == current_key,
         )
+
+    def _records_of(self, user_id: str, now: float) -> list[tuple[Record, Meta]]:
+        """The live, readable records of a user, checked against their decoded user id."""
+        out: list[tuple[Record, Meta]] = []
+        seen: set[str] = set()
+        for index in self.user_indexes(user_id):
+            for record in self.store.user_records(index, now=now):
+                if record.key in seen:
+                    continue
+                seen.add(record.key)
+                decoded = self._decode(record)
+                if (
+                    decoded is not None
+                    and decoded.meta.user_id == user_id
+                    and self.policy.expired(decoded.meta, now) is None
+                ):
+                    out.append((record, decoded.meta))
+        return out
 
     def sessions(self, user_id: str, now: float, current_key: str | None) -> list[SessionInfo]:
         """The live sessions of a user, most recently used first."""
-        out = []
-        for record in self.store.user_records(self.user_index(user_id), now=now):
-            info = self.describe(record, now, current_key)
-            if info is not None and info.user_id == user_id:
-                out.append(info)
+        out = [self._info(r.key, meta, current_key) for r, meta in self._records_of(user_id, now)]
         out.sort(key=lambda i: i.last_seen_at, reverse=True)
         return out
 
     def revoke_user(self, user_id: str, now: float, *, keep: str | None = None) -> int:
         """Delete every session of a user except ``keep``; return how many ended."""
-        records = self.store.user_records(self.user_index(user_id), now=now)
-        return self.store.delete_many([r.key for r in records if r.key != keep])
+        keys = [r.key for r, _ in self._records_of(user_id, now) if r.key != keep]
+        return self.store.delete_many(keys)
+
+    def rekey(self, now: float, *, batch_size: int = 500) -> RekeyReport:
+        """Rewrite every live record not sealed under the current encryption key.
+
+        Old-key and plaintext records are re-encrypted under the first key of
+        ``CLOAKROOM_ENCRYPTION_KEYS`` (and re-indexed under the current
+        ``SECRET_KEY`` when user ids are hashed).  Afterwards old keys can be
+        dropped.  Safe to run while the app serves requests: each rewrite is a
+        conditional write, and a record changed meanwhile was re-encrypted by
+        that change anyway.
+        """
+        report = RekeyReport()
+        cursor: str | None = None
+        while True:
+            page, cursor = self.store.scan(cursor=cursor, limit=batch_size)
+            for record in page:
+                report.examined += 1
+                decoded = self._decode(record)
+                if decoded is None:
+                    report.unreadable += 1
+                    continue
+                if self.policy.expired(decoded.meta, now) is not None:
+                    continue
+                index = (
+                    None if decoded.meta.user_id is None else self.user_index(decoded.meta.user_id)
+                )
+                if decoded.current and record.user_id == index:
+                    report.current += 1
+                    continue
+                fresh = self._record(record.key, decoded.meta, decoded.raw, record.version + 1)
+                if self.store.save(fresh, expected=record.version, now=now):
+                    report.rewritten += 1
+                else:
+                    report.changed_meanwhile += 1
+            if cursor is None:
+                return report

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
+from .crypto import parse_key
 from .errors import ConfigError
 from .stores.base import Store
 
@@ -103,6 +104,35 @@ def _non_negative_int(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError(key, f"expected a whole number, zero or more, got {value!r}")
     return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected True or False, got {value!r}")
+    return value
+
+
+def _encryption_keys(key: str, value: Any) -> tuple[tuple[str, bytes], ...]:
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, f"expected a list of keys (the first encrypts), got {value!r}")
+    keys = []
+    for position, text in enumerate(value):
+        try:
+            keys.append(parse_key(text))
+        except ValueError as error:
+            raise ConfigError(
+                key,
+                f"entry {position}: {error}. Make a key with `flask cloakroom keygen` or "
+                "flask_cloakroom.crypto.generate_key()",
+            ) from None
+    ids = [kid for kid, _ in keys]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(key, "two keys have the same id: give each key its own 'id:' prefix")
+    return tuple(keys)
 
 
 def _identifier(key: str, value: Any) -> str:
@@ -194,6 +224,38 @@ OPTIONS: tuple[Option, ...] = (
         _identifier,
     ),
     Option(
+        "ENCRYPTION_KEYS",
+        "list[str] | None",
+        None,
+        "Encrypt every stored session with AES-256-GCM. A list of keys, each URL-safe "
+        "base64 of 32 random bytes, optionally written 'id:key'; the first encrypts, all "
+        "decrypt. To rotate, put a new key first, run `flask cloakroom rekey` (or "
+        "cloak.rekey()), then drop the old key. Unset: no encryption.",
+        '["2024b:q2m...=", "2023a:Zk1...="]',
+        _encryption_keys,
+    ),
+    Option(
+        "ENCRYPTION_ACCEPT_PLAINTEXT",
+        "bool",
+        False,
+        "While turning encryption on for an existing store: also read records written "
+        "before it (they are encrypted on their next write, or by rekey). Turn it off "
+        "again afterwards: while on, someone who can write to the store can plant "
+        "unencrypted records.",
+        "True",
+        _bool,
+    ),
+    Option(
+        "HASH_USER_IDS",
+        "bool",
+        False,
+        "Index sessions by a keyed hash of the user id (derived from SECRET_KEY) instead "
+        "of the id itself, so the store holds no readable user ids. The id is still "
+        "inside the (encrypted) payload, so listing and revoking work as before.",
+        "True",
+        _bool,
+    ),
+    Option(
         "REDIS_PREFIX",
         "str",
         "cloakroom:",
@@ -271,6 +333,9 @@ class Settings:
     touch_interval: float
     max_record_size: int
     sql_table: str
+    encryption_keys: tuple[tuple[str, bytes], ...]
+    encryption_accept_plaintext: bool
+    hash_user_ids: bool
     redis_prefix: str
     redis_wait_replicas: int
     store_timeout: float

@@ -9,6 +9,7 @@ on the server.  ``flask.session`` keeps working as before.
 
 from __future__ import annotations
 
+from .crypto import generate_key
 from .errors import (
     CloakroomError,
     ConfigError,
@@ -20,7 +21,6 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
-from .crypto import generate_key
 from .extension import Cloakroom
 from .manager import RekeyReport, SessionInfo
 from .session import ANONYMOUS, ServerSession
@@ -36,8 +36,8 @@ __all__ = [
     "NoSession",
     "Record",
     "RecordDecodeError",
-    "RekeyReport",
     "RecordTooLarge",
+    "RekeyReport",
     "ServerSession",
     "SessionInfo",
     "SessionNotSerializable",

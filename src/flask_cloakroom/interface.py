@@ -9,7 +9,6 @@ Redis: it talks to a :class:`~flask_cloakroom.manager.SessionManager`.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Request, Response, request
@@ -66,26 +65,18 @@ class CloakroomSessionInterface(SessionInterface):
     # -- cookies ---------------------------------------------------------------
 
     def should_set_cookie(self, app: Flask, session: SessionMixin) -> bool:
-        """Whether the browser needs the cookie (again) after this request."""
-        return isinstance(session, ServerSession) and _needs_cookie(session)
+        """Whether the browser gets a cookie with this response (decided by the save)."""
+        return isinstance(session, ServerSession) and session.cookie is not None
 
     def _set_cookie(self, session: ServerSession, response: BaseResponse) -> None:
         cookie = self.manager.settings.cookie
         secure = cookie.secure or request.is_secure
         extra: dict[str, Any] = {"partitioned": True} if cookie.partitioned else {}
-        if _needs_cookie(session):
-            session_id = session.issued or session.session_id
-            assert session_id is not None
-            assert session.meta is not None
-            expires = None
-            if session.get_raw("_permanent", False):
-                expires = datetime.fromtimestamp(
-                    self.manager.policy.absolute_expiry(session.meta), UTC
-                )
+        if session.cookie is not None:
             response.set_cookie(
                 cookie.name,
-                self.manager.signer.sign(session_id),
-                expires=expires,
+                session.cookie,
+                expires=self.manager.cookie_expires(session),
                 path=cookie.path,
                 domain=cookie.domain,
                 secure=secure,
@@ -139,16 +130,6 @@ class CloakroomSessionInterface(SessionInterface):
         response.headers.extend(replacement.headers)
         response.direct_passthrough = False
         response.set_data(replacement.get_data())
-
-
-def _needs_cookie(session: ServerSession) -> bool:
-    if session.key is None:
-        return False
-    return (
-        session.issued is not None
-        or session.stale_signature
-        or bool(session.get_raw("_permanent", False)) != session.loaded_permanent
-    )
 
 
 def _client_ip() -> str | None:

@@ -211,9 +211,28 @@ class SessionManager:
     def save(self, session: ServerSession, now: float, ip: str | None, ua: str | None) -> None:
         """Write what the request did to the session, in as few store calls as possible.
 
-        Afterwards ``session.issued`` holds a new session id if the browser needs a
-        new cookie, and ``session.key`` is ``None`` if the session no longer exists.
+        Afterwards ``session.cookie`` holds the cookie value to send, if the browser
+        needs one, and ``session.key`` is ``None`` if the session no longer exists.
         """
+        self._save(session, now, ip, ua)
+        if (
+            session.key is not None
+            and session.session_id is not None
+            and (
+                session.reissue
+                or session.stale_signature
+                or bool(session.get_raw("_permanent", False)) != session.loaded_permanent
+            )
+        ):
+            session.cookie = self.signer.sign(session.session_id)
+
+    def cookie_expires(self, session: ServerSession) -> datetime | None:
+        """When the browser should drop the cookie: a permanent session's absolute expiry."""
+        if session.meta is None or not session.get_raw("_permanent", False):
+            return None
+        return _utc(self.policy.absolute_expiry(session.meta))
+
+    def _save(self, session: ServerSession, now: float, ip: str | None, ua: str | None) -> None:
         for key in session.discard:
             self.store.delete(key)
         session.discard.clear()
@@ -266,7 +285,8 @@ class SessionManager:
             record = self._record(store_key(session_id), meta, tagged, 1)
             if self.store.save(record, expected=None, now=now):
                 self._stored(session, record, meta, tagged)
-                session.issued = session.session_id = session_id
+                session.session_id = session_id
+                session.reissue = True
                 return
         raise StoreError("could not create a session: the store refused three new keys")
 
@@ -282,7 +302,8 @@ class SessionManager:
             record = self._record(store_key(session_id), meta, tagged, 1)
             if self.store.rotate(old_key, record, expected=session.version, now=now):
                 self._stored(session, record, meta, tagged)
-                session.issued = session.session_id = session_id
+                session.session_id = session_id
+                session.reissue = True
                 return
             fresh = self._fresh(old_key, now)
             if fresh is None:

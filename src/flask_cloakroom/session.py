@@ -95,8 +95,10 @@ class ServerSession(dict[str, Any], SessionMixin):
         self.discard: list[str] = []
         #: The secret session id behind ``key``, when known (never stored or logged).
         self.session_id: bytes | None = None
-        #: A new session id given out while saving: the browser needs a new cookie.
-        self.issued: bytes | None = None
+        #: Set while saving when the browser needs the cookie again (a new id, say).
+        self.reissue = False
+        #: The cookie value to send with the response, decided when the session is saved.
+        self.cookie: str | None = None
         #: Whether the request carried a session cookie (valid or not).
         self.had_cookie = False
         #: Whether that cookie was signed with a SECRET_KEY_FALLBACKS key.

@@ -87,6 +87,33 @@ class RecordTooLarge(CloakroomError, ValueError):
         self.largest = largest
 
 
+class CookieTooLarge(RecordTooLarge):
+    """In cookie mode (``cookie://``), the session would not fit in a cookie.
+
+    Browsers drop cookies over about 4 KB, so Cloakroom refuses to send one:
+    the request fails and the browser keeps its previous cookie.
+    """
+
+    def __init__(self, size: int, limit: int, largest: list[tuple[str, int]]) -> None:
+        parts = ", ".join(f"{k!r} ({n} bytes)" for k, n in largest)
+        ValueError.__init__(
+            self,
+            f"the session cookie would be {size} bytes, over the {limit} bytes browsers "
+            f"keep (cookie:// carries the whole session in the cookie); its largest values: "
+            f"{parts}. Keep less in the session, or use a server-side store.",
+        )
+        self.size = size
+        self.limit = limit
+        self.largest = largest
+
+
+class NotSupported(CloakroomError):
+    """The operation needs server-side state that this store does not keep.
+
+    For example listing or revoking sessions with ``CLOAKROOM_STORE = "cookie://"``.
+    """
+
+
 class SessionUnavailable(CloakroomError, ServiceUnavailable):
     """HTTP 503 raised when a view touches the session while its store is down.
 

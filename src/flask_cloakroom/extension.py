@@ -9,12 +9,14 @@ from flask import Flask, current_app, has_request_context, request
 from flask import session as flask_session
 from flask.sessions import session_json_serializer
 
+from .cookiemode import CookieSessionManager
 from .errors import ConfigError, NoSession
 from .interface import CloakroomSessionInterface
 from .manager import Clock, RekeyReport, SessionInfo, SessionManager
 from .session import ServerSession
 from .settings import load_settings
 from .stores import Store, open_store, wrap_client
+from .stores.cookie import CookieStore
 from .tokens import is_store_key
 
 EXTENSION_KEY = "cloakroom"
@@ -75,9 +77,8 @@ class Cloakroom:
             store = open_store(store, **options)
         elif not isinstance(store, Store):
             store = wrap_client(store, **options)
-        manager = SessionManager(
-            settings, store, serializer=session_json_serializer, clock=self._clock
-        )
+        kind = CookieSessionManager if isinstance(store, CookieStore) else SessionManager
+        manager = kind(settings, store, serializer=session_json_serializer, clock=self._clock)
         app.extensions[EXTENSION_KEY] = manager
         app.session_interface = CloakroomSessionInterface(manager)
 
@@ -187,7 +188,7 @@ class Cloakroom:
         """
         if not isinstance(handle, str) or not is_store_key(handle):
             return False
-        ended = self._manager().store.delete(handle)
+        ended = self._manager().revoke(handle)
         if handle == self._current_key():
             self._session().end(deleted=True)
         return ended
@@ -212,7 +213,7 @@ class Cloakroom:
     def purge_expired(self) -> int:
         """Delete expired records from the store; return how many."""
         manager = self._manager()
-        return manager.store.purge_expired(now=manager.now())
+        return manager.purge(manager.now())
 
     def rekey(self) -> RekeyReport:
         """Re-encrypt every live session under the first ``CLOAKROOM_ENCRYPTION_KEYS`` key.

@@ -446,6 +446,14 @@ class SessionManager:
         out.sort(key=lambda i: i.last_seen_at, reverse=True)
         return out
 
+    def revoke(self, handle: str) -> bool:
+        """Delete the session named by ``handle``; return whether it existed."""
+        return self.store.delete(handle)
+
+    def purge(self, now: float) -> int:
+        """Delete expired records; return how many."""
+        return self.store.purge_expired(now=now)
+
     def revoke_user(self, user_id: str, now: float, *, keep: str | None = None) -> int:
         """Delete every session of a user except ``keep``; return how many ended."""
         keys = [r.key for r, _ in self._records_of(user_id, now) if r.key != keep]

@@ -156,10 +156,11 @@ OPTIONS: tuple[Option, ...] = (
         "(a redis-py ``Redis``/``RedisCluster``, or an SQLAlchemy ``Engine``). The "
         "default is an SQLite file, ``cloakroom.sqlite3``, in the app's instance folder. "
         "URLs: ``memory://``, ``sqlite:///path``, ``file:///dir``, any SQLAlchemy URL "
-        "(``postgresql+psycopg://...``, ``mysql+pymysql://...``), and Redis: "
+        "(``postgresql+psycopg://...``, ``mysql+pymysql://...``), Redis: "
         "``redis://``, ``rediss://``, ``unix://``, "
         "``redis+sentinel://host:port,host:port/service``, "
-        "``redis+cluster://host:port,host:port``.",
+        "``redis+cluster://host:port,host:port``; and ``cookie://`` to keep each "
+        "session, encrypted, in its cookie (no server state; see docs/encryption.md).",
         '"postgresql+psycopg://app@db/app"',
         _store,
     ),

@@ -48,6 +48,10 @@ def open_store(
         from .memory import MemoryStore
 
         return MemoryStore()
+    if scheme == "cookie":
+        from .cookie import CookieStore
+
+        return CookieStore()
     if scheme == "file":
         from .files import FileStore
 

@@ -1,0 +1,174 @@
+"""Cookie mode (``CLOAKROOM_STORE = "cookie://"``): the session travels in the cookie, encrypted.
+
+For apps that want no server state.  Unlike Flask's own cookie session (signed
+but readable by whoever holds it), the cookie is sealed with AES-256-GCM, so
+it can be neither read nor altered, and the same idle and absolute timeouts
+apply: they are checked from timestamps inside the ciphertext.
+
+Keys come from ``CLOAKROOM_ENCRYPTION_KEYS`` when set, else they are derived
+from ``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS``; either way the first key
+seals and the others still open, and a cookie sealed with an older key is
+re-sealed with the current one on its next response.
+
+What this mode cannot do, because the server keeps nothing: list a user's
+sessions, revoke one session, or end a stolen cookie before it expires
+(``logout`` only clears the cookie in *this* browser).  A short idle timeout
+limits the damage.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+from collections.abc import Iterable
+from typing import NoReturn
+
+from flask.json.tag import TaggedJSONSerializer
+from werkzeug.http import dump_cookie
+
+from .codec import Codec
+from .crypto import Keyring, derive_key, key_id
+from .errors import CookieTooLarge, NotSupported, RecordDecodeError
+from .manager import MAX_COOKIES, Clock, RekeyReport, SessionInfo, SessionManager, logger
+from .session import Meta, ServerSession
+from .settings import Settings
+from .stores.base import Store
+from .tokens import store_key
+
+#: The largest Set-Cookie header (name, value and attributes) browsers reliably keep.
+COOKIE_LIMIT = 4093
+_ID = "sid"
+
+
+class CookieSessionManager(SessionManager):
+    """The session lifecycle when the cookie is the store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        serializer: TaggedJSONSerializer,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(settings, store, serializer=serializer, clock=clock)
+        keys = list(settings.encryption_keys)
+        if not keys:
+            derived = [derive_key(s, "cookie-mode") for s in settings.secret_keys]
+            keys = [(key_id(k), k) for k in derived]
+        self.codec = Codec(serializer, max_size=1 << 20, keyring=Keyring(keys))
+        self._aad = b"flask-cloakroom/cookie:" + settings.cookie.name.encode("ascii")
+
+    # -- reading ---------------------------------------------------------------
+
+    def open(self, cookies: Iterable[str], now: float) -> ServerSession:
+        had_cookie = False
+        for count, value in enumerate(cookies):
+            if count == MAX_COOKIES:
+                break
+            had_cookie = True
+            session = self._open_one(value, now)
+            if session is not None:
+                session.had_cookie = True
+                return session
+        session = ServerSession()
+        session.had_cookie = had_cookie
+        return session
+
+    def _open_one(self, value: str, now: float) -> ServerSession | None:
+        try:
+            sealed = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            meta, raw, current = self.codec.decode(sealed, self._aad)
+            session_id = bytes.fromhex(meta.extra[_ID])
+        except (binascii.Error, ValueError, KeyError, TypeError, RecordDecodeError) as error:
+            logger.info("session cookie refused: %s", error)
+            return None
+        key = store_key(session_id)
+        why = self.policy.expired(meta, now)
+        if why is not None:
+            logger.info("session %s expired (%s timeout)", key, why)
+            return None
+        session = ServerSession(self.codec.untag(raw), key=key, version=0, meta=meta, raw=raw)
+        session.session_id = session_id
+        session.stale_signature = not current
+        return session
+
+    # -- writing ---------------------------------------------------------------
+
+    def save(self, session: ServerSession, now: float, ip: str | None, ua: str | None) -> None:
+        session.discard.clear()  # nothing is stored, so nothing to delete
+        meta = session.meta
+        if not dict.__len__(session) and (meta is None or meta.user_id is None):
+            session.key = None  # empty: the interface expires the cookie
+            return
+        renew = session.key is None or session.rotate_requested
+        changed = (
+            renew
+            or session.modified
+            or session.stale_signature
+            or bool(session.get_raw("_permanent", False)) != session.loaded_permanent
+        )
+        if meta is None:
+            meta = session.meta = Meta(created_at=now, last_seen_at=now, ip=ip, user_agent=ua)
+        if not changed and not self.policy.touch_due(meta, now):
+            return
+        if renew or session.session_id is None:
+            session.session_id = secrets.token_bytes(16)
+        meta.extra[_ID] = session.session_id.hex()
+        meta.last_seen_at = now
+        tagged = self.codec.tag(session) if session.modified or renew else session.raw
+        value = base64.urlsafe_b64encode(self.codec.encode(meta, tagged, self._aad)).decode()
+        size = len(self._header(value, session))
+        if size > COOKIE_LIMIT:
+            raise CookieTooLarge(size, COOKIE_LIMIT, self._largest(tagged))
+        session.key = store_key(session.session_id)
+        session.raw = tagged
+        session.rotate_requested = False
+        session.cookie = value
+
+    def _header(self, value: str, session: ServerSession) -> str:
+        cookie = self.settings.cookie
+        return dump_cookie(
+            cookie.name,
+            value,
+            expires=self.cookie_expires(session),
+            path=cookie.path,
+            domain=cookie.domain,
+            secure=True,
+            httponly=cookie.httponly,
+            samesite=cookie.samesite,
+            partitioned=cookie.partitioned,
+            max_size=0,  # measured here, so no warning from Werkzeug
+        )
+
+    def _largest(self, tagged: dict[str, object]) -> list[tuple[str, int]]:
+        sizes = [(k, len(json.dumps(v))) for k, v in tagged.items()]
+        return sorted(sizes, key=lambda item: item[1], reverse=True)[:3]
+
+    def logout(self, session: ServerSession) -> None:
+        session.end(deleted=True)  # the browser's cookie is expired; copies stay valid
+
+    # -- what cookie mode cannot do -----------------------------------------------
+
+    def _refuse(self, what: str) -> NoReturn:
+        raise NotSupported(
+            f"cookie:// keeps each session only in its browser, so the server cannot {what}. "
+            "Use a server-side store (SQLite, PostgreSQL, Redis...) for that."
+        )
+
+    def sessions(self, user_id: str, now: float, current_key: str | None) -> list[SessionInfo]:
+        self._refuse("list a user's sessions")
+
+    def revoke(self, handle: str) -> bool:
+        self._refuse("revoke a session")
+
+    def revoke_user(self, user_id: str, now: float, *, keep: str | None = None) -> int:
+        self._refuse("revoke a user's sessions")
+
+    def rekey(self, now: float, *, batch_size: int = 500) -> RekeyReport:
+        self._refuse("re-encrypt sessions (each cookie is re-sealed on its next response)")
+
+    def purge(self, now: float) -> int:
+        return 0

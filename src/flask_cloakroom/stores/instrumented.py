@@ -1,0 +1,101 @@
+"""A store wrapper that counts and times every operation of the store it wraps.
+
+Used for metrics (store latency), by the benchmarks (store operations per
+request) and by the tests (round trips).  Each call of a store method is one
+operation; for the built-in stores one operation is one round trip, except
+where a store documents otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from .base import Record, Store
+
+_T = TypeVar("_T")
+
+#: Called after each operation with its name, its duration in seconds, and
+#: whether it raised.
+Observer = Callable[[str, float, bool], None]
+
+
+class InstrumentedStore(Store):
+    """Wraps ``inner``; ``calls`` counts operations by method name."""
+
+    def __init__(self, inner: Store, observer: Observer | None = None) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.observer = observer
+        self.calls: Counter[str] = Counter()
+
+    def reset(self) -> None:
+        """Forget the counts so far."""
+        self.calls.clear()
+
+    @property
+    def reads(self) -> int:
+        """How many single-session reads (``load``) were made."""
+        return self.calls["load"]
+
+    @property
+    def writes(self) -> int:
+        """How many single-session writes (``save``, ``rotate``, ``delete``) were made."""
+        return self.calls["save"] + self.calls["rotate"] + self.calls["delete"]
+
+    def _op(self, name: str, work: Callable[[], _T]) -> _T:
+        self.calls[name] += 1
+        if self.observer is None:
+            return work()
+        started = time.perf_counter()
+        failed = True
+        try:
+            result = work()
+            failed = False
+            return result
+        finally:
+            self.observer(name, time.perf_counter() - started, failed)
+
+    def load(self, key: str) -> Record | None:
+        return self._op("load", lambda: self.inner.load(key))
+
+    def save(self, record: Record, *, expected: int | None, now: float) -> bool:
+        return self._op("save", lambda: self.inner.save(record, expected=expected, now=now))
+
+    def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
+        return self._op(
+            "rotate", lambda: self.inner.rotate(old_key, record, expected=expected, now=now)
+        )
+
+    def delete(self, key: str) -> bool:
+        return self._op("delete", lambda: self.inner.delete(key))
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        return self._op("delete_many", lambda: self.inner.delete_many(keys))
+
+    def user_records(self, user_id: str, *, now: float) -> list[Record]:
+        return self._op("user_records", lambda: self.inner.user_records(user_id, now=now))
+
+    def scan(
+        self, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Record], str | None]:
+        return self._op("scan", lambda: self.inner.scan(cursor=cursor, limit=limit))
+
+    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+        return self._op(
+            "purge_expired", lambda: self.inner.purge_expired(now=now, batch_size=batch_size)
+        )
+
+    def count(self, *, now: float) -> int:
+        return self._op("count", lambda: self.inner.count(now=now))
+
+    def ping(self) -> None:
+        self._op("ping", self.inner.ping)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def describe(self) -> str:
+        return self.inner.describe()

@@ -48,7 +48,9 @@ def dump(store: Store) -> bytes:
         if cursor is None:
             break
     if isinstance(store, FileStore):
-        parts += [p.read_bytes() + str(p).encode() for p in Path(store.root).rglob("*") if p.is_file()]
+        parts += [
+            p.read_bytes() + str(p).encode() for p in Path(store.root).rglob("*") if p.is_file()
+        ]
     if isinstance(store, SQLStore) and store.name == "sqlite":
         database = store.engine.url.database
         assert database is not None
@@ -67,7 +69,13 @@ def test_a_store_dump_holds_no_plaintext_and_no_id(make_app: AppFactory, store: 
     raw_id = base64.urlsafe_b64decode(text_id + "=")
     everything = dump(store)
     assert len(everything) > 100
-    for needle in (MARKER.encode(), b"alice@example.com", raw_id, text_id.encode(), raw_id.hex().encode()):
+    for needle in (
+        MARKER.encode(),
+        b"alice@example.com",
+        raw_id,
+        text_id.encode(),
+        raw_id.hex().encode(),
+    ):
         assert needle not in everything
 
 
@@ -239,7 +247,9 @@ def test_encryption_adds_no_store_round_trip(make_app: AppFactory) -> None:
 )
 def test_bad_keys_fail_at_start_up(keys: object, words: str) -> None:
     app = Flask(__name__)
-    app.config.update(SECRET_KEY="s" * 32, CLOAKROOM_STORE="memory://", CLOAKROOM_ENCRYPTION_KEYS=keys)
+    app.config.update(
+        SECRET_KEY="s" * 32, CLOAKROOM_STORE="memory://", CLOAKROOM_ENCRYPTION_KEYS=keys
+    )
     with pytest.raises(ConfigError) as caught:
         Cloakroom(app)
     assert caught.value.key == "CLOAKROOM_ENCRYPTION_KEYS"

@@ -179,7 +179,10 @@ def test_several_cookies_with_the_session_name(make_app: AppFactory) -> None:
     app, _, _ = make_app()
     client = logged_in(app)
     good = cookie_of(client)
-    environ = {"HTTP_COOKIE": f"session=garbage; session={good}; session=more"}
+    environ = {
+        "HTTP_COOKIE": f"session=garbage; session={good}; session=more",
+        "HTTP_USER_AGENT": client.environ_base.get("HTTP_USER_AGENT", ""),
+    }
     with app.test_request_context("/", environ_base=environ):
         opened = app.session_interface.open_session(app, request)
         assert opened is not None

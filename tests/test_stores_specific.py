@@ -27,7 +27,7 @@ def test_file_store_refuses_keys_that_are_not_hashes(tmp_path: Path, key: str) -
     assert store.delete(key) is False
     with pytest.raises(StoreError, match="not a store key"):
         store.save(Record(key, None, 1e10, 1, b"x"), expected=None, now=0)
-    assert {p.name for p in (tmp_path / "s").iterdir()} == {"records", "users"}
+    assert {p.name for p in (tmp_path / "s").iterdir()} == {"records", "users", "events"}
 
 
 def test_file_store_keeps_user_ids_out_of_paths(tmp_path: Path) -> None:

@@ -120,6 +120,10 @@ class Codec:
             doc["ua"] = meta.user_agent
         if meta.login_ip is not None:
             doc["lip"] = meta.login_ip
+        if meta.device is not None:
+            doc["dev"] = meta.device
+        if meta.location is not None:
+            doc["loc"] = meta.location
         if meta.extra:
             doc["x"] = meta.extra
         doc["d"] = tagged
@@ -201,6 +205,8 @@ class Codec:
                 ip=doc.get("ip"),
                 user_agent=doc.get("ua"),
                 login_ip=doc.get("lip"),
+                device=doc.get("dev"),
+                location=doc.get("loc"),
                 extra=extra,
             )
         except KeyError as error:
@@ -214,6 +220,8 @@ class Codec:
             and _optional_str(meta.ip)
             and _optional_str(meta.user_agent)
             and _optional_str(meta.login_ip)
+            and _optional_str(meta.device)
+            and _optional_str(meta.location)
             and type(extra) is dict
             and type(data) is dict
         ):

@@ -28,11 +28,19 @@ from typing import NoReturn
 from flask.json.tag import TaggedJSONSerializer
 from werkzeug.http import dump_cookie
 
+from .activity import NO_CLIENT, Client
 from .codec import Codec
 from .crypto import Keyring, derive_key, key_id
 from .errors import CookieTooLarge, NotSupported, RecordDecodeError
-from .manager import MAX_COOKIES, Clock, RekeyReport, SessionInfo, SessionManager, logger
-from .session import Meta, ServerSession
+from .manager import (
+    MAX_COOKIES,
+    Clock,
+    RekeyReport,
+    SessionInfo,
+    SessionManager,
+    logger,
+)
+from .session import ServerSession
 from .settings import Settings
 from .stores.base import Store
 from .tokens import store_key
@@ -63,7 +71,7 @@ class CookieSessionManager(SessionManager):
 
     # -- reading ---------------------------------------------------------------
 
-    def open(self, cookies: Iterable[str], now: float) -> ServerSession:
+    def open(self, cookies: Iterable[str], now: float, client: Client = NO_CLIENT) -> ServerSession:
         had_cookie = False
         for count, value in enumerate(cookies):
             if count == MAX_COOKIES:
@@ -72,7 +80,7 @@ class CookieSessionManager(SessionManager):
             session = self._open_one(value, now)
             if session is not None:
                 session.had_cookie = True
-                return session
+                return self.watch(session, now, client)
         session = ServerSession()
         session.had_cookie = had_cookie
         return session
@@ -88,7 +96,7 @@ class CookieSessionManager(SessionManager):
         key = store_key(session_id)
         why = self.policy.expired(meta, now)
         if why is not None:
-            logger.info("session %s expired (%s timeout)", key, why)
+            self.emit(f"expired_{why}", now, key, meta)
             return None
         session = ServerSession(self.codec.untag(raw), key=key, version=0, meta=meta, raw=raw)
         session.session_id = session_id
@@ -97,8 +105,16 @@ class CookieSessionManager(SessionManager):
 
     # -- writing ---------------------------------------------------------------
 
-    def save(self, session: ServerSession, now: float, ip: str | None, ua: str | None) -> None:
-        session.discard.clear()  # nothing is stored, so nothing to delete
+    def _delete_quietly(self, key: str) -> None:
+        return None  # nothing is stored: ending a session is expiring its cookie
+
+    def _choose_cookie(self, session: ServerSession) -> None:
+        return None  # _save has set the cookie, if one is due
+
+    def _save(self, session: ServerSession, now: float, client: Client) -> None:
+        for key, meta_of_discarded in session.discard:
+            self.emit("logout", now, key, meta_of_discarded, via="session.clear()")
+        session.discard.clear()
         meta = session.meta
         if not dict.__len__(session) and (meta is None or meta.user_id is None):
             session.key = None  # empty: the interface expires the cookie
@@ -107,11 +123,12 @@ class CookieSessionManager(SessionManager):
         changed = (
             renew
             or session.modified
+            or session.meta_changed
             or session.stale_signature
             or bool(session.get_raw("_permanent", False)) != session.loaded_permanent
         )
         if meta is None:
-            meta = session.meta = Meta(created_at=now, last_seen_at=now, ip=ip, user_agent=ua)
+            meta = session.meta = self.new_meta(now, client)
         if not changed and not self.policy.touch_due(meta, now):
             return
         if renew or session.session_id is None:
@@ -125,7 +142,7 @@ class CookieSessionManager(SessionManager):
             raise CookieTooLarge(size, COOKIE_LIMIT, self._largest(tagged))
         session.key = store_key(session.session_id)
         session.raw = tagged
-        session.rotate_requested = False
+        session.rotate_requested = session.meta_changed = False
         session.cookie = value
 
     def _header(self, value: str, session: ServerSession) -> str:
@@ -147,7 +164,9 @@ class CookieSessionManager(SessionManager):
         sizes = [(k, len(json.dumps(v))) for k, v in tagged.items()]
         return sorted(sizes, key=lambda item: item[1], reverse=True)[:3]
 
-    def logout(self, session: ServerSession) -> None:
+    def logout(self, session: ServerSession, now: float) -> None:
+        if session.key is not None:
+            self.emit("logout", now, session.key, session.meta)
         session.end(deleted=True)  # the browser's cookie is expired; copies stay valid
 
     # -- what cookie mode cannot do -----------------------------------------------
@@ -161,11 +180,42 @@ class CookieSessionManager(SessionManager):
     def sessions(self, user_id: str, now: float, current_key: str | None) -> list[SessionInfo]:
         self._refuse("list a user's sessions")
 
-    def revoke(self, handle: str) -> bool:
+    def revoke(
+        self, handle: str, now: float, *, by: str | None = None, reason: str | None = None
+    ) -> bool:
         self._refuse("revoke a session")
 
-    def revoke_user(self, user_id: str, now: float, *, keep: str | None = None) -> int:
+    def revoke_user(
+        self,
+        user_id: str,
+        now: float,
+        *,
+        keep: str | None = None,
+        by: str | None = None,
+        reason: str | None = None,
+    ) -> int:
         self._refuse("revoke a user's sessions")
+
+    def credentials_changed(self, session: ServerSession | None, user_id: str, now: float) -> int:
+        """Keep the current session valid; other cookies end through the fingerprint.
+
+        With ``CLOAKROOM_CREDENTIAL_FINGERPRINT`` set, every other cookie of the
+        user dies on its next request; without it cookie mode cannot end them.
+        Returns 0: the server cannot count cookies it does not keep.
+        """
+        if session is not None and session.meta is not None and session.meta.user_id == user_id:
+            fingerprint = self.fingerprint(user_id)
+            if fingerprint is not None:
+                session.meta.extra["cfp"] = fingerprint
+            session.meta_changed = True
+            self.emit("credential_changed", now, session.key, session.meta)
+        if self.settings.credential_fingerprint is None:
+            logger.warning(
+                "credentials of user %s changed, but cookie:// cannot end their other sessions "
+                "without CLOAKROOM_CREDENTIAL_FINGERPRINT",
+                user_id,
+            )
+        return 0
 
     def rekey(self, now: float, *, batch_size: int = 500) -> RekeyReport:
         self._refuse("re-encrypt sessions (each cookie is re-sealed on its next response)")

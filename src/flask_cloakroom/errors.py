@@ -107,6 +107,28 @@ class CookieTooLarge(RecordTooLarge):
         self.largest = largest
 
 
+class TooManySessions(CloakroomError):
+    """``login()`` refused: the user has ``CLOAKROOM_MAX_SESSIONS_PER_USER`` live sessions.
+
+    Raised only with ``CLOAKROOM_SESSION_LIMIT_POLICY = "refuse"``.  Catch it to
+    tell the user to sign out elsewhere first.
+    """
+
+    def __init__(self, user_id: str, limit: int) -> None:
+        super().__init__(f"user {user_id!r} already has {limit} live sessions, the limit")
+        self.user_id = user_id
+        self.limit = limit
+
+
+class LoginRefused(CloakroomError):
+    """``login()`` refused by a rule whose action is ``revoke`` (``rule`` names it)."""
+
+    def __init__(self, rule: str, details: dict[str, object]) -> None:
+        super().__init__(f"login refused by the {rule} rule: {details}")
+        self.rule = rule
+        self.details = details
+
+
 class NotSupported(CloakroomError):
     """The operation needs server-side state that this store does not keep.
 

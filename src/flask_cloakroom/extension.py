@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
 
-from flask import Flask, current_app, has_request_context, request
+from flask import Flask, abort, current_app, has_request_context, redirect, request, url_for
 from flask import session as flask_session
 from flask.sessions import session_json_serializer
+from flask.typing import ResponseReturnValue
 
+from .activity import Event
 from .cookiemode import CookieSessionManager
 from .errors import ConfigError, NoSession
 from .interface import CloakroomSessionInterface
@@ -20,6 +25,8 @@ from .stores.cookie import CookieStore
 from .tokens import is_store_key
 
 EXTENSION_KEY = "cloakroom"
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class Cloakroom:
@@ -128,21 +135,33 @@ class Cloakroom:
         The data already in the session is kept (a cart survives login), unless
         the session belonged to another user, in which case it starts empty.
         The new id defeats session fixation: the id the browser had before the
-        login is dead once the response is sent.  Login time, IP and
-        User-Agent are recorded.  ``remember=True`` makes the cookie outlive
-        the browser and applies the ``CLOAKROOM_REMEMBER_*`` timeouts.
+        login is dead once the response is sent.  Login time, IP, User-Agent,
+        device and location are recorded, and the login rules are checked.
+        ``remember=True`` makes the cookie outlive the browser and applies the
+        ``CLOAKROOM_REMEMBER_*`` timeouts.
+
+        Raises :class:`~flask_cloakroom.TooManySessions` (session limit with the
+        ``refuse`` policy) or :class:`~flask_cloakroom.LoginRefused` (a login
+        rule whose action is ``revoke``); the session is then left as it was.
         """
         manager = self._manager()
         session = self._session()
-        agent = request.headers.get("User-Agent")
         manager.login(
             session,
             _user_text(user_id),
             remember=remember,
             now=manager.now(),
-            ip=request.remote_addr,
-            ua=agent[:512] if agent else None,
+            client=session.client,
         )
+
+    def confirm_login(self) -> None:
+        """Mark the current login fresh again, after the user re-entered their password.
+
+        Clears a re-authentication asked for by a rule, resets
+        :meth:`login_age`, and rotates the session id.
+        """
+        manager = self._manager()
+        manager.confirm_login(self._session(), manager.now())
 
     def logout(self) -> None:
         """End the current session: delete its record now, clear its data, expire the cookie.
@@ -150,7 +169,8 @@ class Cloakroom:
         Anything stored in the session later in the same request (a flashed
         "goodbye") goes into a new anonymous session.
         """
-        self._manager().logout(self._session())
+        manager = self._manager()
+        manager.logout(self._session(), manager.now())
 
     def rotate(self) -> None:
         """Give the current session a new id, keeping its data.
@@ -158,9 +178,10 @@ class Cloakroom:
         The old id stops working when the response is sent.
         """
         session = self._session()
-        if session.key is not None:
+        if session.key is not None and not session.rotate_requested:
             session.rotate_requested = True
             session.accessed = True
+            session.pending.append(("rotated", {"reason": "rotate"}))
 
     @property
     def handle(self) -> str | None:
@@ -173,6 +194,60 @@ class Cloakroom:
         meta = self._session().meta
         return None if meta is None else meta.user_id
 
+    def login_age(self) -> timedelta | None:
+        """How long ago the current session logged in (or confirmed its login).
+
+        ``None`` when nobody is logged in, or when a rule asked for
+        re-authentication: treat that as "too old".
+        """
+        manager = self._manager()
+        seconds = manager.login_age(self._session(), manager.now())
+        return None if seconds is None else timedelta(seconds=seconds)
+
+    def fresh_login_required(
+        self, max_age: timedelta | float = timedelta(minutes=10)
+    ) -> Callable[[Callable[_P, _R]], Callable[_P, _R | ResponseReturnValue]]:
+        """Decorate a sensitive view: it needs a login at most ``max_age`` old.
+
+        Otherwise the user is sent to ``CLOAKROOM_REAUTH_VIEW`` with
+        ``?next=<this url>`` (or gets a 401 if that is not set); once they
+        sign in again (:meth:`login` or :meth:`confirm_login`) the view runs.
+        """
+        limit = max_age.total_seconds() if isinstance(max_age, timedelta) else float(max_age)
+
+        def decorate(view: Callable[_P, _R]) -> Callable[_P, _R | ResponseReturnValue]:
+            @functools.wraps(view)
+            def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R | ResponseReturnValue:
+                age = self.login_age()
+                if age is not None and age.total_seconds() <= limit:
+                    return view(*args, **kwargs)
+                target = self._manager().settings.reauth_view
+                if target is None:
+                    abort(401)
+                return redirect(url_for(target, next=request.full_path.rstrip("?")))
+
+            return guarded
+
+        return decorate
+
+    def credentials_changed(self, user_id: str | int | None = None) -> int:
+        """Call after a password (or other credential) change: end the user's other sessions.
+
+        The current session stays valid (and is re-bound to the new
+        credential fingerprint, if ``CLOAKROOM_CREDENTIAL_FINGERPRINT`` is
+        set); a ``credential_changed`` event is sent.  ``user_id`` defaults to
+        the current session's user.  Returns how many sessions ended.
+        """
+        manager = self._manager()
+        session = self._session() if has_request_context() else None
+        if user_id is None:
+            if session is None or session.meta is None or session.meta.user_id is None:
+                raise NoSession("credentials_changed() needs a user id outside a logged-in request")
+            user = session.meta.user_id
+        else:
+            user = _user_text(user_id)
+        return manager.credentials_changed(session, user, manager.now())
+
     # -- any session -----------------------------------------------------------
 
     def sessions(self, user_id: str | int) -> list[SessionInfo]:
@@ -180,38 +255,71 @@ class Cloakroom:
         manager = self._manager()
         return manager.sessions(_user_text(user_id), manager.now(), self._current_key())
 
-    def revoke(self, handle: str) -> bool:
+    def revoke(self, handle: str, *, by: str | None = None, reason: str | None = None) -> bool:
         """End the session named by ``handle``; return whether it existed.
 
         Takes effect at once: the browser holding it is anonymous on its next
         request, and a request already in progress cannot save it back.
+        ``by`` and ``reason`` go into the ``revoked`` event.
         """
         if not isinstance(handle, str) or not is_store_key(handle):
             return False
-        ended = self._manager().revoke(handle)
+        manager = self._manager()
+        ended = manager.revoke(handle, manager.now(), by=by, reason=reason)
         if handle == self._current_key():
             self._session().end(deleted=True)
         return ended
 
-    def revoke_user(self, user_id: str | int, *, keep_current: bool = False) -> int:
+    def revoke_user(
+        self,
+        user_id: str | int,
+        *,
+        keep_current: bool = False,
+        by: str | None = None,
+        reason: str | None = None,
+    ) -> int:
         """End every session of a user; return how many ended.
 
         ``keep_current=True`` spares the current request's session (after the
         user changed their password, say).  Use it when an account is disabled
-        or its credentials change.
+        or its credentials change.  ``by`` and ``reason`` go into the events.
         """
         manager = self._manager()
         user = _user_text(user_id)
         current = self._current_key()
-        count = manager.revoke_user(user, manager.now(), keep=current if keep_current else None)
+        count = manager.revoke_user(
+            user, manager.now(), keep=current if keep_current else None, by=by, reason=reason
+        )
         if current is not None and not keep_current:
             session = self._session()
             if session.meta is not None and session.meta.user_id == user:
                 session.end(deleted=True)
         return count
 
+    def activity(
+        self,
+        user_id: str | int | None = None,
+        *,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        kinds: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """Events from the activity log, newest first (optionally of one user).
+
+        Page backwards with ``before`` set to the last event's ``at``.
+        """
+        manager = self._manager()
+        return manager.activity.query(
+            user_id=None if user_id is None else _user_text(user_id),
+            since=None if since is None else since.timestamp(),
+            before=None if before is None else before.timestamp(),
+            kinds=kinds,
+            limit=limit,
+        )
+
     def purge_expired(self) -> int:
-        """Delete expired records from the store; return how many."""
+        """Delete expired records from the store (and old activity); return how many."""
         manager = self._manager()
         return manager.purge(manager.now())
 

@@ -15,6 +15,7 @@ from flask import Flask, Request, Response, request
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.exceptions import HTTPException
 
+from .activity import Client, client_ip
 from .errors import SessionUnavailable, StoreError
 from .manager import SessionManager
 from .session import ANONYMOUS, ServerSession, UnavailableSession
@@ -38,11 +39,23 @@ class CloakroomSessionInterface(SessionInterface):
     def open_session(self, app: Flask, request: Request) -> SessionMixin:
         manager = self.manager
         values = request.cookies.getlist(manager.settings.cookie.name)
+        client = self.client(request)
         try:
-            return manager.open(values, manager.now())
+            session = manager.open(values, manager.now(), client)
         except StoreError as error:
             logger.error("session store unavailable while loading a session: %s", error)
             return UnavailableSession(error, self._on_unavailable)
+        session.client = client
+        return session
+
+    def client(self, request: Request) -> Client:
+        """The request's client: its IP (behind trusted proxies only) and User-Agent."""
+        trusted = self.manager.settings.trusted_proxies
+        forwarded = request.headers.get("X-Forwarded-For") if trusted else None
+        agent = request.headers.get("User-Agent")
+        return Client(
+            client_ip(request.remote_addr, forwarded, trusted), agent[:512] if agent else None
+        )
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, ServerSession):  # pragma: no cover - Flask's null session
@@ -53,7 +66,7 @@ class CloakroomSessionInterface(SessionInterface):
             return
         manager = self.manager
         try:
-            manager.save(session, manager.now(), _client_ip(), _user_agent())
+            manager.save(session, manager.now(), session.client)
         except StoreError as error:
             logger.error(
                 "session store unavailable while saving session %s: %s", session.key, error
@@ -130,12 +143,3 @@ class CloakroomSessionInterface(SessionInterface):
         response.headers.extend(replacement.headers)
         response.direct_passthrough = False
         response.set_data(replacement.get_data())
-
-
-def _client_ip() -> str | None:
-    return request.remote_addr
-
-
-def _user_agent() -> str | None:
-    agent = request.headers.get("User-Agent")
-    return agent[:512] if agent else None

@@ -11,7 +11,10 @@ make server-side sessions safe:
 * a changed session is written with a conditional write on its version; if
   another request wrote first, this request's changes are re-applied key by
   key onto the fresh record and the write is retried, so concurrent requests
-  lose nothing; a session deleted meanwhile (logout, revoke) stays deleted.
+  lose nothing; a session deleted meanwhile (logout, revoke) stays deleted;
+* each step of a session's life is an :class:`~flask_cloakroom.activity.Event`,
+  and the rules of :mod:`flask_cloakroom.rules` are checked against the record
+  already loaded, so watching costs no extra round trip.
 """
 
 from __future__ import annotations
@@ -26,10 +29,18 @@ from typing import Any
 
 from flask.json.tag import TaggedJSONSerializer
 
+from .activity import NO_CLIENT, ActivityLog, Client, Event, device_of
 from .codec import Codec, Decoded
 from .crypto import Keyring, derive_key
-from .errors import RecordDecodeError, StoreError
+from .errors import (
+    LoginRefused,
+    NotSupported,
+    RecordDecodeError,
+    StoreError,
+    TooManySessions,
+)
 from .policy import Policy
+from .rules import Finding, Rules
 from .session import Meta, ServerSession
 from .settings import Settings
 from .stores.base import Record, Store
@@ -43,6 +54,9 @@ Clock = Callable[[], datetime]
 MAX_WRITE_ATTEMPTS = 8
 #: How many cookies of the session's name are checked in one request.
 MAX_COOKIES = 4
+#: Keys in Meta.extra.
+_REAUTH = "reauth"
+_FINGERPRINT = "cfp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +79,8 @@ class SessionInfo:
     login_ip: str | None
     user_agent: str | None
     current: bool
+    device: str | None = None
+    location: str | None = None
 
 
 @dataclass(slots=True)
@@ -117,6 +133,15 @@ class SessionManager:
         )
         self.signer = CookieSigner(settings.secret_keys)
         self._clock = clock
+        self.rules = Rules(settings.rules, settings.geolocate)
+        self.activity = ActivityLog(
+            store,
+            keyring=keyring,
+            kinds=settings.activity_kinds,
+            retention=settings.activity_retention,
+            user_index=self.user_index,
+        )
+        self._fingerprint_key = derive_key(settings.secret_keys[0], "credential-fingerprint")
 
     def now(self) -> float:
         """The current time as a Unix timestamp, from the injected clock if any."""
@@ -146,10 +171,11 @@ class SessionManager:
 
     # -- reading ---------------------------------------------------------------
 
-    def open(self, cookies: Iterable[str], now: float) -> ServerSession:
+    def open(self, cookies: Iterable[str], now: float, client: Client = NO_CLIENT) -> ServerSession:
         """Return the session named by the request's cookie values.
 
-        Cookies that fail verification cost no store traffic.  Raises
+        Cookies that fail verification cost no store traffic.  The session is
+        checked against ``client`` (credential fingerprint, rules).  Raises
         :class:`StoreError` if the store cannot be read.
         """
         had_cookie = False
@@ -166,7 +192,7 @@ class SessionManager:
             session.session_id = unsigned.session_id
             session.stale_signature = unsigned.stale_key
             session.had_cookie = True
-            return session
+            return self.watch(session, now, client)
         session = ServerSession()
         session.had_cookie = had_cookie
         return session
@@ -182,8 +208,8 @@ class SessionManager:
         meta, raw, _ = decoded
         why = self.policy.expired(meta, now)
         if why is not None:
-            logger.info("session %s expired (%s timeout)", key, why)
             self._delete_quietly(key)
+            self.emit(f"expired_{why}", now, key, meta)
             return None
         return ServerSession(
             self.codec.untag(raw), key=key, version=record.version, meta=meta, raw=raw
@@ -206,15 +232,141 @@ class SessionManager:
         except StoreError as error:
             logger.warning("session %s: could not delete the expired record: %s", key, error)
 
+    # -- watching --------------------------------------------------------------
+
+    def emit(
+        self,
+        kind: str,
+        now: float,
+        handle: str | None,
+        meta: Meta | None,
+        **details: Any,
+    ) -> None:
+        """Describe a step of a session's life as an :class:`Event` and send it out."""
+        self.activity.emit(
+            Event(
+                kind=kind,
+                at=_utc(now),
+                handle=handle,
+                user_id=None if meta is None else meta.user_id,
+                ip=None if meta is None else meta.ip,
+                user_agent=None if meta is None else meta.user_agent,
+                device=None if meta is None else meta.device,
+                location=None if meta is None else meta.location,
+                details=details,
+            )
+        )
+
+    def fingerprint(self, user_id: str) -> str | None:
+        """A keyed hash of the app's credential fingerprint of a user, or ``None``."""
+        function = self.settings.credential_fingerprint
+        if function is None:
+            return None
+        value = function(user_id)
+        if value is None:
+            return None
+        return hmac.digest(self._fingerprint_key, str(value).encode("utf-8"), "sha256").hex()[:32]
+
+    def watch(self, session: ServerSession, now: float, client: Client) -> ServerSession:
+        """Check a loaded, logged-in session against the request; no store round trip.
+
+        Returns the session, or a fresh empty one if it had to end (credentials
+        changed, or a rule revoked it).
+        """
+        meta = session.meta
+        if meta is None or meta.user_id is None:
+            return session
+        if self.settings.credential_fingerprint is not None:
+            current = self.fingerprint(meta.user_id)
+            stored = meta.extra.get(_FINGERPRINT)
+            if stored is None:
+                meta.extra[_FINGERPRINT] = current
+                session.meta_changed = True
+            elif stored != current:
+                return self._end_now(
+                    session, now, "revoked", by="cloakroom", reason="credential_changed"
+                )
+        if client.ip == meta.ip and client.user_agent == meta.user_agent:
+            return session  # the common case: nothing to compare
+        location = meta.location
+        if client.ip != meta.ip and client.ip is not None and self.settings.geolocate:
+            location = self._locate(client.ip)
+        findings = self.rules.check_request(meta, client.ip, client.user_agent, now, location)
+        for finding in findings:
+            if finding.action == "revoke":
+                self._anomaly(finding, now, session.key, meta)
+                return self._end_now(session, now, "revoked", by="rule", reason=finding.rule)
+        for finding in findings:
+            self._apply(finding, session, now)
+        if client.ip is not None:
+            meta.ip, meta.location = client.ip, location
+        if client.user_agent != meta.user_agent:
+            device = device_of(client.user_agent)
+            meta.user_agent, meta.device = client.user_agent, device.label if device else None
+        session.meta_changed = True
+        return session
+
+    def _locate(self, ip: str) -> str | None:
+        try:
+            return self.settings.geolocate(ip) if self.settings.geolocate else None
+        except Exception:
+            logger.exception("CLOAKROOM_GEOLOCATE failed for an address; location left empty")
+            return None
+
+    def _anomaly(self, finding: Finding, now: float, handle: str | None, meta: Meta) -> None:
+        self.emit(
+            "anomaly",
+            now,
+            handle,
+            meta,
+            rule=finding.rule,
+            action=finding.action,
+            **finding.details,
+        )
+
+    def _apply(self, finding: Finding, session: ServerSession, now: float) -> None:
+        assert session.meta is not None
+        self._anomaly(finding, now, session.key, session.meta)
+        if finding.action == "rotate" and session.key is not None:
+            session.rotate_requested = True
+            session.pending.append(("rotated", {"reason": finding.rule}))
+        elif finding.action == "require_reauth":
+            session.meta.extra[_REAUTH] = True
+            session.meta_changed = True
+
+    def _end_now(
+        self, session: ServerSession, now: float, kind: str, **details: Any
+    ) -> ServerSession:
+        """Delete a loaded session at once and hand the request a fresh one."""
+        key = session.key
+        if key is not None:
+            self._delete_quietly(key)
+        self.emit(kind, now, key, session.meta, **details)
+        fresh = ServerSession()
+        fresh.had_cookie = True
+        return fresh
+
     # -- writing ---------------------------------------------------------------
 
-    def save(self, session: ServerSession, now: float, ip: str | None, ua: str | None) -> None:
+    def save(self, session: ServerSession, now: float, client: Client = NO_CLIENT) -> None:
         """Write what the request did to the session, in as few store calls as possible.
 
         Afterwards ``session.cookie`` holds the cookie value to send, if the browser
         needs one, and ``session.key`` is ``None`` if the session no longer exists.
+        Events of the request (login, rotation, creation) are sent once written.
         """
-        self._save(session, now, ip, ua)
+        created = session.key is None
+        self._save(session, now, client)
+        if session.key is not None:
+            if created and not any(kind == "login" for kind, _ in session.pending):
+                self.emit("created", now, session.key, session.meta)
+            for kind, details in session.pending:
+                self.emit(kind, now, session.key, session.meta, **details)
+        session.pending.clear()
+        self._choose_cookie(session)
+
+    def _choose_cookie(self, session: ServerSession) -> None:
+        """Set ``session.cookie`` when the browser needs the (signed) cookie again."""
         if (
             session.key is not None
             and session.session_id is not None
@@ -226,22 +378,43 @@ class SessionManager:
         ):
             session.cookie = self.signer.sign(session.session_id)
 
+    def login_age(self, session: ServerSession, now: float) -> float | None:
+        """Seconds since the session's login; ``None`` if not logged in or re-auth is due."""
+        meta = session.meta
+        if meta is None or meta.user_id is None or meta.auth_at is None:
+            return None
+        if meta.extra.get(_REAUTH):
+            return None
+        return max(0.0, now - meta.auth_at)
+
     def cookie_expires(self, session: ServerSession) -> datetime | None:
         """When the browser should drop the cookie: a permanent session's absolute expiry."""
         if session.meta is None or not session.get_raw("_permanent", False):
             return None
         return _utc(self.policy.absolute_expiry(session.meta))
 
-    def _save(self, session: ServerSession, now: float, ip: str | None, ua: str | None) -> None:
-        for key in session.discard:
-            self.store.delete(key)
+    def new_meta(self, now: float, client: Client) -> Meta:
+        """Meta for a session that starts now, from ``client``."""
+        device = device_of(client.user_agent)
+        return Meta(
+            created_at=now,
+            last_seen_at=now,
+            ip=client.ip,
+            user_agent=client.user_agent,
+            device=device.label if device else None,
+        )
+
+    def _save(self, session: ServerSession, now: float, client: Client) -> None:
+        for key, meta_of_discarded in session.discard:
+            if self.store.delete(key):
+                self.emit("logout", now, key, meta_of_discarded, via="session.clear()")
         session.discard.clear()
         meta = session.meta
         has_content = bool(dict.__len__(session)) or (meta is not None and meta.user_id is not None)
         if session.key is None:
             if has_content:
                 if meta is None:
-                    meta = Meta(created_at=now, last_seen_at=now, ip=ip, user_agent=ua)
+                    meta = self.new_meta(now, client)
                 meta.last_seen_at = now
                 self._create(session, meta, self.codec.tag(session), now)
             return
@@ -255,6 +428,9 @@ class SessionManager:
                 return
             meta.last_seen_at = now
             self._update(session, meta, self.codec.tag(session), now)
+        elif session.meta_changed:
+            meta.last_seen_at = now
+            self._update(session, meta, session.raw, now)
         elif self.policy.touch_due(meta, now):
             meta.last_seen_at = now
             record = self._record(session.key, meta, session.raw, (session.version or 0) + 1)
@@ -276,6 +452,7 @@ class SessionManager:
         session.raw = tagged
         session.new = False
         session.rotate_requested = False
+        session.meta_changed = False
 
     def _create(
         self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float
@@ -337,6 +514,10 @@ class SessionManager:
             version, fresh_meta, fresh_raw = fresh
             tagged = self._merge(session.raw, tagged, fresh_raw)
             fresh_meta.last_seen_at = max(fresh_meta.last_seen_at, now)
+            if session.meta_changed:  # this request's view of the client wins
+                fresh_meta.ip, fresh_meta.location = meta.ip, meta.location
+                fresh_meta.user_agent, fresh_meta.device = meta.user_agent, meta.device
+                fresh_meta.extra.update(meta.extra)
             meta = fresh_meta
             session.raw, session.version = fresh_raw, version
         raise StoreError(f"session {key}: gave up saving after {MAX_WRITE_ATTEMPTS} conflicts")
@@ -372,30 +553,135 @@ class SessionManager:
         *,
         remember: bool,
         now: float,
-        ip: str | None,
-        ua: str | None,
+        client: Client,
     ) -> None:
-        """Bind the session to a user; it gets a new id when it is saved."""
+        """Bind the session to a user; it gets a new id when it is saved.
+
+        Applies ``CLOAKROOM_MAX_SESSIONS_PER_USER`` (evicting or raising
+        :class:`TooManySessions`) and the login rules (a rule whose action is
+        ``revoke`` raises :class:`LoginRefused`).
+        """
         if session.meta is not None and session.meta.user_id not in (None, user_id):
             session.end()  # another user's session: start clean, keep nothing of theirs
+        live = self._live_for_login(user_id, now, session.key)
+        findings = self.rules.check_login(
+            client.ip, client.user_agent, now, self._login_history(user_id, now, live)
+        )
+        for finding in findings:
+            if finding.action == "revoke":
+                attempt = self.new_meta(now, client)
+                attempt.user_id = user_id
+                self._anomaly(finding, now, None, attempt)
+                raise LoginRefused(finding.rule, finding.details)
+        self._enforce_limit(user_id, live, now)
         meta = session.meta
         if meta is None:
-            meta = session.meta = Meta(created_at=now, last_seen_at=now)
+            meta = session.meta = self.new_meta(now, client)
+        device = device_of(client.user_agent)
         meta.user_id = user_id
         meta.auth_at = now
         meta.remember = remember
-        meta.ip = meta.login_ip = ip
-        meta.user_agent = ua
+        meta.ip = meta.login_ip = client.ip
+        meta.user_agent = client.user_agent
+        meta.device = device.label if device else None
+        meta.location = self._locate(client.ip) if client.ip and self.settings.geolocate else None
+        meta.extra.pop(_REAUTH, None)
+        fingerprint = self.fingerprint(user_id)
+        if fingerprint is not None:
+            meta.extra[_FINGERPRINT] = fingerprint
         if remember:
             session.permanent = True
         session.rotate_requested = session.key is not None
         session.modified = session.accessed = True
+        session.pending.append(("login", {"remember": remember}))
+        for finding in findings:
+            details = {"rule": finding.rule, "action": finding.action, **finding.details}
+            session.pending.append(("anomaly", details))
+            if finding.action == "require_reauth":
+                meta.extra[_REAUTH] = True
 
-    def logout(self, session: ServerSession) -> None:
+    def _live_for_login(
+        self, user_id: str, now: float, current: str | None
+    ) -> list[tuple[Record, Meta]] | None:
+        """The user's other live sessions, when the limit or the rules need them."""
+        if self.settings.max_sessions_per_user is None and not self.rules.need_history:
+            return None
+        try:
+            return [(r, m) for r, m in self._records_of(user_id, now) if r.key != current]
+        except NotSupported:
+            return None
+
+    def _login_history(
+        self, user_id: str, now: float, live: list[tuple[Record, Meta]] | None
+    ) -> list[tuple[float, str | None, str | None]]:
+        """Past logins as ``(time, ip, user agent)``: the activity log, else live sessions."""
+        if not self.rules.need_history:
+            return []
+        if self.activity.persistent and "login" in self.activity.kinds:
+            try:
+                events = self.activity.query(
+                    user_id=user_id,
+                    kinds=["login"],
+                    since=now - self.settings.activity_retention,
+                    limit=500,
+                )
+                return [(e.at.timestamp(), e.ip, e.user_agent) for e in events]
+            except NotSupported:
+                pass
+        return [
+            (m.auth_at if m.auth_at is not None else m.created_at, m.login_ip, m.user_agent)
+            for _, m in live or []
+        ]
+
+    def _enforce_limit(
+        self, user_id: str, live: list[tuple[Record, Meta]] | None, now: float
+    ) -> None:
+        limit = self.settings.max_sessions_per_user
+        if limit is None or live is None or len(live) < limit:
+            return
+        if self.settings.session_limit_policy == "refuse":
+            raise TooManySessions(user_id, limit)
+        oldest_first = sorted(live, key=lambda item: item[1].last_seen_at)
+        for record, meta in oldest_first[: len(live) - limit + 1]:
+            if self.store.delete(record.key):
+                self.emit("evicted", now, record.key, meta, limit=limit)
+
+    def confirm_login(self, session: ServerSession, now: float) -> None:
+        """Mark the login fresh again after the user re-entered their credentials."""
+        meta = session.meta
+        if meta is None or meta.user_id is None:
+            raise LoginRefused("not_logged_in", {"reason": "there is no login to confirm"})
+        meta.auth_at = now
+        meta.extra.pop(_REAUTH, None)
+        session.rotate_requested = session.key is not None
+        session.meta_changed = session.accessed = True
+        session.pending.append(("login", {"confirmed": True}))
+
+    def credentials_changed(self, session: ServerSession | None, user_id: str, now: float) -> int:
+        """After a password change: end the user's other sessions, keep this one valid.
+
+        Returns how many sessions ended.
+        """
+        current = None
+        if session is not None and session.meta is not None and session.meta.user_id == user_id:
+            current = session.key
+            fingerprint = self.fingerprint(user_id)
+            if fingerprint is not None:
+                session.meta.extra[_FINGERPRINT] = fingerprint
+            session.meta_changed = True
+            self.emit("credential_changed", now, current, session.meta)
+        else:
+            meta = Meta(created_at=now, last_seen_at=now, user_id=user_id)
+            self.emit("credential_changed", now, None, meta)
+        return self.revoke_user(
+            user_id, now, keep=current, by="cloakroom", reason="credential_changed"
+        )
+
+    def logout(self, session: ServerSession, now: float) -> None:
         """End the session now: its record is deleted and its data cleared."""
         key = session.key
-        if key is not None:
-            self.store.delete(key)
+        if key is not None and self.store.delete(key):
+            self.emit("logout", now, key, session.meta)
         session.end(deleted=True)
 
     # -- many sessions ---------------------------------------------------------
@@ -420,6 +706,8 @@ class SessionManager:
             login_ip=meta.login_ip,
             user_agent=meta.user_agent,
             current=key == current_key,
+            device=meta.device,
+            location=meta.location,
         )
 
     def _records_of(self, user_id: str, now: float) -> list[tuple[Record, Meta]]:
@@ -446,18 +734,38 @@ class SessionManager:
         out.sort(key=lambda i: i.last_seen_at, reverse=True)
         return out
 
-    def revoke(self, handle: str) -> bool:
+    def revoke(
+        self, handle: str, now: float, *, by: str | None = None, reason: str | None = None
+    ) -> bool:
         """Delete the session named by ``handle``; return whether it existed."""
-        return self.store.delete(handle)
+        record = self.store.load(handle)
+        if record is None or not self.store.delete(handle):
+            return False
+        decoded = self._decode(record)
+        self.emit("revoked", now, handle, decoded.meta if decoded else None, by=by, reason=reason)
+        return True
 
     def purge(self, now: float) -> int:
-        """Delete expired records; return how many."""
-        return self.store.purge_expired(now=now)
+        """Delete expired records (and activity older than its retention); return how many."""
+        purged = self.store.purge_expired(now=now)
+        self.activity.prune(now)
+        return purged
 
-    def revoke_user(self, user_id: str, now: float, *, keep: str | None = None) -> int:
+    def revoke_user(
+        self,
+        user_id: str,
+        now: float,
+        *,
+        keep: str | None = None,
+        by: str | None = None,
+        reason: str | None = None,
+    ) -> int:
         """Delete every session of a user except ``keep``; return how many ended."""
-        keys = [r.key for r, _ in self._records_of(user_id, now) if r.key != keep]
-        return self.store.delete_many(keys)
+        ending = [(r, m) for r, m in self._records_of(user_id, now) if r.key != keep]
+        count = self.store.delete_many([r.key for r, _ in ending])
+        for record, meta in ending:
+            self.emit("revoked", now, record.key, meta, by=by, reason=reason)
+        return count
 
     def rekey(self, now: float, *, batch_size: int = 500) -> RekeyReport:
         """Rewrite every live record not sealed under the current encryption key.

@@ -14,6 +14,8 @@ from typing import Any
 
 from flask.sessions import SessionMixin
 
+from .activity import NO_CLIENT
+
 _MISSING: Any = object()
 
 
@@ -47,6 +49,8 @@ class Meta:
     ip: str | None = None
     user_agent: str | None = None
     login_ip: str | None = None
+    device: str | None = None
+    location: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,8 +95,14 @@ class ServerSession(dict[str, Any], SessionMixin):
         self.new = key is None
         #: Set by login()/rotate(): give the session a new id when it is saved.
         self.rotate_requested = False
-        #: Keys of stored records to delete when the session is saved (clear()).
-        self.discard: list[str] = []
+        #: Stored records (key, meta) to delete when the session is saved (clear()).
+        self.discard: list[tuple[str, Meta | None]] = []
+        #: Meta changed (client IP or browser, a rule's flag): write even if the data did not.
+        self.meta_changed = False
+        #: The request's client (IP, User-Agent), set by the interface.
+        self.client = NO_CLIENT
+        #: Events to send once the session is written: (kind, details).
+        self.pending: list[tuple[str, dict[str, Any]]] = []
         #: The secret session id behind ``key``, when known (never stored or logged).
         self.session_id: bytes | None = None
         #: Set while saving when the browser needs the cookie again (a new id, say).
@@ -115,7 +125,7 @@ class ServerSession(dict[str, Any], SessionMixin):
         already deleted it (``deleted=True``).
         """
         if self.key is not None and not deleted:
-            self.discard.append(self.key)
+            self.discard.append((self.key, self.meta))
         super().clear()
         self.key = None
         self.version = None
@@ -123,6 +133,8 @@ class ServerSession(dict[str, Any], SessionMixin):
         self.raw = {}
         self.new = True
         self.rotate_requested = False
+        self.meta_changed = False
+        self.pending.clear()
         self.modified = True
         self.accessed = True
 

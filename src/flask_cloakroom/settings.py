@@ -11,14 +11,17 @@ generated from :data:`OPTIONS`.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
+from .activity import EVENT_KINDS, LOGGED_KINDS, TrustedProxies
 from .crypto import parse_key
 from .errors import ConfigError
+from .rules import parse_rules
 from .stores.base import Store
 
 PREFIX = "CLOAKROOM_"
@@ -133,6 +136,60 @@ def _encryption_keys(key: str, value: Any) -> tuple[tuple[str, bytes], ...]:
     if len(set(ids)) != len(ids):
         raise ConfigError(key, "two keys have the same id: give each key its own 'id:' prefix")
     return tuple(keys)
+
+
+def _optional_callable(key: str, value: Any) -> Callable[..., Any] | None:
+    if value is None or callable(value):
+        return value  # type: ignore[no-any-return]
+    raise ConfigError(key, f"expected a function or None, got {value!r}")
+
+
+def _optional_positive_int(key: str, value: Any) -> int | None:
+    return None if value is None else _positive_int(key, value)
+
+
+def _trusted_proxies(key: str, value: Any) -> TrustedProxies:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple) and value:
+        try:
+            return tuple(ipaddress.ip_network(v) for v in value)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(key, f"{error}. Example: ['10.0.0.0/8', '172.16.0.0/12']") from None
+    raise ConfigError(
+        key,
+        f"expected how many proxies stand in front of the app (0 = trust no "
+        f"X-Forwarded-For) or a list of their networks, got {value!r}",
+    )
+
+
+def _event_kinds(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or any(k not in EVENT_KINDS for k in value):
+        raise ConfigError(key, f"expected a list of event kinds from {', '.join(EVENT_KINDS)}")
+    return tuple(value)
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(
+                key, f"expected one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
+        return str(value)
+
+    return parse
+
+
+def _rules(key: str, value: Any) -> dict[str, dict[str, Any]]:
+    return parse_rules(value)
+
+
+def _optional_text(key: str, value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ConfigError(key, f"expected an endpoint name or None, got {value!r}")
 
 
 def _identifier(key: str, value: Any) -> str:
@@ -276,6 +333,103 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative_int,
     ),
     Option(
+        "TRUSTED_PROXIES",
+        "int | list[str]",
+        0,
+        "How to find the client's IP behind proxies: the number of proxies in front of "
+        "the app, each of which appends to X-Forwarded-For, or the list of their "
+        "networks. 0 ignores X-Forwarded-For, which any client can forge.",
+        '1  # or ["10.0.0.0/8"]',
+        _trusted_proxies,
+    ),
+    Option(
+        "GEOLOCATE",
+        "Callable[[str], str | None] | None",
+        None,
+        "A function from an IP address to a place name (a city or a country), shown "
+        "with sessions and used by the distant_ips rule. Called at login and when a "
+        "session's IP changes, never on other requests.",
+        "lambda ip: geoip.country(ip)",
+        _optional_callable,
+    ),
+    Option(
+        "ACTIVITY_RETENTION",
+        "timedelta | float",
+        timedelta(days=90),
+        "How long the store keeps the activity log (logins, logouts, revocations, "
+        "anomalies). Older events are pruned as new ones arrive and by purge.",
+        "timedelta(days=30)",
+        _positive_duration,
+    ),
+    Option(
+        "ACTIVITY_KINDS",
+        "list[str]",
+        LOGGED_KINDS,
+        "The event kinds kept in the store's activity log. Every kind is still sent to "
+        "signals and the logger. 'created' is left out by default: it would log every "
+        "anonymous visitor.",
+        '["login", "logout", "revoked", "anomaly"]',
+        _event_kinds,
+    ),
+    Option(
+        "RULES",
+        "dict[str, str | dict | None]",
+        None,
+        "Turn the unusual-activity rules on or off and choose their actions, merged "
+        "over the defaults: ip_change=log, ua_change=revoke, distant_ips=notify, "
+        "new_device=notify, new_network=log, login_burst=notify. See docs/activity.md.",
+        '{"ua_change": "require_reauth", "ip_change": None}',
+        _rules,
+    ),
+    Option(
+        "MAX_SESSIONS_PER_USER",
+        "int | None",
+        None,
+        "The most live sessions one user may have. At a login over the limit, "
+        "CLOAKROOM_SESSION_LIMIT_POLICY decides. None: no limit.",
+        "5",
+        _optional_positive_int,
+    ),
+    Option(
+        "SESSION_LIMIT_POLICY",
+        "str",
+        "evict_oldest",
+        "What a login over CLOAKROOM_MAX_SESSIONS_PER_USER does: 'evict_oldest' ends the "
+        "least recently used sessions (an 'evicted' event each), 'refuse' makes "
+        "login() raise TooManySessions.",
+        '"refuse"',
+        _choice("evict_oldest", "refuse"),
+    ),
+    Option(
+        "CREDENTIAL_FINGERPRINT",
+        "Callable[[str], str | None] | None",
+        None,
+        "A function from a user id to something that changes when the user's "
+        "credentials do (a password hash, a counter). Sessions made under another "
+        "fingerprint end on their next request. Called on each request of a "
+        "logged-in session.",
+        "lambda user_id: User.query.get(user_id).password_hash",
+        _optional_callable,
+    ),
+    Option(
+        "REAUTH_VIEW",
+        "str | None",
+        None,
+        "The endpoint fresh_login_required redirects to (with ?next=) when a login is "
+        "too old or a rule asked for re-authentication. None: respond 401.",
+        '"auth.login"',
+        _optional_text,
+    ),
+    Option(
+        "METRICS",
+        "bool",
+        False,
+        "Export Prometheus metrics (events by kind, live sessions, store latency) with "
+        "prometheus-client: pip install 'flask-cloakroom[metrics]'.",
+        "True",
+        _bool,
+    ),
+    Option(
         "STORE_TIMEOUT",
         "timedelta | float",
         timedelta(seconds=1),
@@ -337,6 +491,16 @@ class Settings:
     encryption_keys: tuple[tuple[str, bytes], ...]
     encryption_accept_plaintext: bool
     hash_user_ids: bool
+    trusted_proxies: TrustedProxies
+    geolocate: Callable[[str], str | None] | None
+    activity_retention: float
+    activity_kinds: tuple[str, ...]
+    rules: dict[str, dict[str, Any]]
+    max_sessions_per_user: int | None
+    session_limit_policy: str
+    credential_fingerprint: Callable[[str], str | None] | None
+    reauth_view: str | None
+    metrics: bool
     redis_prefix: str
     redis_wait_replicas: int
     store_timeout: float

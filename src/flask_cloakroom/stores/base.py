@@ -12,8 +12,10 @@ methods; run ``tests/test_store_contract.py`` against it (see docs/stores.md).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from ..errors import NotSupported
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,21 @@ class Record:
     expires_at: float
     version: int
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One entry of the activity log, as a store keeps it.
+
+    ``at`` (Unix time), ``kind`` and ``user_id`` (the same index value as
+    :attr:`Record.user_id`) are what stores filter on; ``data`` is opaque
+    bytes (possibly ciphertext) with the rest of the event.
+    """
+
+    at: float
+    kind: str
+    user_id: str | None
+    data: bytes
 
 
 class Store(abc.ABC):
@@ -141,3 +158,55 @@ class Store(abc.ABC):
     def describe(self) -> str:
         """A one-line description for logs and operator tools (no passwords)."""
         return self.name
+
+    # -- the activity log (optional) -------------------------------------------
+    #
+    # Stores that keep an activity log override these three.  The defaults
+    # raise NotSupported, and Cloakroom then delivers events to signals and
+    # the logger only.
+
+    def add_events(self, events: Sequence[EventRecord]) -> None:
+        """Append events to the activity log."""
+        raise NotSupported(f"the {self.name} store keeps no activity log")
+
+    def events(
+        self,
+        *,
+        user_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        limit: int = 100,
+    ) -> list[EventRecord]:
+        """Return logged events, newest first.
+
+        Filters: ``user_id`` (an index value), ``kinds``, ``since <= at < before``.
+        Page backwards in time by passing the last ``at`` seen as ``before``.
+        """
+        raise NotSupported(f"the {self.name} store keeps no activity log")
+
+    def prune_events(self, *, before: float) -> int:
+        """Delete events older than ``before``; return how many."""
+        raise NotSupported(f"the {self.name} store keeps no activity log")
+
+
+def filter_events(
+    newest_first: Iterable[EventRecord],
+    user_id: str | None,
+    kinds: Sequence[str] | None,
+    since: float | None,
+    before: float | None,
+    limit: int,
+) -> list[EventRecord]:
+    """Apply :meth:`Store.events` filters to events sorted newest first (a helper for stores)."""
+    out: list[EventRecord] = []
+    for event in newest_first:
+        if before is not None and event.at >= before:
+            continue
+        if since is not None and event.at < since:
+            break
+        if (user_id is None or event.user_id == user_id) and (kinds is None or event.kind in kinds):
+            out.append(event)
+            if len(out) >= limit:
+                break
+    return out

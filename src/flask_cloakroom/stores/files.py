@@ -5,6 +5,7 @@ Layout under the root directory::
     records/<k[:2]>/<key>       one file per session: a small header, then the payload
     records/<k[:2]>/.lock       the lock of that shard, taken for writes
     users/<hash of user>/<key>  empty marker files: the per-user index
+    events/<YYYY-MM-DD>.log     the activity log, one JSON line per event, a file per UTC day
 
 Every file name is either a store key (32 hex digits, checked) or a hash, so
 nothing a client sends becomes part of a path.  Writes go to a temporary file
@@ -15,18 +16,21 @@ POSIX only (Linux, macOS, the BSDs).
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 
 from ..errors import StoreError, StoreUnavailable
 from ..tokens import is_store_key
-from .base import Record, Store
+from .base import EventRecord, Record, Store, filter_events
 
 _MAGIC = b"CLKF1"
 _HEADER = struct.Struct("!QdH")  # version, expires_at, length of the user id
@@ -46,9 +50,11 @@ class FileStore(Store):
         self.durable = durable
         self._records = os.path.join(self.root, "records")
         self._users = os.path.join(self.root, "users")
+        self._events = os.path.join(self.root, "events")
         with self._errors():
             os.makedirs(self._records, exist_ok=True)
             os.makedirs(self._users, exist_ok=True)
+            os.makedirs(self._events, exist_ok=True)
 
     def describe(self) -> str:
         return f"files ({self.root})"
@@ -262,3 +268,81 @@ class FileStore(Store):
         with self._errors():
             if not os.access(self._records, os.W_OK):
                 raise OSError(errno.EACCES, "not writable", self._records)
+
+    # -- activity log ----------------------------------------------------------
+
+    def add_events(self, events: Sequence[EventRecord]) -> None:
+        by_day: dict[str, list[bytes]] = {}
+        for e in events:
+            day = time.strftime("%Y-%m-%d", time.gmtime(e.at))
+            line = {"at": e.at, "k": e.kind, "u": e.user_id, "d": base64.b64encode(e.data).decode()}
+            by_day.setdefault(day, []).append(json.dumps(line).encode() + b"\n")
+        with self._errors():
+            for day, lines in by_day.items():
+                fd = os.open(
+                    os.path.join(self._events, f"{day}.log"),
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                    0o600,
+                )
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    os.write(fd, b"".join(lines))  # one append: lines never interleave
+                finally:
+                    os.close(fd)
+
+    def _day_files(self) -> list[str]:
+        names = [n for n in os.listdir(self._events) if n.endswith(".log") and len(n) == 14]
+        return sorted(names, reverse=True)
+
+    def _read_day(self, name: str) -> list[EventRecord]:
+        out = []
+        try:
+            with open(os.path.join(self._events, name), "rb") as handle:
+                lines = handle.read().splitlines()
+        except FileNotFoundError:
+            return []
+        for raw in lines:
+            try:
+                line = json.loads(raw)
+                out.append(
+                    EventRecord(line["at"], line["k"], line["u"], base64.b64decode(line["d"]))
+                )
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn or foreign line is skipped, never fatal
+        out.sort(key=lambda e: e.at, reverse=True)
+        return out
+
+    def events(
+        self,
+        *,
+        user_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        limit: int = 100,
+    ) -> list[EventRecord]:
+        first_day = None if since is None else time.strftime("%Y-%m-%d", time.gmtime(since))
+        last_day = None if before is None else time.strftime("%Y-%m-%d", time.gmtime(before))
+
+        def newest_first() -> Iterator[EventRecord]:
+            for name in self._day_files():
+                day = name[:10]
+                if last_day is not None and day > last_day:
+                    continue
+                if first_day is not None and day < first_day:
+                    return
+                yield from self._read_day(name)
+
+        with self._errors():
+            return filter_events(newest_first(), user_id, kinds, since, before, limit)
+
+    def prune_events(self, *, before: float) -> int:
+        """Delete whole days of events older than ``before`` (the day of ``before`` stays)."""
+        cutoff = time.strftime("%Y-%m-%d", time.gmtime(before))
+        pruned = 0
+        with self._errors():
+            for name in self._day_files():
+                if name[:10] < cutoff:
+                    pruned += len(self._read_day(name))
+                    os.unlink(os.path.join(self._events, name))
+        return pruned

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Sequence
 
-from .base import Record, Store
+from .base import EventRecord, Record, Store, filter_events
 
 
 class MemoryStore(Store):
@@ -21,6 +22,7 @@ class MemoryStore(Store):
         self._lock = threading.Lock()
         self._records: dict[str, Record] = {}
         self._by_user: dict[str, set[str]] = {}
+        self._events: list[EventRecord] = []
 
     def load(self, key: str) -> Record | None:
         return self._records.get(key)
@@ -96,3 +98,29 @@ class MemoryStore(Store):
             keys.discard(record.key)
             if not keys:
                 del self._by_user[record.user_id]
+
+    # -- activity log ----------------------------------------------------------
+
+    def add_events(self, events: Sequence[EventRecord]) -> None:
+        with self._lock:
+            self._events.extend(events)
+
+    def events(
+        self,
+        *,
+        user_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        limit: int = 100,
+    ) -> list[EventRecord]:
+        with self._lock:
+            newest_first = sorted(self._events, key=lambda e: e.at, reverse=True)
+        return filter_events(newest_first, user_id, kinds, since, before, limit)
+
+    def prune_events(self, *, before: float) -> int:
+        with self._lock:
+            kept = [e for e in self._events if e.at >= before]
+            pruned = len(self._events) - len(kept)
+            self._events = kept
+        return pruned

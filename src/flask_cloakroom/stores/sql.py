@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Engine,
     Float,
@@ -47,10 +48,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreError, StoreUnavailable
-from .base import Record, Store
+from .base import EventRecord, Record, Store
 
 _T = TypeVar("_T")
 _DELETE_CHUNK = 500
+
+
+def _blob() -> LargeBinary:
+    blob: LargeBinary = LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb")
+    return blob
 
 
 def sessions_table(name: str, metadata: MetaData | None = None) -> Table:
@@ -62,13 +68,24 @@ def sessions_table(name: str, metadata: MetaData | None = None) -> Table:
         Column("user_id", String(255), nullable=True),
         Column("expires_at", Float(precision=53), nullable=False),
         Column("version", Integer, nullable=False),
-        Column(
-            "payload",
-            LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb"),
-            nullable=False,
-        ),
+        Column("payload", _blob(), nullable=False),
         Index(f"ix_{name}_user_id", "user_id"),
         Index(f"ix_{name}_expires_at", "expires_at"),
+    )
+
+
+def events_table(name: str, metadata: MetaData | None = None) -> Table:
+    """The activity-log table definition (``<sessions table>_events`` by default)."""
+    return Table(
+        name,
+        metadata if metadata is not None else MetaData(),
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+        Column("at", Float(precision=53), nullable=False),
+        Column("kind", String(32), nullable=False),
+        Column("user_id", String(255), nullable=True),
+        Column("data", _blob(), nullable=False),
+        Index(f"ix_{name}_at", "at"),
+        Index(f"ix_{name}_user_id_at", "user_id", "at"),
     )
 
 
@@ -104,7 +121,10 @@ class SQLStore(Store):
         busy_timeout: float = 5.0,
     ) -> None:
         self.engine = engine
-        self.table = sessions_table(table)
+        metadata = MetaData()
+        self.table = sessions_table(table, metadata)
+        self.events_table = events_table(f"{table}_events", metadata)
+        self._metadata = metadata
         self.name = engine.dialect.name
         self._create_table = create_table
         self._ready = not create_table
@@ -149,13 +169,14 @@ class SQLStore(Store):
         with self._lock:
             if self._ready:
                 return
-            try:
-                self.table.create(self.engine, checkfirst=True)
-            except DBAPIError:
-                # Another process may have created it between check and create.
-                with self.engine.connect() as conn:
-                    if not self.engine.dialect.has_table(conn, self.table.name):
-                        raise
+            for table in (self.table, self.events_table):
+                try:
+                    table.create(self.engine, checkfirst=True)
+                except DBAPIError:
+                    # Another process may have created it between check and create.
+                    with self.engine.connect() as conn:
+                        if not self.engine.dialect.has_table(conn, table.name):
+                            raise
             self._ready = True
 
     @contextmanager
@@ -292,3 +313,51 @@ class SQLStore(Store):
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- activity log ----------------------------------------------------------
+
+    def add_events(self, events: Sequence[EventRecord]) -> None:
+        if not events:
+            return
+        rows = [{"at": e.at, "kind": e.kind, "user_id": e.user_id, "data": e.data} for e in events]
+        self._run(lambda c: c.execute(insert(self.events_table), rows), write=True)
+
+    def events(
+        self,
+        *,
+        user_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        limit: int = 100,
+    ) -> list[EventRecord]:
+        t = self.events_table.c
+        query = select(t.at, t.kind, t.user_id, t.data)
+        if user_id is not None:
+            query = query.where(t.user_id == user_id)
+        if kinds is not None:
+            query = query.where(t.kind.in_(list(kinds)))
+        if since is not None:
+            query = query.where(t.at >= since)
+        if before is not None:
+            query = query.where(t.at < before)
+        query = query.order_by(t.at.desc(), t.id.desc()).limit(limit)
+        rows = self._run(lambda c: c.execute(query).all(), write=False)
+        return [EventRecord(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def prune_events(self, *, before: float, batch_size: int = 1000) -> int:
+        t = self.events_table.c
+        find = select(t.id).where(t.at < before).limit(batch_size)
+        total = 0
+        while True:
+
+            def batch(conn: Connection) -> int:
+                ids = list(conn.execute(find).scalars())
+                if ids:
+                    conn.execute(delete(self.events_table).where(t.id.in_(ids)))
+                return len(ids)
+
+            found = self._run(batch, write=True)
+            total += found
+            if found < batch_size:
+                return total

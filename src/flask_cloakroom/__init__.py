@@ -9,11 +9,13 @@ on the server.  ``flask.session`` keeps working as before.
 
 from __future__ import annotations
 
+from .activity import Event
 from .crypto import generate_key
 from .errors import (
     CloakroomError,
     ConfigError,
     CookieTooLarge,
+    LoginRefused,
     NoSession,
     NotSupported,
     RecordDecodeError,
@@ -22,6 +24,7 @@ from .errors import (
     SessionUnavailable,
     StoreError,
     StoreUnavailable,
+    TooManySessions,
 )
 from .extension import Cloakroom
 from .manager import RekeyReport, SessionInfo
@@ -36,6 +39,8 @@ __all__ = [
     "CloakroomError",
     "ConfigError",
     "CookieTooLarge",
+    "Event",
+    "LoginRefused",
     "NoSession",
     "NotSupported",
     "Record",
@@ -49,5 +54,6 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "TooManySessions",
     "generate_key",
 ]

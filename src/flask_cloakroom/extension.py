@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -84,8 +85,24 @@ class Cloakroom:
             store = open_store(store, **options)
         elif not isinstance(store, Store):
             store = wrap_client(store, **options)
-        kind = CookieSessionManager if isinstance(store, CookieStore) else SessionManager
+        cookie_mode = isinstance(store, CookieStore)
+        if cookie_mode and settings.max_sessions_per_user is not None:
+            raise ConfigError(
+                "CLOAKROOM_MAX_SESSIONS_PER_USER",
+                "cannot be enforced with cookie://, which keeps no list of a user's "
+                "sessions: remove it or use a server-side store",
+            )
+        metrics = None
+        if settings.metrics:
+            from .metrics import Metrics, instrument
+
+            counted = store
+            metrics = Metrics(app.name, lambda: counted.count(now=time.time()))
+            store = instrument(store, metrics)
+        kind = CookieSessionManager if cookie_mode else SessionManager
         manager = kind(settings, store, serializer=session_json_serializer, clock=self._clock)
+        if metrics is not None:
+            manager.activity.observers.append(metrics.observe_event)
         app.extensions[EXTENSION_KEY] = manager
         app.session_interface = CloakroomSessionInterface(manager)
 

@@ -12,9 +12,11 @@ when the session's last IP or User-Agent must be updated):
     The browser, OS or device family differs from the session's.  Quiet on a
     browser update (versions are ignored).  A strong sign of a stolen cookie.
 ``distant_ips``
-    The session is used from a distant place (another location from
-    ``CLOAKROOM_GEOLOCATE``, or without it another IPv4 /8 / IPv6 /32) within
-    ``window`` seconds of its last use elsewhere: two parties at once.
+    The session is used from another place (as ``CLOAKROOM_GEOLOCATE`` names
+    places: give it countries for "far") within ``window`` seconds of its
+    last use elsewhere: two parties at once.  Needs ``CLOAKROOM_GEOLOCATE``;
+    without it, IP addresses alone cannot tell near from far and the rule
+    stays quiet.
 
 Login rules look at the user's history (live sessions and logged logins):
 
@@ -50,7 +52,7 @@ _KEY = "CLOAKROOM_RULES"
 DEFAULT_RULES: dict[str, dict[str, Any]] = {
     "ip_change": {"action": "log", "v4_prefix": 16, "v6_prefix": 48},
     "ua_change": {"action": "revoke"},
-    "distant_ips": {"action": "notify", "window": 600, "v4_prefix": 8, "v6_prefix": 32},
+    "distant_ips": {"action": "notify", "window": 600},
     "new_device": {"action": "notify"},
     "new_network": {"action": "log", "v4_prefix": 16, "v6_prefix": 48},
     "login_burst": {"action": "notify", "count": 10, "window": 600},
@@ -151,22 +153,15 @@ class Rules:
             old, new = (network_of(x, c["v4_prefix"], c["v6_prefix"]) for x in (meta.ip, ip))
             if old != new:
                 found.append(self._finding("ip_change", previous_ip=meta.ip, current_ip=ip))
-        if self._on("distant_ips"):
-            c = self.config["distant_ips"]
-            recent = now - meta.last_seen_at <= c["window"]
-            previous_location = meta.extra.get("loc")
-            if previous_location is not None and location is not None:
-                distant = previous_location != location
-            else:
-                old, new = (network_of(x, c["v4_prefix"], c["v6_prefix"]) for x in (meta.ip, ip))
-                distant = old != new
-            if recent and distant:
+        if self._on("distant_ips") and location is not None and meta.location is not None:
+            recent = now - meta.last_seen_at <= self.config["distant_ips"]["window"]
+            if recent and location != meta.location:
                 found.append(
                     self._finding(
                         "distant_ips",
                         previous_ip=meta.ip,
                         current_ip=ip,
-                        previous_location=previous_location,
+                        previous_location=meta.location,
                         current_location=location,
                         seconds_apart=round(now - meta.last_seen_at, 1),
                     )

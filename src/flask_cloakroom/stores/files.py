@@ -309,6 +309,8 @@ class FileStore(Store):
                 )
             except (ValueError, KeyError, TypeError):
                 continue  # a torn or foreign line is skipped, never fatal
+        # Newest first; among equal times, the later line first (sorting is stable).
+        out.reverse()
         out.sort(key=lambda e: e.at, reverse=True)
         return out
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from .base import Record, Store
+from .base import EventRecord, Record, Store
 
 _T = TypeVar("_T")
 
@@ -93,6 +93,28 @@ class InstrumentedStore(Store):
 
     def ping(self) -> None:
         self._op("ping", self.inner.ping)
+
+    def add_events(self, events: Sequence[EventRecord]) -> None:
+        self._op("add_events", lambda: self.inner.add_events(events))
+
+    def events(
+        self,
+        *,
+        user_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        since: float | None = None,
+        before: float | None = None,
+        limit: int = 100,
+    ) -> list[EventRecord]:
+        return self._op(
+            "events",
+            lambda: self.inner.events(
+                user_id=user_id, kinds=kinds, since=since, before=before, limit=limit
+            ),
+        )
+
+    def prune_events(self, *, before: float) -> int:
+        return self._op("prune_events", lambda: self.inner.prune_events(before=before))
 
     def close(self) -> None:
         self.inner.close()

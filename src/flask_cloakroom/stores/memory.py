@@ -115,7 +115,9 @@ class MemoryStore(Store):
         limit: int = 100,
     ) -> list[EventRecord]:
         with self._lock:
-            newest_first = sorted(self._events, key=lambda e: e.at, reverse=True)
+            # Newest first; among equal times, the later one first.
+            order = sorted(range(len(self._events)), key=lambda i: (self._events[i].at, i))
+            newest_first = [self._events[i] for i in reversed(order)]
         return filter_events(newest_first, user_id, kinds, since, before, limit)
 
     def prune_events(self, *, before: float) -> int:

@@ -1,0 +1,127 @@
+"""Prometheus metrics (``CLOAKROOM_METRICS = True``; needs ``flask-cloakroom[metrics]``).
+
+Registered once per process in prometheus-client's default registry, with an
+``app`` label so several apps can share a process:
+
+``cloakroom_events_total{app, kind}``
+    Session events by kind (logins, logouts, anomalies...).
+``cloakroom_store_seconds{app, op}``
+    A histogram of store operation latency (load, save, rotate...).
+``cloakroom_store_errors_total{app, op}``
+    Store operations that raised.
+``cloakroom_live_sessions{app}``
+    Live sessions, counted by the store when scraped (cached for 30 seconds,
+    so a scrape never costs more than one count every 30 seconds).
+
+Expose them as for any prometheus-client program, for example with
+``prometheus_client.make_wsgi_app()`` mounted at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .activity import Event
+from .errors import ConfigError, NotSupported, StoreError
+from .stores.base import Store
+
+_CACHE_SECONDS = 30.0
+_lock = threading.Lock()
+_families: dict[str, Any] = {}
+_live: dict[str, tuple[Callable[[], int], list[float]]] = {}
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError as error:
+        raise ConfigError(
+            "CLOAKROOM_METRICS",
+            "needs prometheus-client: pip install 'flask-cloakroom[metrics]' (or set it to False)",
+        ) from error
+    return prometheus_client
+
+
+def _setup() -> dict[str, Any]:
+    with _lock:
+        if _families:
+            return _families
+        prometheus = _prometheus()
+        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.registry import Collector
+
+        _families["events"] = prometheus.Counter(
+            "cloakroom_events", "Session events by kind.", ["app", "kind"]
+        )
+        _families["latency"] = prometheus.Histogram(
+            "cloakroom_store_seconds",
+            "Latency of session store operations.",
+            ["app", "op"],
+            buckets=(
+                0.0001,
+                0.00025,
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                1.0,
+            ),
+        )
+        _families["errors"] = prometheus.Counter(
+            "cloakroom_store_errors", "Session store operations that failed.", ["app", "op"]
+        )
+
+        class LiveSessions(Collector):
+            def collect(self) -> Iterator[Any]:
+                family = GaugeMetricFamily(
+                    "cloakroom_live_sessions", "Live sessions in the store.", labels=["app"]
+                )
+                for app, (count, cache) in list(_live.items()):
+                    now = time.monotonic()
+                    if now - cache[1] > _CACHE_SECONDS:
+                        try:
+                            cache[0], cache[1] = float(count()), now
+                        except (StoreError, NotSupported):
+                            continue  # the store is down, or cannot count: no gauge
+                    family.add_metric([app], cache[0])
+                yield family
+
+        prometheus.REGISTRY.register(LiveSessions())
+        return _families
+
+
+class Metrics:
+    """The metrics of one app: hand :meth:`observe_store` and :meth:`observe_event` around."""
+
+    def __init__(self, app_name: str, count_live: Callable[[], int]) -> None:
+        families = _setup()
+        self.app = app_name
+        self._events = families["events"]
+        self._latency = families["latency"]
+        self._errors = families["errors"]
+        _live[app_name] = (count_live, [0.0, float("-inf")])
+
+    def observe_event(self, event: Event) -> None:
+        """Count an event (an :class:`~flask_cloakroom.activity.ActivityLog` observer)."""
+        self._events.labels(self.app, event.kind).inc()
+
+    def observe_store(self, op: str, seconds: float, failed: bool) -> None:
+        """Record one store operation (an :class:`InstrumentedStore` observer)."""
+        self._latency.labels(self.app, op).observe(seconds)
+        if failed:
+            self._errors.labels(self.app, op).inc()
+
+
+def instrument(store: Store, metrics: Metrics) -> Store:
+    """Wrap a store so every operation is timed into ``metrics``."""
+    from .stores.instrumented import InstrumentedStore
+
+    return InstrumentedStore(store, metrics.observe_store)

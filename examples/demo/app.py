@@ -9,17 +9,20 @@ Demo users: alice / alice and bob / bob.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask, abort, flash, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
 
-from flask_cloakroom import Cloakroom
+from flask_cloakroom import Cloakroom, Event, signals
 
 #: Demo accounts. A real app keeps password hashes in its database.
 USERS = {"alice": "alice", "bob": "bob"}
+log = logging.getLogger("demo")
 PRODUCTS = {"tea": "Green tea", "pen": "Fountain pen", "book": "Field notebook"}
 
 cloak = Cloakroom()
@@ -27,10 +30,20 @@ cloak = Cloakroom()
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
+    app.config.update(
+        # A password change ends the user's other sessions on their next request.
+        CLOAKROOM_CREDENTIAL_FINGERPRINT=USERS.get,
+        CLOAKROOM_REAUTH_VIEW="login",
+    )
     app.config.update(config or {})
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = os.environ.get("DEMO_SECRET_KEY") or _instance_secret(app)
     cloak.init_app(app)
+
+    @signals.anomaly_detected.connect_via(app)
+    def warn_the_user(sender: Flask, event: Event, **extra: Any) -> None:
+        # A real app would email the user here; the demo writes to its log.
+        log.warning("would email %s: unusual activity (%s)", event.user_id, event.details["rule"])
 
     @app.before_request
     def check_csrf() -> None:
@@ -71,9 +84,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             password = request.form.get("password", "")
             expected = USERS.get(name)
             if expected is not None and hmac.compare_digest(password, expected):
-                cloak.login(name, remember=bool(request.form.get("remember")))
-                flash(f"Welcome, {name}! Your cart came with you.")
-                return redirect(url_for("index"))
+                if cloak.user_id == name:
+                    cloak.confirm_login()  # re-authentication for a sensitive page
+                else:
+                    cloak.login(name, remember=bool(request.form.get("remember")))
+                    flash(f"Welcome, {name}! Your cart came with you.")
+                target = request.args.get("next", "")
+                if not target.startswith("/") or target.startswith("//"):
+                    target = url_for("index")  # only local redirects
+                return redirect(target)
             flash("Unknown user or wrong password.")
         return render_template("login.html")
 
@@ -97,15 +116,40 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         handle = request.form.get("handle", "")
         # Only the signed-in user's own sessions can be ended from here.
         if handle in {s.handle for s in cloak.sessions(user)}:
-            cloak.revoke(handle)
+            cloak.revoke(handle, by=f"user:{user}", reason="ended from the sessions page")
             flash("That session has been ended.")
         return redirect(url_for("sessions"))
+
+    @app.get("/history")
+    def history() -> str | Response:
+        if cloak.user_id is None:
+            return redirect(url_for("login"))
+        return render_template("history.html", events=cloak.activity(cloak.user_id, limit=50))
+
+    @app.route("/password", methods=["GET", "POST"])
+    @cloak.fresh_login_required(max_age=timedelta(minutes=5))
+    def password() -> str | Response:
+        user = cloak.user_id
+        if user is None:
+            return redirect(url_for("login"))
+        if request.method == "POST":
+            new = request.form.get("new_password", "")
+            if len(new) < 4:
+                flash("Choose a password of at least 4 characters.")
+            else:
+                USERS[user] = new
+                ended = cloak.credentials_changed()
+                flash(f"Password changed. Signed out of {ended} other session(s).")
+                return redirect(url_for("sessions"))
+        return render_template("password.html")
 
     @app.post("/sessions/revoke-others")
     def revoke_others() -> Response:
         user = cloak.user_id
         if user is not None:
-            ended = cloak.revoke_user(user, keep_current=True)
+            ended = cloak.revoke_user(
+                user, keep_current=True, by=f"user:{user}", reason="signed out everywhere else"
+            )
             flash(f"Signed out of {ended} other session(s).")
         return redirect(url_for("sessions"))
 

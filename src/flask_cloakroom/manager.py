@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,7 @@ from .errors import (
     NotSupported,
     RecordDecodeError,
     StoreError,
+    StoreUnavailable,
     TooManySessions,
 )
 from .policy import Policy
@@ -50,8 +52,17 @@ logger = logging.getLogger("flask_cloakroom")
 
 Clock = Callable[[], datetime]
 
-#: How many times a conflicting write is merged and retried before giving up.
-MAX_WRITE_ATTEMPTS = 8
+#: A conflicting write is merged and retried until CLOAKROOM_STORE_TIMEOUT has passed,
+#: but at least this many times.
+MIN_WRITE_ATTEMPTS = 8
+#: Retries wait a random time up to BACKOFF * 2**attempt seconds, at most BACKOFF_CAP,
+#: so requests racing on one session spread out instead of colliding again.
+BACKOFF = 0.0005
+BACKOFF_CAP = 0.02
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(random.random() * min(BACKOFF_CAP, BACKOFF * (1 << attempt)))
 #: How many cookies of the session's name are checked in one request.
 MAX_COOKIES = 4
 #: Keys in Meta.extra.
@@ -474,7 +485,7 @@ class SessionManager:
         assert old_key is not None
         assert session.version is not None
         meta.last_seen_at = now
-        for _ in range(MAX_WRITE_ATTEMPTS):
+        for _ in self._attempts():
             session_id = new_session_id()
             record = self._record(store_key(session_id), meta, tagged, 1)
             if self.store.rotate(old_key, record, expected=session.version, now=now):
@@ -490,8 +501,9 @@ class SessionManager:
             version, _, fresh_raw = fresh
             tagged = self._merge(session.raw, tagged, fresh_raw)
             session.raw, session.version = fresh_raw, version
-        raise StoreError(
-            f"session {old_key}: gave up rotating after {MAX_WRITE_ATTEMPTS} conflicts"
+        raise StoreUnavailable(
+            f"session {old_key}: gave up rotating after conflicts for "
+            f"{self.settings.store_timeout:g} s (too many concurrent writes)"
         )
 
     def _update(
@@ -500,7 +512,7 @@ class SessionManager:
         key = session.key
         assert key is not None
         assert session.version is not None
-        for _ in range(MAX_WRITE_ATTEMPTS):
+        for _ in self._attempts():
             record = self._record(key, meta, tagged, session.version + 1)
             if self.store.save(record, expected=session.version, now=now):
                 self._stored(session, record, meta, tagged)
@@ -520,7 +532,21 @@ class SessionManager:
                 fresh_meta.extra.update(meta.extra)
             meta = fresh_meta
             session.raw, session.version = fresh_raw, version
-        raise StoreError(f"session {key}: gave up saving after {MAX_WRITE_ATTEMPTS} conflicts")
+        raise StoreUnavailable(
+            f"session {key}: gave up saving after conflicts for "
+            f"{self.settings.store_timeout:g} s (too many concurrent writes)"
+        )
+
+    def _attempts(self) -> Iterator[int]:
+        """Attempt numbers for a write that may conflict: retries back off, with jitter,
+        until the store timeout has passed (but at least MIN_WRITE_ATTEMPTS times)."""
+        deadline = time.monotonic() + self.settings.store_timeout
+        attempt = 0
+        while attempt < MIN_WRITE_ATTEMPTS or time.monotonic() < deadline:
+            if attempt:
+                _backoff(attempt)
+            yield attempt
+            attempt += 1
 
     def _fresh(self, key: str, now: float) -> tuple[int, Meta, dict[str, Any]] | None:
         record = self.store.load(key)

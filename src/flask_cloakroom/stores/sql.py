@@ -11,6 +11,13 @@ One code path serves every database.  The table (``cloakroom_sessions`` unless
 
 Conditional writes are a single ``UPDATE ... WHERE key = ? AND version = ?``;
 rotation at login is a single ``UPDATE`` of the primary key, so it is atomic.
+
+The four statements on a request's path (load, insert, update, delete) are
+compiled once by SQLAlchemy for the engine's dialect and then run on DBAPI
+connections kept in autocommit mode (see :class:`_Connections`): one round
+trip per operation, with no ``BEGIN``/``ROLLBACK`` around it and none of the
+per-statement overhead of the Core execution path.  Everything else (paging,
+purging, the activity log) goes through SQLAlchemy Core as usual.
 SQLite files are opened in WAL mode with ``synchronous=NORMAL`` and a busy
 timeout, which is what makes the embedded default fast and safe with several
 worker processes.
@@ -19,8 +26,9 @@ worker processes.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -44,7 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreError, StoreUnavailable
@@ -100,6 +108,58 @@ def _sqlite_pragmas(busy_timeout: float) -> Callable[[Any, Any], None]:
             cursor.close()
 
     return on_connect
+
+
+class _Connections:
+    """A small pool of DBAPI connections in autocommit mode, for the hot statements.
+
+    Connections are made by the engine (so its connect arguments and events
+    apply) and then detached from the engine's pool, so switching them to
+    autocommit never leaks into connections the app uses.  At most ``size``
+    are open at once; a caller waits up to ``timeout`` for one.
+    """
+
+    def __init__(self, engine: Engine, size: int, timeout: float) -> None:
+        self._engine = engine
+        self._idle: deque[Any] = deque()
+        self._slots = threading.BoundedSemaphore(size)
+        self._timeout = timeout
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """Lend a connection; it is kept only if the block ends without an error."""
+        if not self._slots.acquire(timeout=self._timeout):
+            raise PoolTimeout("no free database connection within the store timeout")
+        try:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                conn = self._connect()
+            try:
+                yield conn
+            except BaseException:
+                _close_quietly(conn)  # it may be broken: never lend it again
+                raise
+            self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def _connect(self) -> Any:
+        proxied = self._engine.raw_connection()
+        conn = proxied.dbapi_connection
+        assert conn is not None
+        proxied.detach()
+        self._engine.dialect.set_isolation_level(conn, "AUTOCOMMIT")
+        return conn
+
+    def close(self) -> None:
+        while self._idle:
+            _close_quietly(self._idle.pop())
+
+
+def _close_quietly(conn: Any) -> None:
+    with suppress(Exception):  # closing a broken connection may fail; it is gone either way
+        conn.close()
 
 
 class SQLStore(Store):
@@ -158,12 +218,67 @@ class SQLStore(Store):
             )
         )
         self._delete = delete(self.table).where(t.key == bindparam("k"))
+        self._compiled = {
+            name: self._compile(statement)
+            for name, statement in (
+                ("load", self._load),
+                ("insert", self._insert),
+                ("update", self._update),
+                ("rotate", self._rotate),
+                ("delete", self._delete),
+            )
+        }
+        pool = engine.pool
+        size = getattr(pool, "size", lambda: 5)() + max(0, getattr(pool, "_max_overflow", 10))
+        self._connections = _Connections(engine, max(size, 5), busy_timeout)
+        self._dbapi: Any = engine.dialect.loaded_dbapi
 
     def describe(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
         return f"{self.name} ({url}, table {self.table.name})"
 
     # -- plumbing --------------------------------------------------------------
+
+    def _compile(self, statement: Any) -> tuple[str, tuple[str, ...] | None]:
+        """SQL text for the engine's DBAPI, and the parameter order if positional."""
+        compiled = statement.compile(dialect=self.engine.dialect)
+        order = tuple(compiled.positiontup) if compiled.positional else None
+        return compiled.string, order
+
+    def _fast(self, name: str, params: dict[str, Any], *, fetch: bool) -> Any:
+        """Run a hot statement on a raw autocommit connection: one round trip.
+
+        Returns the row (``fetch``) or the row count; ``-1`` when a unique key
+        was violated (a create or rotation onto an existing key).
+        """
+        if not self._ready:
+            with self._errors():
+                self._ensure_table()
+        sql, order = self._compiled[name]
+        args: Any = params if order is None else tuple(params[k] for k in order)
+        dbapi = self._dbapi
+        for attempt in (1, 2):
+            try:
+                with self._connections.connection() as conn:
+                    cursor = conn.cursor()
+                    try:
+                        cursor.execute(sql, args)
+                        return cursor.fetchone() if fetch else cursor.rowcount
+                    finally:
+                        cursor.close()
+            except dbapi.IntegrityError:
+                return -1
+            except dbapi.Error as error:
+                broken = isinstance(error, dbapi.OperationalError | dbapi.InterfaceError)
+                if attempt == 1 and broken and self.engine.dialect.is_disconnect(error, None, None):
+                    continue  # a connection the server dropped while idle: once more, fresh
+                cls = StoreUnavailable if broken else StoreError
+                raise cls(
+                    str(error).splitlines()[0] or type(error).__name__, store=self.name
+                ) from error
+            except PoolTimeout as error:
+                raise StoreUnavailable(str(error), store=self.name) from error
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _ensure_table(self) -> None:
         with self._lock:
@@ -220,36 +335,22 @@ class SQLStore(Store):
     # -- the contract ----------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
-        row = self._run(lambda c: c.execute(self._load, {"k": key}).first(), write=False)
+        row = self._fast("load", {"k": key}, fetch=True)
         return None if row is None else self._record(row)
 
     def save(self, record: Record, *, expected: int | None, now: float) -> bool:
         if expected is None:
-
-            def create(conn: Connection) -> bool:
-                conn.execute(self._insert, {"key": record.key, **self._values(record)})
-                return True
-
-            try:
-                return self._run(create, write=True)
-            except StoreError as error:
-                if isinstance(error.__cause__, IntegrityError):
-                    return False
-                raise
+            params = {"key": record.key, **self._values(record)}
+            return bool(self._fast("insert", params, fetch=False) == 1)
         params = {"k": record.key, "expected": expected, **self._values(record)}
-        return self._run(lambda c: c.execute(self._update, params).rowcount == 1, write=True)
+        return bool(self._fast("update", params, fetch=False) == 1)
 
     def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
         params = {"old": old_key, "new": record.key, "expected": expected, **self._values(record)}
-        try:
-            return self._run(lambda c: c.execute(self._rotate, params).rowcount == 1, write=True)
-        except StoreError as error:
-            if isinstance(error.__cause__, IntegrityError):
-                return False
-            raise
+        return bool(self._fast("rotate", params, fetch=False) == 1)
 
     def delete(self, key: str) -> bool:
-        return self._run(lambda c: c.execute(self._delete, {"k": key}).rowcount > 0, write=True)
+        return bool(self._fast("delete", {"k": key}, fetch=False) > 0)
 
     def delete_many(self, keys: Iterable[str]) -> int:
         keys = list(keys)
@@ -312,6 +413,7 @@ class SQLStore(Store):
         self._run(lambda c: c.execute(select(1)).scalar_one(), write=False)
 
     def close(self) -> None:
+        self._connections.close()
         self.engine.dispose()
 
     # -- activity log ----------------------------------------------------------

@@ -68,6 +68,11 @@ class Codec:
         self.keyring = keyring
         self.accept_plaintext = accept_plaintext
 
+    @property
+    def serializer(self) -> TaggedJSONSerializer:
+        """The tagged JSON serializer in use (Flask's session serializer)."""
+        return self._serializer
+
     # -- values ----------------------------------------------------------------
 
     def tag(self, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,14 +7,26 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from flask import Flask, abort, current_app, has_request_context, redirect, request, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    current_app,
+    has_request_context,
+    redirect,
+    request,
+    url_for,
+)
 from flask import session as flask_session
 from flask.sessions import session_json_serializer
 from flask.typing import ResponseReturnValue
 
 from .activity import Event
+
+if TYPE_CHECKING:
+    from .adoption import ImportReport
 from .cookiemode import CookieSessionManager
 from .errors import ConfigError, NoSession
 from .interface import CloakroomSessionInterface
@@ -105,6 +117,37 @@ class Cloakroom:
             manager.activity.observers.append(metrics.observe_event)
         app.extensions[EXTENSION_KEY] = manager
         app.session_interface = CloakroomSessionInterface(manager)
+        from .cli import cloakroom_group  # imported here: nothing of it on the request path
+
+        app.cli.add_command(cloakroom_group)
+
+    def admin_blueprint(
+        self,
+        *,
+        authorize: Callable[[], bool] | None = None,
+        actor: Callable[[], str | None] | None = None,
+        name: str = "cloakroom_admin",
+        url_prefix: str = "/cloakroom",
+    ) -> Blueprint:
+        """The admin dashboard, as a blueprint to register where the app chooses.
+
+        ::
+
+            app.register_blueprint(
+                cloak.admin_blueprint(authorize=lambda: current_user.is_admin),
+                url_prefix="/admin",
+            )
+
+        ``authorize`` is called on every dashboard request and must return
+        true to let it through; without it every request gets 403.  ``actor``
+        names the operator in ``revoked`` events (``by="admin:<name>"``); by
+        default the current session's user id.  See docs/operations.md.
+        """
+        from .admin import make_blueprint
+
+        return make_blueprint(
+            self, authorize=authorize, actor=actor, name=name, url_prefix=url_prefix
+        )
 
     # -- helpers ---------------------------------------------------------------
 
@@ -334,6 +377,19 @@ class Cloakroom:
             kinds=kinds,
             limit=limit,
         )
+
+    def import_flask_session(
+        self, source: Any, *, key_prefix: str = "session:", table: str = "sessions"
+    ) -> ImportReport:
+        """Copy Flask-Session 0.8's stored sessions into this app's Cloakroom store.
+
+        ``source`` is the Redis URL/client or SQLAlchemy URL/engine Flask-Session
+        used; see :func:`flask_cloakroom.adoption.import_flask_session`.  Then set
+        ``CLOAKROOM_ADOPT_FLASK_SESSION = True`` so existing cookies keep working.
+        """
+        from .adoption import import_flask_session
+
+        return import_flask_session(self._manager(), source, key_prefix=key_prefix, table=table)
 
     def purge_expired(self) -> int:
         """Delete expired records from the store (and old activity); return how many."""

@@ -26,11 +26,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask.json.tag import TaggedJSONSerializer
 
 from .activity import NO_CLIENT, ActivityLog, Client, Event, device_of
+
+if TYPE_CHECKING:
+    from .adoption import Adoption
 from .codec import Codec, Decoded
 from .crypto import Keyring, derive_key
 from .errors import (
@@ -63,6 +66,8 @@ BACKOFF_CAP = 0.02
 
 def _backoff(attempt: int) -> None:
     time.sleep(random.random() * min(BACKOFF_CAP, BACKOFF * (1 << attempt)))
+
+
 #: How many cookies of the session's name are checked in one request.
 MAX_COOKIES = 4
 #: Keys in Meta.extra.
@@ -153,6 +158,11 @@ class SessionManager:
             user_index=self.user_index,
         )
         self._fingerprint_key = derive_key(settings.secret_keys[0], "credential-fingerprint")
+        self.adoption: Adoption | None = None
+        if settings.adopt_flask_cookies or settings.adopt_flask_session:
+            from .adoption import Adoption
+
+            self.adoption = Adoption(self)
 
     def now(self) -> float:
         """The current time as a Unix timestamp, from the injected clock if any."""
@@ -190,12 +200,14 @@ class SessionManager:
         :class:`StoreError` if the store cannot be read.
         """
         had_cookie = False
+        foreign: list[str] = []
         for count, value in enumerate(cookies):
             if count == MAX_COOKIES:
                 break
             had_cookie = True
             unsigned = self.signer.unsign(value)
             if unsigned is None:
+                foreign.append(value)
                 continue
             session = self.load(store_key(unsigned.session_id), now)
             if session is None:
@@ -204,6 +216,10 @@ class SessionManager:
             session.stale_signature = unsigned.stale_key
             session.had_cookie = True
             return self.watch(session, now, client)
+        if foreign and self.adoption is not None:
+            adopted = self.adoption.adopt(foreign, now, client)
+            if adopted is not None:
+                return adopted
         session = ServerSession()
         session.had_cookie = had_cookie
         return session

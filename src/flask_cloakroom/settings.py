@@ -421,6 +421,35 @@ OPTIONS: tuple[Option, ...] = (
         _optional_text,
     ),
     Option(
+        "ADOPT_FLASK_COOKIES",
+        "bool",
+        False,
+        "Move sessions from Flask's cookie session into Cloakroom without logging anyone "
+        "out: a valid Flask session cookie (same SECRET_KEY or fallbacks, within "
+        "PERMANENT_SESSION_LIFETIME) becomes a server-side session. A stolen old cookie "
+        "stays usable until it expires: turn this off once the switch is done.",
+        "True",
+        _bool,
+    ),
+    Option(
+        "ADOPT_FLASK_SESSION",
+        "bool",
+        False,
+        "Accept Flask-Session's cookies for sessions copied over with "
+        "cloak.import_flask_session(); each is re-issued in Cloakroom's format.",
+        "True",
+        _bool,
+    ),
+    Option(
+        "ADOPT_USER_KEY",
+        "str | None",
+        None,
+        "The session key that names the logged-in user in adopted sessions (Flask-Login "
+        "uses '_user_id'): adopted sessions are bound to that user.",
+        '"_user_id"',
+        _optional_text,
+    ),
+    Option(
         "METRICS",
         "bool",
         False,
@@ -500,6 +529,9 @@ class Settings:
     session_limit_policy: str
     credential_fingerprint: Callable[[str], str | None] | None
     reauth_view: str | None
+    adopt_flask_cookies: bool
+    adopt_flask_session: bool
+    adopt_user_key: str | None
     metrics: bool
     redis_prefix: str
     redis_wait_replicas: int
@@ -508,6 +540,8 @@ class Settings:
     retry_after: int
     secret_keys: tuple[str | bytes, ...]
     cookie: CookieSettings
+    #: Flask's PERMANENT_SESSION_LIFETIME in seconds (the age limit of adopted cookies).
+    flask_cookie_max_age: float
 
 
 def _secret_keys(config: Mapping[str, Any]) -> tuple[str | bytes, ...]:
@@ -609,4 +643,10 @@ def load_settings(config: Mapping[str, Any]) -> Settings:
                 f"({touch:g} s) must be at most half of {PREFIX + idle_name.upper()} "
                 f"({idle:g} s), or active sessions could expire: lower it",
             )
-    return Settings(**values, secret_keys=_secret_keys(config), cookie=_cookie(config))
+    lifetime = config.get("PERMANENT_SESSION_LIFETIME", timedelta(days=31))
+    return Settings(
+        **values,
+        secret_keys=_secret_keys(config),
+        cookie=_cookie(config),
+        flask_cookie_max_age=_duration("PERMANENT_SESSION_LIFETIME", lifetime),
+    )

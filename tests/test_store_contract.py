@@ -280,3 +280,48 @@ def test_events_across_days_and_pruning(store: Store) -> None:
     remaining = [e.at for e in store.events()]
     assert NOW - 3 * day not in remaining
     assert remaining[:2] == [NOW, NOW - 1]
+
+
+def test_update_locked_lets_no_concurrent_change_in(store: Store) -> None:
+    """Threads increment one record through update_locked alone: every increment lands."""
+    record = rec(payload=b"0")
+    store.save(record, expected=None, now=NOW)
+    threads, per_thread = 6, 10
+    errors: list[BaseException] = []
+
+    def increment(current: Record | None) -> Record | None:
+        assert current is not None
+        return rec(
+            record.key, version=current.version + 1, payload=b"%d" % (int(current.payload) + 1)
+        )
+
+    def work() -> None:
+        try:
+            for _ in range(per_thread):
+                assert store.update_locked(record.key, increment, now=NOW) is not None
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert errors == []
+    final = store.load(record.key)
+    assert final is not None
+    assert int(final.payload) == threads * per_thread
+
+
+def test_update_locked_can_decline(store: Store) -> None:
+    record = rec(payload=b"kept", user="u")
+    store.save(record, expected=None, now=NOW)
+    assert store.update_locked(record.key, lambda current: None, now=NOW) is None
+    loaded = store.load(record.key)
+    assert loaded is not None
+    assert loaded.payload == b"kept"
+    missing = secrets.token_hex(16)
+    seen: list[Record | None] = []
+    assert store.update_locked(missing, lambda current: seen.append(current), now=NOW) is None  # type: ignore[func-returns-value]
+    assert seen == [None]
+    assert store.load(missing) is None

@@ -525,33 +525,41 @@ class SessionManager:
     def _update(
         self, session: ServerSession, meta: Meta, tagged: dict[str, Any], now: float
     ) -> None:
+        """Write a changed session; on a lost race, merge under the store's lock."""
         key = session.key
         assert key is not None
         assert session.version is not None
-        for _ in self._attempts():
-            record = self._record(key, meta, tagged, session.version + 1)
-            if self.store.save(record, expected=session.version, now=now):
-                self._stored(session, record, meta, tagged)
-                return
-            fresh = self._fresh(key, now)
-            if fresh is None:
-                # Logged out, revoked or expired meanwhile: that decision is final.
-                logger.info("session %s ended during the request; its changes are dropped", key)
-                session.key = None
-                return
-            version, fresh_meta, fresh_raw = fresh
-            tagged = self._merge(session.raw, tagged, fresh_raw)
+        record = self._record(key, meta, tagged, session.version + 1)
+        if self.store.save(record, expected=session.version, now=now):
+            self._stored(session, record, meta, tagged)
+            return
+        # Another request wrote since this one loaded the session.  Re-apply this
+        # request's changes onto what is stored now, holding the store's lock, so
+        # that a busy session cannot make this request lose the race again.
+        before = session.raw
+        merged: list[tuple[Meta, dict[str, Any]]] = []
+
+        def change(current: Record | None) -> Record | None:
+            merged.clear()
+            decoded = None if current is None else self._decode(current)
+            if current is None or decoded is None or self.policy.expired(decoded.meta, now):
+                return None  # logged out, revoked or expired meanwhile: that is final
+            fresh_meta = decoded.meta
             fresh_meta.last_seen_at = max(fresh_meta.last_seen_at, now)
             if session.meta_changed:  # this request's view of the client wins
                 fresh_meta.ip, fresh_meta.location = meta.ip, meta.location
                 fresh_meta.user_agent, fresh_meta.device = meta.user_agent, meta.device
                 fresh_meta.extra.update(meta.extra)
-            meta = fresh_meta
-            session.raw, session.version = fresh_raw, version
-        raise StoreUnavailable(
-            f"session {key}: gave up saving after conflicts for "
-            f"{self.settings.store_timeout:g} s (too many concurrent writes)"
-        )
+            data = self._merge(before, tagged, decoded.raw)
+            merged.append((fresh_meta, data))
+            return self._record(key, fresh_meta, data, current.version + 1)
+
+        stored = self.store.update_locked(key, change, now=now)
+        if stored is None:
+            logger.info("session %s ended during the request; its changes are dropped", key)
+            session.key = None
+            return
+        self._stored(session, stored, *merged[0])
 
     def _attempts(self) -> Iterator[int]:
         """Attempt numbers for a write that may conflict: retries back off, with jitter,

@@ -162,5 +162,11 @@ def _engine_options(backend: str, driver: str, timeout: float) -> dict[str, Any]
             "options": f"-c statement_timeout={millis}",
         }
     elif backend in ("mysql", "mariadb") and driver == "pymysql":
-        connect_args = {"connect_timeout": whole, "read_timeout": whole, "write_timeout": whole}
+        connect_args = {
+            "connect_timeout": whole,
+            "read_timeout": whole,
+            "write_timeout": whole,
+            # Bound waits for row locks (update_locked) by the store timeout too.
+            "init_command": f"SET SESSION innodb_lock_wait_timeout = {whole}",
+        }
     return {"pool_timeout": timeout, "connect_args": connect_args}

@@ -12,10 +12,12 @@ methods; run ``tests/test_store_contract.py`` against it (see docs/stores.md).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import NotSupported
+from ..errors import NotSupported, StoreUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,29 @@ class Store(abc.ABC):
             return False
         self.delete(old_key)
         return True
+
+    def update_locked(
+        self, key: str, change: Callable[[Record | None], Record | None], *, now: float
+    ) -> Record | None:
+        """Read, change and write one record so that no other write can come in between.
+
+        ``change`` gets the current record (or ``None``) and returns the record to
+        store, or ``None`` to leave things as they are; it must not call the store.
+        Returns what was stored, or ``None``.  Cloakroom falls back on this when a
+        session's conditional write keeps losing races, so that a busy session
+        still makes progress.  Stores that can hold a lock (SQL, files, memory)
+        override it; this default retries optimistic writes, backing off.
+        """
+        for attempt in range(64):
+            current = self.load(key)
+            new = change(current)
+            if new is None:
+                return None
+            expected = None if current is None else current.version
+            if self.save(new, expected=expected, now=now):
+                return new
+            time.sleep(random.random() * min(0.02, 0.0005 * (1 << min(attempt, 10))))
+        raise StoreUnavailable(f"record {key}: too many concurrent writes", store=self.name)
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete several records; return how many existed."""

@@ -25,7 +25,7 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 
 from ..errors import StoreError, StoreUnavailable
@@ -192,6 +192,17 @@ class FileStore(Store):
             os.unlink(old_path)
             self._unindex(current)
             return True
+
+    def update_locked(
+        self, key: str, change: Callable[[Record | None], Record | None], *, now: float
+    ) -> Record | None:
+        with self._locked(key) as path:
+            current = self._read(path, key)
+            new = change(current)
+            if new is not None:
+                self._write(path, new)
+                self._index(new, current)
+            return new
 
     def delete(self, key: str) -> bool:
         if not is_store_key(key):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .base import EventRecord, Record, Store, filter_events
 
@@ -46,6 +46,16 @@ class MemoryStore(Store):
             self._remove(old_key)
             self._put(record, None)
             return True
+
+    def update_locked(
+        self, key: str, change: Callable[[Record | None], Record | None], *, now: float
+    ) -> Record | None:
+        with self._lock:
+            current = self._records.get(key)
+            new = change(current)
+            if new is not None:
+                self._put(new, current)
+            return new
 
     def delete(self, key: str) -> bool:
         with self._lock:

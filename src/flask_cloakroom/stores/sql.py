@@ -226,8 +226,10 @@ class SQLStore(Store):
                 ("update", self._update),
                 ("rotate", self._rotate),
                 ("delete", self._delete),
+                ("load_for_update", self._load.with_for_update()),
             )
         }
+        self._begin = "BEGIN IMMEDIATE" if self.name == "sqlite" else "BEGIN"
         pool = engine.pool
         size = getattr(pool, "size", lambda: 5)() + max(0, getattr(pool, "_max_overflow", 10))
         self._connections = _Connections(engine, max(size, 5), busy_timeout)
@@ -254,20 +256,34 @@ class SQLStore(Store):
         if not self._ready:
             with self._errors():
                 self._ensure_table()
-        sql, order = self._compiled[name]
-        args: Any = params if order is None else tuple(params[k] for k in order)
+        statement = self._args(name, params)
+
+        def run(cursor: Any) -> Any:
+            cursor.execute(*statement)
+            return cursor.fetchone() if fetch else cursor.rowcount
+
+        try:
+            return self._with_cursor(run)
+        except self._dbapi.IntegrityError:
+            return -1
+
+    def _with_cursor(self, work: Callable[[Any], _T]) -> _T:
+        """Run ``work`` on a cursor of a raw autocommit connection, mapping errors.
+
+        A connection the server dropped while idle is replaced once.
+        IntegrityError is left to the caller.
+        """
         dbapi = self._dbapi
         for attempt in (1, 2):
             try:
                 with self._connections.connection() as conn:
                     cursor = conn.cursor()
                     try:
-                        cursor.execute(sql, args)
-                        return cursor.fetchone() if fetch else cursor.rowcount
+                        return work(cursor)
                     finally:
                         cursor.close()
             except dbapi.IntegrityError:
-                return -1
+                raise
             except dbapi.Error as error:
                 broken = isinstance(error, dbapi.OperationalError | dbapi.InterfaceError)
                 if attempt == 1 and broken and self.engine.dialect.is_disconnect(error, None, None):
@@ -351,6 +367,45 @@ class SQLStore(Store):
 
     def delete(self, key: str) -> bool:
         return bool(self._fast("delete", {"k": key}, fetch=False) > 0)
+
+    def update_locked(
+        self, key: str, change: Callable[[Record | None], Record | None], *, now: float
+    ) -> Record | None:
+        """One transaction holding the row (PostgreSQL, MySQL) or the database (SQLite).
+
+        The lock wait is bounded by the store timeout (SQLite's busy timeout,
+        PostgreSQL's statement_timeout, MySQL's innodb_lock_wait_timeout).
+        """
+        if not self._ready:
+            with self._errors():
+                self._ensure_table()
+
+        def run(cursor: Any) -> Record | None:
+            cursor.execute(self._begin)
+            try:
+                cursor.execute(*self._args("load_for_update", {"k": key}))
+                row = cursor.fetchone()
+                current = None if row is None else self._record(row)
+                new = change(current)
+                if new is not None:
+                    if current is None:
+                        params = {"key": new.key, **self._values(new)}
+                        cursor.execute(*self._args("insert", params))
+                    else:
+                        params = {"k": key, "expected": current.version, **self._values(new)}
+                        cursor.execute(*self._args("update", params))
+                cursor.execute("COMMIT")
+                return new
+            except BaseException:
+                with suppress(Exception):
+                    cursor.execute("ROLLBACK")
+                raise
+
+        return self._with_cursor(run)
+
+    def _args(self, name: str, params: dict[str, Any]) -> tuple[str, Any]:
+        sql, order = self._compiled[name]
+        return sql, params if order is None else tuple(params[k] for k in order)
 
     def delete_many(self, keys: Iterable[str]) -> int:
         keys = list(keys)

@@ -122,3 +122,10 @@ def test_demo_password_page_needs_a_fresh_login() -> None:
     response = client.get("/password")
     assert response.status_code == 302
     assert response.headers["Location"].startswith("/login?next=/password")
+
+
+def test_demo_refuses_a_non_ascii_csrf_token_cleanly() -> None:
+    app = create_app({"SECRET_KEY": "demo-test-" + "x" * 22, "CLOAKROOM_STORE": "memory://"})
+    client = app.test_client()
+    token(client)  # the session now has a token
+    assert client.post("/cart/tea", data={"csrf_token": "ünïcødé"}).status_code == 400

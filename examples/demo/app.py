@@ -3,7 +3,8 @@
 Run it with ``./scripts/demo`` from the repository root, or with
 ``flask --app examples/demo/app.py run`` (Flask finds :func:`create_app`).
 Sessions go to the default store, an SQLite file in the app's instance folder.
-Demo users: alice / alice and bob / bob.
+Demo users: alice / alice and bob / bob; admin / admin also sees the sessions
+admin dashboard at /admin.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from werkzeug.wrappers import Response
 from flask_cloakroom import Cloakroom, Event, signals
 
 #: Demo accounts. A real app keeps password hashes in its database.
-USERS = {"alice": "alice", "bob": "bob"}
+USERS = {"alice": "alice", "bob": "bob", "admin": "admin"}
+#: Who may open the admin dashboard. A real app checks a role in its database.
+ADMINS = {"admin"}
 log = logging.getLogger("demo")
 PRODUCTS = {"tea": "Green tea", "pen": "Fountain pen", "book": "Field notebook"}
 
@@ -39,6 +42,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = os.environ.get("DEMO_SECRET_KEY") or _instance_secret(app)
     cloak.init_app(app)
+    admin = cloak.admin_blueprint(authorize=lambda: cloak.user_id in ADMINS)
+    app.register_blueprint(admin, url_prefix="/admin")
 
     @signals.anomaly_detected.connect_via(app)
     def warn_the_user(sender: Flask, event: Event, **extra: Any) -> None:
@@ -47,10 +52,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     @app.before_request
     def check_csrf() -> None:
-        if request.method == "POST":
+        # The admin dashboard checks a CSRF token of its own.
+        if request.method == "POST" and request.blueprint != admin.name:
             sent = request.form.get("csrf_token", "")
             expected = session.get("csrf_token", "")
-            if not expected or not hmac.compare_digest(sent, expected):
+            if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
                 abort(400, "The form expired or did not come from this site. Go back and retry.")
 
     @app.context_processor
@@ -60,7 +66,13 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
                 session["csrf_token"] = secrets.token_urlsafe(24)
             return str(session["csrf_token"])
 
-        return {"csrf_token": csrf_token, "user": cloak.user_id, "products": PRODUCTS}
+        user = cloak.user_id
+        return {
+            "csrf_token": csrf_token,
+            "user": user,
+            "is_admin": user in ADMINS,
+            "products": PRODUCTS,
+        }
 
     @app.get("/")
     def index() -> str:
@@ -83,7 +95,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             name = request.form.get("username", "")
             password = request.form.get("password", "")
             expected = USERS.get(name)
-            if expected is not None and hmac.compare_digest(password, expected):
+            if expected is not None and hmac.compare_digest(password.encode(), expected.encode()):
                 if cloak.user_id == name:
                     cloak.confirm_login()  # re-authentication for a sensitive page
                 else:

@@ -21,7 +21,16 @@ from .support import CountingStore, FakeClock
 pytest_plugins = ["tests.servers"]
 
 #: Every store backend the contract suite and the end-to-end tests run on.
-STORE_KINDS = ["memory", "sqlite", "files", "postgres", "mysql"]
+STORE_KINDS = [
+    "memory",
+    "sqlite",
+    "files",
+    "postgres",
+    "mysql",
+    "redis",
+    "redis_cluster",
+    "redis_sentinel",
+]
 
 
 def _sql_store(url: str) -> SQLStore:
@@ -38,6 +47,22 @@ def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> St
         return MemoryStore()
     if kind == "files":
         return FileStore(str(tmp_path / "sessions"))
+    if kind in ("redis", "redis_cluster", "redis_sentinel"):
+        from flask_cloakroom.stores.redis import open_redis_store
+
+        from .servers import flush_prefix
+
+        fixture = "redis_server" if kind == "redis" else kind
+        server = request.getfixturevalue(fixture)
+        prefix = f"{server.prefix}{secrets.token_hex(4)}:"
+        store = open_redis_store(server.url, prefix=prefix, timeout=2.0, wait_replicas=0)
+
+        def flush() -> None:
+            store.close()
+            flush_prefix(server.url, prefix)
+
+        request.addfinalizer(flush)
+        return store
     if kind == "sqlite":
         store = _sql_store(f"sqlite:///{tmp_path / 'sessions.sqlite3'}")
     elif kind == "postgres":

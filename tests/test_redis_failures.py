@@ -1,0 +1,366 @@
+"""Redis failures, for real: a restart, a hung server, a read-only replica, a Sentinel
+failover, a Cluster master killed, replicas that do not acknowledge. Every test drives a
+Flask app (or the store) against throwaway servers it may stop, pause or kill.
+
+What must hold: a clean 503 (never a 500, a hang or a silent logout), no half-written
+session, and recovery without restarting the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from redis.exceptions import ReadOnlyError
+
+from flask_cloakroom import Cloakroom, StoreUnavailable
+from flask_cloakroom.stores import Record
+from flask_cloakroom.stores.redis import RedisStore, open_redis_store
+from flask_cloakroom.tokens import store_key
+
+from .conftest import AppFactory, add_views
+from .servers import (
+    ControllableRedis,
+    ControllableRedisCluster,
+    ControllableRedisSentinel,
+    flush_prefix,
+)
+
+NOW = 2_000_000_000.0
+
+
+def app_on(url: str, prefix: str, **config: Any) -> Flask:
+    """An app configured as a user would: CLOAKROOM_STORE is the URL."""
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY="s" * 32,
+        CLOAKROOM_STORE=url,
+        CLOAKROOM_REDIS_PREFIX=prefix,
+        CLOAKROOM_STORE_TIMEOUT=0.5,
+        CLOAKROOM_RETRY_AFTER=3,
+    )
+    app.config.update(config)
+    add_views(app, Cloakroom(app))
+    return app
+
+
+def timed(call: Any, limit: float = 2.0) -> Any:
+    """Run ``call()``; it must not take longer than ``limit`` seconds."""
+    started = time.monotonic()
+    result = call()
+    assert time.monotonic() - started < limit, f"took {time.monotonic() - started:.2f}s"
+    return result
+
+
+def assert_unavailable(response: Any) -> None:
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "3"
+    assert b"Traceback" not in response.data
+    assert "Set-Cookie" not in response.headers  # nobody is logged out by an outage
+
+
+def session_key(web: FlaskClient) -> str:
+    import base64
+
+    cookie = web.get_cookie("session")
+    assert cookie is not None
+    return store_key(base64.urlsafe_b64decode(cookie.value.split(".")[0] + "="))
+
+
+@dataclass
+class Keys:
+    """A fresh key prefix, and the servers whose keys under it are deleted afterwards."""
+
+    prefix: str = field(default_factory=lambda: f"t{secrets.token_hex(4)}:")
+    targets: list[Any] = field(default_factory=list)
+
+    def on(self, server: Any) -> str:
+        if not self.targets:
+            self.prefix = f"{server.prefix}{self.prefix}"
+        self.targets.append(server)
+        return self.prefix
+
+
+@pytest.fixture
+def keys() -> Iterator[Keys]:
+    made = Keys()
+    yield made
+    for target in made.targets:
+        target.ensure_healthy()  # a test that failed midway may have left it down
+        flush_prefix(target, made.prefix)
+
+
+def test_an_app_rides_out_a_redis_restart(
+    controllable_redis: ControllableRedis, keys: Keys
+) -> None:
+    app = app_on(controllable_redis.url, keys.on(controllable_redis))
+    web = app.test_client()
+    web.post("/set/x", json="before")
+    web.post("/login/alice")
+
+    controllable_redis.stop()  # SHUTDOWN SAVE: the data comes back with the server
+    assert web.get("/nothing").status_code == 200  # views that ignore the session work
+    assert_unavailable(timed(lambda: web.get("/get/x")))
+    assert_unavailable(timed(lambda: web.post("/set/x", json="during")))
+
+    controllable_redis.start()  # no app restart: the first request after works
+    assert web.get("/get/x").get_json() == {"value": "before"}
+    assert web.get("/whoami").get_json() == {"user": "alice"}
+    assert web.post("/set/x", json="after").status_code == 200
+    assert web.get("/get/x").get_json() == {"value": "after"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="manager/extension: logout() on an UnavailableSession answers 200 without "
+    "deleting the record, and login() lets StoreUnavailable escape as a 500",
+)
+@pytest.mark.parametrize("path", ["/logout", "/login/alice"])
+def test_login_and_logout_during_an_outage_answer_503(
+    controllable_redis: ControllableRedis, keys: Keys, path: str
+) -> None:
+    """A logout that could not delete the record must not say it did; a login that
+    could not be stored must not crash."""
+    app = app_on(controllable_redis.url, keys.on(controllable_redis))
+    web = app.test_client()
+    web.post("/set/x", json="before")
+    web.post("/login/alice")
+    controllable_redis.stop()
+    try:
+        assert_unavailable(timed(lambda: web.post(path)))
+    finally:
+        controllable_redis.start()
+    assert web.get("/whoami").get_json() == {"user": "alice"}
+
+
+def test_pooled_connections_survive_a_restart_nobody_saw(
+    controllable_redis: ControllableRedis, keys: Keys
+) -> None:
+    """No request during the outage: the pool still holds the dead connections, and the
+    first request after must not pay for them with a 503."""
+    app = app_on(controllable_redis.url, keys.on(controllable_redis))
+    web = app.test_client()
+    web.post("/set/x", json="kept")
+    controllable_redis.restart()
+    assert web.get("/get/x").get_json() == {"value": "kept"}
+    assert web.post("/set/x", json="new").status_code == 200
+
+
+def test_cluster_connections_survive_a_node_restart_nobody_saw(
+    make_app: AppFactory, controllable_redis_cluster: ControllableRedisCluster, keys: Keys
+) -> None:
+    cluster = controllable_redis_cluster
+    store = open_redis_store(cluster.url, prefix=keys.on(cluster), timeout=0.5, wait_replicas=0)
+    admin: Any = cluster.client()
+    try:
+        app, _, _ = make_app(store)
+        visitors = []
+        for i in range(12):
+            web = app.test_client()
+            web.post("/set/x", json=i)
+            visitors.append(web)
+        for index in range(3):  # every node restarts (SHUTDOWN SAVE: the data comes back)
+            cluster.stop_node(index)
+            cluster.start_node(index)
+        for i, web in enumerate(visitors):
+            assert web.get("/get/x").get_json() == {"value": i}
+            assert web.post("/set/x", json=i + 100).status_code == 200
+    finally:
+        store.close()
+        admin.close()
+
+
+def test_a_hung_redis_times_out(controllable_redis: ControllableRedis, keys: Keys) -> None:
+    app = app_on(controllable_redis.url, keys.on(controllable_redis), CLOAKROOM_STORE_TIMEOUT=0.3)
+    web = app.test_client()
+    web.post("/set/x", json="before")
+    admin: Any = controllable_redis.client()
+    try:
+        paused_until = time.monotonic() + 1.5
+        admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # the server stops answering
+        assert_unavailable(timed(lambda: web.get("/get/x"), limit=1.0))
+        assert_unavailable(timed(lambda: web.post("/set/x", json="during"), limit=1.0))
+        time.sleep(max(0.0, paused_until - time.monotonic()) + 0.1)
+        assert web.get("/get/x").get_json() == {"value": "before"}
+    finally:
+        admin.close()
+
+
+def test_writes_to_a_read_only_replica_are_unavailable(
+    make_app: AppFactory, controllable_redis_sentinel: ControllableRedisSentinel, keys: Keys
+) -> None:
+    """What a client still connected to a demoted master sees during a failover."""
+    master = controllable_redis_sentinel.master_address()
+    (replica,) = [a for a in controllable_redis_sentinel.node_addresses if a != master]
+    client = redis.Redis(host=replica[0], port=replica[1], socket_timeout=1)
+    store = RedisStore(client, prefix=keys.on(controllable_redis_sentinel))
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            store.save(
+                Record(secrets.token_hex(16), "u", NOW + 60, 1, b"x"), expected=None, now=NOW
+            )
+        assert isinstance(caught.value.__cause__, ReadOnlyError)
+        app, _, _ = make_app(store, CLOAKROOM_RETRY_AFTER=3)
+        assert_unavailable(app.test_client().post("/set/x", json=1))
+    finally:
+        client.close()
+
+
+def test_wait_for_replicas(
+    controllable_redis_sentinel: ControllableRedisSentinel,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """WAIT 1: when save() returns, the replica has the record. WAIT 2 with one replica:
+    the write still succeeds, after half the timeout, with a warning."""
+    group = controllable_redis_sentinel
+    prefix = keys.on(group)
+    master = group.master_address()
+    (replica_address,) = [a for a in group.node_addresses if a != master]
+    replica = redis.Redis(host=replica_address[0], port=replica_address[1])
+    one = open_redis_store(group.url, prefix=prefix, timeout=1.0, wait_replicas=1)
+    two = open_redis_store(group.url, prefix=prefix, timeout=0.4, wait_replicas=2)
+    warm: Any = group.master_client()
+    try:
+        # A replica that has just synced acknowledges its first offset only after a
+        # moment: wait for that once, so what follows measures the store, not the boot.
+        warm.set(f"{prefix}warm-up", 1)
+        assert warm.execute_command("WAIT", 1, 10_000) == 1
+        caplog.set_level(logging.WARNING, logger="flask_cloakroom")
+        for _ in range(20):
+            record = Record(secrets.token_hex(16), "u", NOW + 60, 1, b"x")
+            assert one.save(record, expected=None, now=NOW)
+            assert replica.exists(f"{prefix}s:{{{record.key}}}") == 1
+        assert not caplog.records
+        record = Record(secrets.token_hex(16), "u", NOW + 60, 1, b"x")
+        started = time.monotonic()
+        assert two.save(record, expected=None, now=NOW)
+        assert 0.15 < time.monotonic() - started < 0.4
+        assert "only 1 of 2 replicas acknowledged" in caplog.text
+    finally:
+        one.close()
+        two.close()
+        replica.close()
+        warm.close()
+
+
+@pytest.mark.slow
+def test_sessions_acknowledged_before_a_failover_survive_it(
+    controllable_redis_sentinel: ControllableRedisSentinel,
+    keys: Keys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With CLOAKROOM_REDIS_WAIT_REPLICAS=1, a write the app acknowledged is on the replica
+    before the response: the replica the sentinel promotes has every session."""
+    group = controllable_redis_sentinel
+    warm: Any = group.master_client()
+    warm.set(f"{keys.on(group)}warm-up", 1)  # see test_wait_for_replicas
+    assert warm.execute_command("WAIT", 1, 10_000) == 1
+    warm.close()
+    caplog.set_level(logging.WARNING, logger="flask_cloakroom")
+    app = app_on(
+        group.url, keys.on(group), CLOAKROOM_REDIS_WAIT_REPLICAS=1, CLOAKROOM_STORE_TIMEOUT=1.0
+    )
+    users = []
+    for i in range(20):
+        web = app.test_client()
+        assert web.post("/set/x", json=i).status_code == 200
+        assert web.post(f"/login/user{i}").status_code == 200
+        users.append(web)
+    assert "replicas acknowledged" not in caplog.text  # every write was acknowledged
+
+    killed = group.kill_master()
+    # While the sentinel has not promoted the replica yet: a fast, clean 503.
+    assert_unavailable(timed(lambda: users[0].get("/get/x"), limit=3))
+    assert_unavailable(timed(lambda: users[1].post("/set/x", json="lost?"), limit=3))
+    promoted = group.wait_for_failover(timeout=30)
+    assert promoted != killed
+
+    # No restart of the app: every session acknowledged before the kill is there.
+    for i, web in enumerate(users):
+        assert web.get("/get/x").get_json() == {"value": i}
+        assert web.get("/whoami").get_json() == {"user": f"user{i}"}
+    assert users[0].post("/set/x", json="after").status_code == 200
+    assert users[0].get("/get/x").get_json() == {"value": "after"}
+    late = app.test_client()
+    late.post("/set/x", json="new")
+    late.post("/login/late")
+    assert late.get("/whoami").get_json() == {"user": "late"}
+
+
+@pytest.mark.slow
+def test_a_dead_cluster_master_fails_only_its_own_sessions(
+    make_app: AppFactory, controllable_redis_cluster: ControllableRedisCluster, keys: Keys
+) -> None:
+    cluster = controllable_redis_cluster
+    prefix = keys.on(cluster)
+    nodes = [cluster.node_client(i) for i in range(3)]
+    for node in nodes:  # let the other shards serve while one has no master
+        node.config_set("cluster-require-full-coverage", "no")
+    admin: Any = cluster.client()
+    store = open_redis_store(cluster.url, prefix=prefix, timeout=0.5, wait_replicas=0)
+    assert isinstance(store, RedisStore)
+    try:
+        app, _, _ = make_app(store, CLOAKROOM_RETRY_AFTER=3)
+        dead = cluster.nodes[0]
+        dead_name = f"{dead[0]}:{dead[1]}"
+
+        def node_of(key: str) -> str:
+            return str(admin.get_node_from_key(key).name)
+
+        visitors: list[tuple[FlaskClient, int, bool]] = []
+        for i in range(24):
+            web = app.test_client()
+            web.post("/set/x", json=i)
+            on_dead = node_of(f"{prefix}s:{{{session_key(web)}}}") == dead_name
+            visitors.append((web, i, on_dead))
+        assert any(on_dead for _, _, on_dead in visitors)
+        assert not all(on_dead for _, _, on_dead in visitors)
+
+        cluster.kill_node(0)
+        for phase in ("just killed", "marked failed by the cluster"):
+            for web, i, on_dead in visitors:
+                response = timed(lambda web=web: web.get("/get/x"))
+                if on_dead:
+                    assert_unavailable(response)
+                else:
+                    assert response.get_json() == {"value": i}, phase
+                    assert timed(lambda web=web, i=i: web.post("/set/x", json=i)).status_code == 200
+            time.sleep(cluster.node_timeout_ms / 1000 * 2)
+
+        # A new session whose record lands on a live shard but whose user index is on the
+        # dead one: the write fails, and the record is taken back rather than left unindexed.
+        user = next(
+            u for u in (f"user{n}" for n in range(1000)) if node_of(store.index_key(u)) == dead_name
+        )
+        key = next(
+            k
+            for k in (secrets.token_hex(16) for _ in range(1000))
+            if node_of(f"{prefix}s:{{{k}}}") != dead_name
+        )
+        with pytest.raises(StoreUnavailable):
+            store.save(Record(key, user, time.time() + 60, 1, b"x"), expected=None, now=time.time())
+        assert store.load(key) is None
+
+        cluster.start_node(0)  # back (empty: it had no replica and no persistence)
+        for web, i, on_dead in visitors:
+            response = web.get("/get/x")
+            assert response.status_code == 200
+            if not on_dead:
+                assert response.get_json() == {"value": i}
+    finally:
+        store.close()
+        admin.close()
+        for node in nodes:
+            try:
+                node.config_set("cluster-require-full-coverage", "yes")
+            finally:
+                node.close()

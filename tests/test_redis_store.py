@@ -1,0 +1,742 @@
+"""The Redis store beyond the shared contract: key layout, TTLs, the user index and its
+pruning, Cluster slots, URLs (TCP, TLS, unix socket, Sentinel, Cluster), ready clients,
+script reloading, prefixes, and memory per session. Real servers only (tests/servers.py).
+
+The contract suite (tests/test_store_contract.py) and the end-to-end tests already run
+on standalone Redis, Sentinel and Cluster through ``STORE_KINDS``; the failure tests are
+in tests/test_redis_failures.py and the command counts in tests/test_redis_round_trips.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import datetime as dt
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from flask_cloakroom import Cloakroom, ConfigError, StoreError, StoreUnavailable, generate_key
+from flask_cloakroom.stores import Record, open_store, wrap_client
+from flask_cloakroom.stores.redis import RedisStore, open_redis_store
+from flask_cloakroom.tokens import store_key
+
+from .conftest import AppFactory, add_views, build_store
+from .servers import (
+    ControllableRedis,
+    ControllableRedisCluster,
+    ControllableRedisSentinel,
+    RedisServer,
+    flush_prefix,
+    free_port,
+)
+
+KINDS = ["redis", "redis_cluster", "redis_sentinel"]
+NOW = 2_000_000_000.0
+
+
+def rec(
+    key: str | None = None,
+    *,
+    user: str | None = None,
+    expires: float = NOW + 600,
+    version: int = 1,
+    payload: bytes = b'{"v":1}',
+) -> Record:
+    return Record(key or secrets.token_hex(16), user, expires, version, payload)
+
+
+@pytest.fixture(params=KINDS)
+def rstore(request: pytest.FixtureRequest, tmp_path: Path) -> RedisStore:
+    """An empty Redis store under a unique prefix, once per deployment kind."""
+    store = build_store(request.param, request, tmp_path)
+    assert isinstance(store, RedisStore)
+    return store
+
+
+@pytest.fixture
+def standalone(request: pytest.FixtureRequest, tmp_path: Path) -> RedisStore:
+    store = build_store("redis", request, tmp_path)
+    assert isinstance(store, RedisStore)
+    return store
+
+
+@pytest.fixture
+def clustered(request: pytest.FixtureRequest, tmp_path: Path) -> RedisStore:
+    store = build_store("redis_cluster", request, tmp_path)
+    assert isinstance(store, RedisStore)
+    return store
+
+
+def node_clients(store: RedisStore) -> list[Any]:
+    """A client per node holding data: the server itself, or each Cluster primary."""
+    client = store.client
+    if store.cluster:
+        return [client.get_redis_connection(node) for node in client.get_primaries()]
+    return [client]
+
+
+def raw_dump(store: RedisStore) -> dict[bytes, bytes]:
+    """Every key under the store's prefix and everything it holds, read raw."""
+    out: dict[bytes, bytes] = {}
+    pattern = re.sub(r"([\\*?\[\]])", r"\\\1", store.prefix) + "*"
+    for node in node_clients(store):
+        for name in node.scan_iter(match=pattern, count=500):
+            kind = node.type(name)
+            if kind == b"string":
+                out[name] = node.get(name)
+            elif kind == b"zset":
+                pairs = node.zrange(name, 0, -1, withscores=True)
+                out[name] = b"".join(m + repr(s).encode() for m, s in pairs)
+            else:  # pragma: no cover - the store writes nothing else
+                out[name] = kind
+    return out
+
+
+def unique_prefix(base: str) -> str:
+    return f"{base}{secrets.token_hex(4)}:"
+
+
+# -- what is stored, and where -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keys_hold_only_hashes_and_values_hold_no_plaintext(
+    kind: str, make_app: AppFactory, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """With encryption and hashed user ids on, a dump of every key and value under the
+    prefix holds no session id (in any spelling), no user id and no session data."""
+    store = build_store(kind, request, tmp_path)
+    assert isinstance(store, RedisStore)
+    app, _, _ = make_app(
+        store, CLOAKROOM_ENCRYPTION_KEYS=[generate_key()], CLOAKROOM_HASH_USER_IDS=True
+    )
+    marker = "plaintext-marker-" + secrets.token_hex(4)
+    client = app.test_client()
+    client.post("/set/secret", json=marker)
+    client.post("/login/alice@example.com")
+    assert client.get("/get/secret").get_json() == {"value": marker}
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    text_id = cookie.value.split(".")[0]
+    raw_id = base64.urlsafe_b64decode(text_id + "=")
+
+    dump = raw_dump(store)
+    names = list(dump)
+    assert any(b":s:{" in name for name in names) and any(b":u:{" in name for name in names)
+    layout = re.compile(
+        re.escape(store.prefix).encode()
+        + rb"(s:\{[0-9a-f]{32}\}|u:\{[0-9a-f]{32}\}|e:\{\d{8}\}|e:days)"
+    )
+    assert all(layout.fullmatch(name) for name in names), names
+    assert store.prefix.encode() + b"s:{" + store_key(raw_id).encode() + b"}" in dump
+    everything = b"".join(names) + b"".join(dump.values())
+    for needle in (marker.encode(), b"alice@example.com", raw_id, text_id.encode()):
+        assert needle not in everything
+    assert raw_id.hex().encode() not in everything
+
+
+def test_the_user_index_key_is_a_hash_of_the_user(standalone: RedisStore) -> None:
+    assert standalone.save(rec(user="bob@example.com"), expected=None, now=NOW)
+    (name,) = [n for n in raw_dump(standalone) if b":u:" in n]
+    assert b"bob" not in name
+    assert name == standalone.index_key("bob@example.com").encode()
+    assert standalone.index_key("bob@example.com") != standalone.index_key("bob@example.org")
+
+
+def test_record_ttl_is_the_remaining_life_and_the_index_outlives_it(rstore: RedisStore) -> None:
+    now = time.time()
+    record = rec(user="alice", expires=now + 600)
+    assert rstore.save(record, expected=None, now=now)
+    client = rstore.client
+    record_ttl = client.pttl(f"{rstore.prefix}s:{{{record.key}}}")
+    assert 598_000 < record_ttl <= 600_000
+    index = rstore.index_key("alice")
+    assert client.pttl(index) >= record_ttl - 50
+    assert client.zscore(index, record.key) >= record.expires_at
+    # A touch that brings the expiry forward keeps the index score: it never goes down.
+    sooner = rec(record.key, user="alice", expires=now + 60, version=2)
+    assert rstore.save(sooner, expected=1, now=now)
+    assert 58_000 < client.pttl(f"{rstore.prefix}s:{{{record.key}}}") <= 60_000
+    assert client.zscore(index, record.key) >= record.expires_at
+
+
+def test_redis_expires_records_and_indexes_by_itself(rstore: RedisStore) -> None:
+    now = time.time()
+    record = rec(user="shortlived", expires=now + 0.3)
+    assert rstore.save(record, expected=None, now=now)
+    assert rstore.load(record.key) is not None
+    time.sleep(0.45)
+    assert rstore.load(record.key) is None
+    assert rstore.client.exists(rstore.index_key("shortlived")) == 0
+    assert raw_dump(rstore) == {}
+
+
+def test_saving_an_already_dead_record_deletes_it(rstore: RedisStore) -> None:
+    record = rec(user="alice", expires=NOW + 60)
+    assert rstore.save(record, expected=None, now=NOW)
+    dead = rec(record.key, user="alice", expires=NOW - 1, version=2)
+    assert rstore.save(dead, expected=1, now=NOW) is True
+    assert rstore.load(record.key) is None
+    assert rstore.client.zscore(rstore.index_key("alice"), record.key) is None
+
+
+def test_expired_index_entries_are_pruned_by_the_next_write(rstore: RedisStore) -> None:
+    client = rstore.client
+    index = rstore.index_key("carol")
+    for _ in range(50):
+        assert rstore.save(rec(user="carol", expires=NOW + 60), expected=None, now=NOW)
+    assert client.zcard(index) == 50
+    later = NOW + 120  # all 50 are dead by now; Redis's own TTLs have not run yet
+    assert rstore.save(rec(user="carol", expires=later + 60), expected=None, now=later)
+    assert client.zcard(index) == 1
+
+
+def test_entries_of_deleted_sessions_are_dropped_when_the_index_is_read(
+    rstore: RedisStore,
+) -> None:
+    client = rstore.client
+    index = rstore.index_key("dave")
+    keep = rec(user="dave")
+    assert rstore.save(keep, expected=None, now=NOW)
+    for _ in range(30):  # 30 logins and logouts
+        gone = rec(user="dave")
+        assert rstore.save(gone, expected=None, now=NOW)
+        assert rstore.delete(gone.key)
+    assert client.zcard(index) == 31  # delete() is one DEL; the index heals on its next read
+    assert [r.key for r in rstore.user_records("dave", now=NOW)] == [keep.key]
+    assert client.zcard(index) == 1
+
+
+def test_an_index_entry_pointing_at_another_users_record_is_ignored(rstore: RedisStore) -> None:
+    """The index is only a hint: a forged or stale entry never lists a foreign session."""
+    record = rec(user="erin")
+    assert rstore.save(record, expected=None, now=NOW)
+    rstore.client.zadd(rstore.index_key("mallory"), {record.key: NOW + 600})
+    assert rstore.user_records("mallory", now=NOW) == []
+    assert rstore.client.exists(rstore.index_key("mallory")) == 0
+
+
+def test_a_users_sessions_in_different_cluster_slots(clustered: RedisStore) -> None:
+    client: Any = clustered.client
+    records = [rec(user="frank") for _ in range(20)]
+    for record in records:
+        assert clustered.save(record, expected=None, now=NOW)
+    slots = {client.keyslot(f"{clustered.prefix}s:{{{r.key}}}") for r in records}
+    nodes = {client.get_node_from_key(f"{clustered.prefix}s:{{{r.key}}}").name for r in records}
+    assert len(slots) == 20 and len(nodes) == 3  # every record in its own slot, on every node
+    listed = clustered.user_records("frank", now=NOW)
+    assert {r.key for r in listed} == {r.key for r in records}
+    assert clustered.delete_many([r.key for r in records]) == 20
+    assert clustered.user_records("frank", now=NOW) == []
+
+
+def test_rotation_moves_the_index_entry(rstore: RedisStore) -> None:
+    old = rec(user="gina")
+    assert rstore.save(old, expected=None, now=NOW)
+    new = rec(user="gina", payload=b"new")
+    assert rstore.rotate(old.key, new, expected=1, now=NOW)
+    assert rstore.client.zrange(rstore.index_key("gina"), 0, -1) == [new.key.encode()]
+
+
+def test_a_create_sent_twice_is_acknowledged_twice(rstore: RedisStore) -> None:
+    """A create re-sent after its reply was lost (a dropped connection) succeeds, so the
+    retry does not leave an orphan; any other value under the key is a clash."""
+    record = rec(user="hank")
+    assert rstore.save(record, expected=None, now=NOW)
+    assert rstore.save(record, expected=None, now=NOW)
+    assert not rstore.save(rec(record.key, user="hank", payload=b"other"), expected=None, now=NOW)
+
+
+def test_scan_cursors_are_opaque_and_checked(rstore: RedisStore) -> None:
+    keys = {rec().key for _ in range(7)}
+    for key in keys:
+        rstore.save(rec(key), expected=None, now=NOW)
+    seen: set[str] = set()
+    cursor: str | None = None
+    while True:
+        page, cursor = rstore.scan(cursor=cursor, limit=2)
+        seen.update(r.key for r in page)
+        if cursor is None:
+            break
+        assert re.fullmatch(r"\d+:\d+", cursor)
+    assert seen == keys
+    with pytest.raises(ValueError, match="cursor"):
+        rstore.scan(cursor="not-a-cursor")
+    with pytest.raises(ValueError, match="node"):
+        rstore.scan(cursor="99:0")
+
+
+def test_prefixes_keep_apps_apart(redis_server: RedisServer) -> None:
+    base = unique_prefix(redis_server.prefix)
+    shop = open_redis_store(
+        redis_server.url, prefix=base + "shop*[1]?:", timeout=2, wait_replicas=0
+    )
+    blog = open_redis_store(redis_server.url, prefix=base + "shop:", timeout=2, wait_replicas=0)
+    try:
+        shop.save(rec(user="ivy"), expected=None, now=NOW)
+        blog.save(rec(user="ivy"), expected=None, now=NOW)
+        blog.save(rec(), expected=None, now=NOW)
+        assert shop.count(now=NOW) == 1
+        assert blog.count(now=NOW) == 2
+        assert len(shop.scan(limit=100)[0]) == 1
+        assert len(shop.user_records("ivy", now=NOW)) == 1
+        assert shop.purge_expired(now=NOW + 3600) == 1
+        assert blog.count(now=NOW) == 2
+    finally:
+        shop.close()
+        blog.close()
+        flush_prefix(redis_server.url, base)
+
+
+def test_store_from_settings_and_describe(redis_server: RedisServer) -> None:
+    prefix = unique_prefix(redis_server.prefix)
+    store = open_store(redis_server.url, redis_prefix=prefix, timeout=0.5)
+    try:
+        assert isinstance(store, RedisStore)
+        assert store.name == "redis"
+        assert prefix in store.describe()
+        store.ping()
+    finally:
+        store.close()
+
+
+# -- ready clients ---------------------------------------------------------------------------
+
+
+def test_a_ready_client_that_decodes_responses(
+    make_app: AppFactory, controllable_redis: ControllableRedis
+) -> None:
+    client = controllable_redis.client()  # decode_responses=True
+    prefix = unique_prefix(controllable_redis.prefix)
+    try:
+        store = wrap_client(client, redis_prefix=prefix)
+        assert isinstance(store, RedisStore)
+        payload = bytes(range(256))
+        assert store.save(rec(user="jo", payload=payload), expected=None, now=NOW)
+        (loaded,) = store.user_records("jo", now=NOW)
+        assert loaded.payload == payload
+        assert store.scan()[0][0].payload == payload
+        assert store.count(now=NOW) == 1
+        store.close()
+        assert client.ping()  # a client the app passed in stays open
+    finally:
+        flush_prefix(client, prefix)
+        client.close()
+
+
+def test_ready_clients_as_cloakroom_store(
+    controllable_redis_cluster: ControllableRedisCluster,
+    controllable_redis_sentinel: ControllableRedisSentinel,
+) -> None:
+    from flask import Flask
+
+    clients: list[tuple[Any, str]] = [
+        (controllable_redis_cluster.client(), "redis-cluster"),
+        (controllable_redis_sentinel.master_client(), "redis-sentinel"),
+    ]
+    for client, name in clients:
+        prefix = unique_prefix(controllable_redis_cluster.prefix)
+        app = Flask(__name__)
+        app.config.update(
+            SECRET_KEY="s" * 32, CLOAKROOM_STORE=client, CLOAKROOM_REDIS_PREFIX=prefix
+        )
+        cloak = Cloakroom(app)
+        add_views(app, cloak)
+        try:
+            web = app.test_client()
+            web.post("/set/x", json="kept")
+            web.post("/login/kim")
+            assert web.get("/get/x").get_json() == {"value": "kept"}
+            assert web.get("/whoami").get_json() == {"user": "kim"}
+            assert len(web.get("/sessions/kim").get_json()) == 1
+            with app.app_context():
+                assert cloak.store.name == name
+        finally:
+            flush_prefix(client, prefix)
+            client.close()
+
+
+def test_a_client_of_another_kind_is_refused() -> None:
+    with pytest.raises(TypeError, match="RedisStore needs"):
+        RedisStore(object())
+
+
+def test_scripts_come_back_after_script_flush(rstore: RedisStore) -> None:
+    """A restarted or flushed server has forgotten the scripts: they are sent again."""
+    record = rec(user="lee")
+    assert rstore.save(record, expected=None, now=NOW)
+    for node in node_clients(rstore):
+        node.script_flush()
+    assert rstore.save(rec(record.key, user="lee", version=2), expected=1, now=NOW)
+    for node in node_clients(rstore):
+        node.script_flush()
+    new = rec(user="lee")
+    assert rstore.rotate(record.key, new, expected=2, now=NOW)
+    assert [r.key for r in rstore.user_records("lee", now=NOW)] == [new.key]
+
+
+# -- URLs --------------------------------------------------------------------------------------
+
+
+def _no_orphans() -> None:  # runs in the child: die with the test process
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+@pytest.fixture
+def spawn_redis(
+    controllable_redis: ControllableRedis, tmp_path: Path
+) -> Iterator[Callable[..., None]]:
+    """Start an extra redis-server with some arguments (a unix socket, TLS)."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*args: str, ready: Callable[[], Any]) -> None:
+        log = open(tmp_path / f"redis-{len(processes)}.log", "wb")  # noqa: SIM115
+        processes.append(
+            subprocess.Popen(
+                [str(controllable_redis.program.path), "--save", "", "--appendonly", "no", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                preexec_fn=_no_orphans if os.uname().sysname == "Linux" else None,
+            )
+        )
+        log.close()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                ready()
+                return
+            except (RedisConnectionError, OSError):
+                if time.monotonic() > deadline or processes[-1].poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    yield spawn
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def test_unix_socket_url(spawn_redis: Callable[..., None], tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    probe = redis.Redis(unix_socket_path=str(socket_path))
+    spawn_redis("--port", "0", "--unixsocket", str(socket_path), ready=probe.ping)
+    probe.close()
+    store = open_redis_store(f"unix://{socket_path}?db=2", prefix="p:", timeout=1, wait_replicas=0)
+    try:
+        record = rec(user="mo")
+        assert store.save(record, expected=None, now=NOW)
+        assert store.load(record.key) == record
+        assert f"unix://{socket_path}" in store.describe()
+        direct = redis.Redis(unix_socket_path=str(socket_path), db=2)
+        assert direct.exists(f"p:s:{{{record.key}}}") == 1
+        direct.close()
+    finally:
+        store.close()
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    end = start + dt.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("cloakroom test CA"))
+        .issuer_name(name("cloakroom test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_path, cert_path, key_path
+
+
+def test_tls_url(spawn_redis: Callable[..., None], tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    ca, cert, key = _tls_files(tmp_path)
+    port = free_port()
+    probe = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca))
+    spawn_redis(
+        "--port",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(ca),
+        "--tls-auth-clients",
+        "no",
+        ready=probe.ping,
+    )
+    probe.close()
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    store = open_redis_store(url, prefix="tls:", timeout=1, wait_replicas=0)
+    try:
+        record = rec(user="nia")
+        assert store.save(record, expected=None, now=NOW)
+        assert store.user_records("nia", now=NOW) == [record]
+    finally:
+        store.close()
+    # The same server refuses a client that does not trust its certificate.
+    untrusting = open_redis_store(
+        f"rediss://127.0.0.1:{port}/0", prefix="tls:", timeout=1, wait_replicas=0
+    )
+    try:
+        with pytest.raises(StoreUnavailable):
+            untrusting.load(record.key)
+    finally:
+        untrusting.close()
+
+
+def test_sentinel_url_with_a_database(
+    controllable_redis_sentinel: ControllableRedisSentinel,
+) -> None:
+    prefix = unique_prefix(controllable_redis_sentinel.prefix)
+    url = controllable_redis_sentinel.url + "?db=3&client_name=cloakroom-test"
+    store = open_redis_store(url, prefix=prefix, timeout=1, wait_replicas=0)
+    master = controllable_redis_sentinel.master_client(db=3)
+    try:
+        record = rec()
+        assert store.save(record, expected=None, now=NOW)
+        assert master.exists(f"{prefix}s:{{{record.key}}}") == 1
+        assert store.name == "redis-sentinel"
+        assert "service mymaster via sentinels" in store.describe()
+    finally:
+        store.close()
+        master.delete(f"{prefix}s:{{{record.key}}}")
+        master.close()
+
+
+def test_acl_credentials_in_the_url(controllable_redis: ControllableRedis) -> None:
+    admin = controllable_redis.client()
+    user, password = "cr-" + secrets.token_hex(3), secrets.token_hex(12)
+    admin.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], commands=["+@all"]
+    )
+    host, port = controllable_redis.host, controllable_redis.port
+    good = open_redis_store(
+        f"redis://{user}:{password}@{host}:{port}/0", prefix="acl:", timeout=1, wait_replicas=0
+    )
+    bad = open_redis_store(
+        f"redis://{user}:wrong-{password}@{host}:{port}/0",
+        prefix="acl:",
+        timeout=1,
+        wait_replicas=0,
+    )
+    try:
+        record = rec()
+        assert good.save(record, expected=None, now=NOW)
+        assert password not in good.describe()
+        with pytest.raises(StoreUnavailable) as caught:
+            bad.load(record.key)
+        assert password not in str(caught.value)
+        assert password not in bad.describe()
+    finally:
+        good.close()
+        bad.close()
+        admin.acl_deluser(user)
+        flush_prefix(admin, "acl:")
+        admin.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "names its service"),
+        ("redis+sentinel://127.0.0.1:26379/a/b", "names its service"),
+        ("redis+sentinel://127.0.0.1:26379/m?dbb=1", "unknown option"),
+        ("redis+sentinel://127.0.0.1:26379/m?db=x", "db must be a number"),
+        ("redis+sentinel:///mymaster", "no host:port"),
+        ("redis+cluster://127.0.0.1:abc", "not host:port"),
+        ("redis+cluster://127.0.0.1:7000/1", "only database 0"),
+        ("redis+cluster://127.0.0.1:7000?ssl=1&tls=1", "unknown option"),
+        ("redis://127.0.0.1:notaport/0", "not a usable Redis URL"),
+    ],
+)
+def test_bad_urls_fail_at_start_up(url: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        open_redis_store(url, prefix="x:", timeout=1, wait_replicas=0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:hunter2@127.0.0.1:{port}/0",
+        "rediss://:hunter2@127.0.0.1:{port}/0",
+        "redis+sentinel://app:hunter2@127.0.0.1:{port}/mymaster?sentinel_password=hunter2",
+        "redis+cluster://app:hunter2@127.0.0.1:{port},127.0.0.1:{port}",
+    ],
+)
+def test_no_password_in_descriptions_or_errors(url: str) -> None:
+    """Nothing listens on the port: every kind fails fast, clearly, and says no password."""
+    store = open_redis_store(
+        url.format(port=free_port()), prefix="x:", timeout=0.5, wait_replicas=0
+    )
+    try:
+        assert "hunter2" not in store.describe()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            store.load("0" * 32)
+        assert time.monotonic() - started < 3
+        assert "hunter2" not in str(caught.value)
+        assert caught.value.__cause__ is not None
+        assert caught.value.store == store.name
+    finally:
+        store.close()
+
+
+def test_a_bad_prefix_is_refused(controllable_redis: ControllableRedis) -> None:
+    with pytest.raises(ConfigError, match="braces"):
+        open_redis_store(controllable_redis.url, prefix="{app}:", timeout=1, wait_replicas=0)
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+def test_memory_per_session(
+    make_app: AppFactory,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """MEMORY USAGE of a small session (docs/redis.md quotes these numbers)."""
+    caplog.set_level(logging.WARNING)
+    store = build_store("redis", request, tmp_path)
+    assert isinstance(store, RedisStore)
+    app, cloak, _ = make_app(store)
+    client = store.client
+
+    web = app.test_client()
+    web.environ_base.update(HTTP_USER_AGENT="TestBrowser/1.0", REMOTE_ADDR="203.0.113.7")
+    web.post("/set/cart", json=["book"])
+    (anonymous,) = [n for n in raw_dump(store) if b":s:" in n]
+    anonymous_bytes = client.memory_usage(anonymous, samples=0)
+    web.post("/login/alice")
+    (logged_in,) = [n for n in raw_dump(store) if b":s:" in n]
+    record_bytes = client.memory_usage(logged_in, samples=0)
+    with app.app_context():
+        index = store.index_key(cloak._manager().user_index("alice"))
+    one_entry = client.memory_usage(index, samples=0)
+    for _ in range(9):
+        other = app.test_client()
+        other.post("/set/cart", json=["book"])
+        other.post("/login/alice")
+    assert client.zcard(index) == 10
+    per_entry = (client.memory_usage(index, samples=0) - one_entry) / 9
+    print(  # shown with pytest -s; quoted in docs/redis.md
+        f"\nanonymous record {anonymous_bytes} B, logged-in record {record_bytes} B, "
+        f"index key with one entry {one_entry} B, each further entry {per_entry:.0f} B"
+    )
+    assert anonymous_bytes <= 300
+    assert per_entry <= 64
+    assert record_bytes + per_entry <= 450
+
+
+#: The least-privilege ACL rule docs/redis.md recommends (commands run by the scripts
+#: are checked too).
+ACL_COMMANDS = (
+    "+ping +get +mget +getrange +set +del +unlink +exists +evalsha +eval +script|load "
+    "+zadd +zrem +zscore +zcard +zrange +zrangebyscore +zrevrangebyscore +zremrangebyscore "
+    "+pttl +pexpire +scan +wait"
+)
+
+
+def test_the_documented_acl_is_enough(controllable_redis: ControllableRedis) -> None:
+    admin: Any = controllable_redis.client()  # redis-py leaves execute_command untyped
+    user, password = "cr-" + secrets.token_hex(3), secrets.token_hex(12)
+    prefix = unique_prefix("acl-app:")
+    admin.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", f"~{prefix}*", *ACL_COMMANDS.split()
+    )
+    url = f"redis://{user}:{password}@{controllable_redis.host}:{controllable_redis.port}/0"
+    store = open_redis_store(url, prefix=prefix, timeout=1, wait_replicas=0)
+    try:
+        assert isinstance(store, RedisStore)
+        admin.script_flush()  # the first writes load the scripts themselves
+        old = rec(user="olga", expires=NOW + 60)
+        assert store.save(old, expected=None, now=NOW)
+        assert store.save(rec(old.key, user="olga", version=2), expected=1, now=NOW)
+        new = rec(user="olga")
+        assert store.rotate(old.key, new, expected=2, now=NOW)
+        assert store.load(new.key) == new
+        assert store.user_records("olga", now=NOW) == [new]
+        assert store.scan()[0] == [new]
+        assert store.count(now=NOW) == 1
+        assert store.purge_expired(now=NOW + 3600) == 1
+        assert store.delete_many([new.key]) == 0
+        from flask_cloakroom.stores.base import EventRecord
+
+        store.add_events([EventRecord(NOW, "login", "olga", b"{}")])
+        assert len(store.events(user_id="olga")) == 1
+        assert store.prune_events(before=NOW + 86400 * 2) == 1
+        store.preload_scripts()
+        store.ping()
+        waiting = open_redis_store(url, prefix=prefix, timeout=0.2, wait_replicas=1)
+        assert waiting.save(rec(), expected=None, now=NOW)  # WAIT: no replica, a warning
+        waiting.close()
+        outside = open_redis_store(url, prefix="other:", timeout=1, wait_replicas=0)
+        with pytest.raises(StoreError, match="NoPermission") as caught:  # a setup mistake,
+            outside.load("0" * 32)
+        assert not isinstance(caught.value, StoreUnavailable)  # not an outage
+        outside.close()
+    finally:
+        store.close()
+        admin.acl_deluser(user)
+        flush_prefix(admin, prefix)
+        admin.close()

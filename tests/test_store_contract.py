@@ -322,6 +322,11 @@ def test_update_locked_can_decline(store: Store) -> None:
     assert loaded.payload == b"kept"
     missing = secrets.token_hex(16)
     seen: list[Record | None] = []
-    assert store.update_locked(missing, lambda current: seen.append(current), now=NOW) is None  # type: ignore[func-returns-value]
+
+    def look(current: Record | None) -> Record | None:
+        seen.append(current)
+        return None
+
+    assert store.update_locked(missing, look, now=NOW) is None
     assert seen == [None]
     assert store.load(missing) is None

@@ -326,8 +326,10 @@ OPTIONS: tuple[Option, ...] = (
         "REDIS_WAIT_REPLICAS",
         "int",
         0,
-        "After each write, wait (up to CLOAKROOM_STORE_TIMEOUT) until this many Redis "
-        "replicas have it (Redis WAIT), so an acknowledged session survives a failover. "
+        "After each write, wait (up to half of CLOAKROOM_STORE_TIMEOUT, so the reply "
+        "arrives within the socket timeout) until this many Redis replicas have it (Redis "
+        "WAIT), so an acknowledged session, logout or revocation survives a failover; if "
+        "fewer acknowledge in time, the request still succeeds and a warning is logged. "
         "0 does not wait: a failover can lose the last writes.",
         "1",
         _non_negative_int,

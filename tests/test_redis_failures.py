@@ -118,11 +118,6 @@ def test_an_app_rides_out_a_redis_restart(
     assert web.get("/get/x").get_json() == {"value": "after"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="manager/extension: logout() on an UnavailableSession answers 200 without "
-    "deleting the record, and login() lets StoreUnavailable escape as a 500",
-)
 @pytest.mark.parametrize("path", ["/logout", "/login/alice"])
 def test_login_and_logout_during_an_outage_answer_503(
     controllable_redis: ControllableRedis, keys: Keys, path: str

@@ -28,10 +28,10 @@ from .activity import Event
 if TYPE_CHECKING:
     from .adoption import ImportReport
 from .cookiemode import CookieSessionManager
-from .errors import ConfigError, NoSession
-from .interface import CloakroomSessionInterface
+from .errors import ConfigError, NoSession, StoreError
+from .interface import CloakroomSessionInterface, refuse
 from .manager import Clock, RekeyReport, SessionInfo, SessionManager
-from .session import ServerSession
+from .session import ServerSession, UnavailableSession
 from .settings import load_settings
 from .stores import Store, open_store, wrap_client
 from .stores.cookie import CookieStore
@@ -176,6 +176,28 @@ class Cloakroom:
             )
         return session
 
+    def _writable_session(self) -> ServerSession:
+        """The current session, for an operation that must reach the store.
+
+        While the store is failing this answers the request as
+        ``CLOAKROOM_ON_STORE_ERROR`` says (503 by default): a login, logout or
+        rotation must never seem to succeed without taking effect.
+        """
+        session = self._session()
+        if isinstance(session, UnavailableSession):
+            refuse(self._manager(), session.error)
+        return session
+
+    def _guard(self, work: Callable[[], _R]) -> _R:
+        """Run a store operation; inside a request, a store failure becomes the 503."""
+        try:
+            return work()
+        except StoreError as error:
+            if not has_request_context():
+                raise
+            refuse(self._manager(), error)
+            raise  # pragma: no cover - refuse() always raises here
+
     def _current_key(self) -> str | None:
         if not has_request_context():
             return None
@@ -205,13 +227,12 @@ class Cloakroom:
         rule whose action is ``revoke``); the session is then left as it was.
         """
         manager = self._manager()
-        session = self._session()
-        manager.login(
-            session,
-            _user_text(user_id),
-            remember=remember,
-            now=manager.now(),
-            client=session.client,
+        session = self._writable_session()
+        user = _user_text(user_id)
+        self._guard(
+            lambda: manager.login(
+                session, user, remember=remember, now=manager.now(), client=session.client
+            )
         )
 
     def confirm_login(self) -> None:
@@ -221,7 +242,7 @@ class Cloakroom:
         :meth:`login_age`, and rotates the session id.
         """
         manager = self._manager()
-        manager.confirm_login(self._session(), manager.now())
+        manager.confirm_login(self._writable_session(), manager.now())
 
     def logout(self) -> None:
         """End the current session: delete its record now, clear its data, expire the cookie.
@@ -230,14 +251,15 @@ class Cloakroom:
         "goodbye") goes into a new anonymous session.
         """
         manager = self._manager()
-        manager.logout(self._session(), manager.now())
+        session = self._writable_session()
+        self._guard(lambda: manager.logout(session, manager.now()))
 
     def rotate(self) -> None:
         """Give the current session a new id, keeping its data.
 
         The old id stops working when the response is sent.
         """
-        session = self._session()
+        session = self._writable_session()
         if session.key is not None and not session.rotate_requested:
             session.rotate_requested = True
             session.accessed = True
@@ -299,21 +321,22 @@ class Cloakroom:
         the current session's user.  Returns how many sessions ended.
         """
         manager = self._manager()
-        session = self._session() if has_request_context() else None
+        session = self._writable_session() if has_request_context() else None
         if user_id is None:
             if session is None or session.meta is None or session.meta.user_id is None:
                 raise NoSession("credentials_changed() needs a user id outside a logged-in request")
             user = session.meta.user_id
         else:
             user = _user_text(user_id)
-        return manager.credentials_changed(session, user, manager.now())
+        return self._guard(lambda: manager.credentials_changed(session, user, manager.now()))
 
     # -- any session -----------------------------------------------------------
 
     def sessions(self, user_id: str | int) -> list[SessionInfo]:
         """The live sessions of a user, most recently used first."""
         manager = self._manager()
-        return manager.sessions(_user_text(user_id), manager.now(), self._current_key())
+        user = _user_text(user_id)
+        return self._guard(lambda: manager.sessions(user, manager.now(), self._current_key()))
 
     def revoke(self, handle: str, *, by: str | None = None, reason: str | None = None) -> bool:
         """End the session named by ``handle``; return whether it existed.
@@ -325,7 +348,7 @@ class Cloakroom:
         if not isinstance(handle, str) or not is_store_key(handle):
             return False
         manager = self._manager()
-        ended = manager.revoke(handle, manager.now(), by=by, reason=reason)
+        ended = self._guard(lambda: manager.revoke(handle, manager.now(), by=by, reason=reason))
         if handle == self._current_key():
             self._session().end(deleted=True)
         return ended
@@ -347,8 +370,9 @@ class Cloakroom:
         manager = self._manager()
         user = _user_text(user_id)
         current = self._current_key()
-        count = manager.revoke_user(
-            user, manager.now(), keep=current if keep_current else None, by=by, reason=reason
+        keep = current if keep_current else None
+        count = self._guard(
+            lambda: manager.revoke_user(user, manager.now(), keep=keep, by=by, reason=reason)
         )
         if current is not None and not keep_current:
             session = self._session()
@@ -370,12 +394,15 @@ class Cloakroom:
         Page backwards with ``before`` set to the last event's ``at``.
         """
         manager = self._manager()
-        return manager.activity.query(
-            user_id=None if user_id is None else _user_text(user_id),
-            since=None if since is None else since.timestamp(),
-            before=None if before is None else before.timestamp(),
-            kinds=kinds,
-            limit=limit,
+        user = None if user_id is None else _user_text(user_id)
+        return self._guard(
+            lambda: manager.activity.query(
+                user_id=user,
+                since=None if since is None else since.timestamp(),
+                before=None if before is None else before.timestamp(),
+                kinds=kinds,
+                limit=limit,
+            )
         )
 
     def import_flask_session(

@@ -114,17 +114,8 @@ class CloakroomSessionInterface(SessionInterface):
 
     def _on_unavailable(self, session: UnavailableSession) -> None:
         """Called on the first use of the session while the store is failing."""
-        hook = self.manager.settings.on_store_error
-        if hook is not None:
-            chosen = hook(session.error)
-            if chosen is ANONYMOUS:
-                session.degraded = True
-                return
-            if chosen is not None:
-                from flask import current_app
-
-                raise HTTPException(response=current_app.make_response(chosen))
-        raise SessionUnavailable(self.manager.settings.retry_after) from session.error
+        if refuse(self.manager, session.error, anonymous_ok=True):
+            session.degraded = True
 
     def _fail(self, app: Flask, response: Response, error: StoreError) -> None:
         """Turn the response into the store-error response: the session was not saved."""
@@ -173,3 +164,22 @@ def _vary_on_cookie(response: BaseResponse) -> None:
         response.headers["Vary"] = "Cookie"
     elif "cookie" not in existing.lower():
         response.headers["Vary"] = f"{existing}, Cookie"
+
+
+def refuse(manager: SessionManager, error: Exception, *, anonymous_ok: bool = False) -> bool:
+    """Answer a store failure during a request as ``CLOAKROOM_ON_STORE_ERROR`` says.
+
+    Raises an HTTP exception carrying the hook's response, or
+    :class:`SessionUnavailable` (503).  Returns ``True`` only when the hook chose
+    :data:`ANONYMOUS` and the caller can go on without the store (``anonymous_ok``).
+    """
+    hook = manager.settings.on_store_error
+    if hook is not None:
+        chosen = hook(error)
+        if chosen is ANONYMOUS and anonymous_ok:
+            return True
+        if chosen is not None and chosen is not ANONYMOUS:
+            from flask import current_app
+
+            raise HTTPException(response=current_app.make_response(chosen))
+    raise SessionUnavailable(manager.settings.retry_after) from error

@@ -9,8 +9,11 @@ naming the key.
 
 A stored payload is one compact JSON document (format version 1)::
 
-    {"v": 1, "c": created, "s": last seen, "a": login time, "u": user id,
-     "r": remember, "ip": ..., "ua": ..., "lip": ..., "x": {extra}, "d": {data}}
+    {"v": 1, "c": created, "s": last seen - c, "a": login time - c, "u": user id,
+     "r": remember, "ip": ..., "ua": ..., "lip": login IP if not "ip",
+     "dev": device, "loc": location, "x": {extra}, "d": {data}}
+
+with times to a tenth of a second.
 
 where ``d`` maps each session key to its tagged value.  Keys are tagged one by
 one (the top-level dict is never itself tagged), which is what lets
@@ -108,13 +111,16 @@ class Codec:
         Raises :class:`SessionNotSerializable` naming the first key whose value
         is not serializable, and :class:`RecordTooLarge` past ``max_size``.
         """
+        # Times are kept to a tenth of a second, "s" and "a" as offsets from "c":
+        # plenty for timeouts, and every byte of a record counts in Redis.
+        created = round(meta.created_at, 1)
         doc: dict[str, Any] = {
             "v": FORMAT_VERSION,
-            "c": meta.created_at,
-            "s": meta.last_seen_at,
+            "c": created,
+            "s": _offset(meta.last_seen_at, created),
         }
         if meta.auth_at is not None:
-            doc["a"] = meta.auth_at
+            doc["a"] = _offset(meta.auth_at, created)
         if meta.user_id is not None:
             doc["u"] = meta.user_id
         if meta.remember:
@@ -123,8 +129,8 @@ class Codec:
             doc["ip"] = meta.ip
         if meta.user_agent is not None:
             doc["ua"] = meta.user_agent
-        if meta.login_ip is not None:
-            doc["lip"] = meta.login_ip
+        if meta.login_ip != meta.ip and (meta.auth_at is not None or meta.login_ip is not None):
+            doc["lip"] = meta.login_ip  # left out in the usual case: the login IP is the IP
         if meta.device is not None:
             doc["dev"] = meta.device
         if meta.location is not None:
@@ -199,6 +205,10 @@ class Codec:
         try:
             created, seen, data = doc["c"], doc["s"], doc["d"]
             auth_at = doc.get("a")
+            if _is_time(created) and _is_time(seen):
+                seen = created + seen
+                if auth_at is not None and _is_time(auth_at):
+                    auth_at = created + auth_at
             user_id = doc.get("u")
             extra = doc.get("x", {})
             meta = Meta(
@@ -209,7 +219,7 @@ class Codec:
                 remember=doc.get("r", False),
                 ip=doc.get("ip"),
                 user_agent=doc.get("ua"),
-                login_ip=doc.get("lip"),
+                login_ip=doc.get("lip", doc.get("ip") if auth_at is not None else None),
                 device=doc.get("dev"),
                 location=doc.get("loc"),
                 extra=extra,
@@ -232,6 +242,12 @@ class Codec:
         ):
             raise RecordDecodeError("a field has the wrong type")
         return Decoded(meta, data, current)
+
+
+def _offset(moment: float, base: float) -> float | int:
+    """``moment - base`` to a tenth of a second, written as briefly as JSON allows."""
+    tenths = round((moment - base) * 10)
+    return tenths // 10 if tenths % 10 == 0 else tenths / 10
 
 
 def _is_time(value: Any) -> bool:

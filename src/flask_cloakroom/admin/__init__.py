@@ -44,7 +44,7 @@ from flask import (
 from werkzeug.wrappers import Response
 
 from ..activity import EVENT_KINDS, Event
-from ..errors import NoSession, NotSupported, StoreError
+from ..errors import NoSession, NotSupported, SessionUnavailable, StoreError
 from ..manager import SessionManager
 from ..tokens import is_store_key
 from .operations import (
@@ -184,11 +184,15 @@ def make_blueprint(
         return page, 501
 
     @bp.errorhandler(StoreError)
-    def store_failed(error: StoreError) -> tuple[str, int]:
+    @bp.errorhandler(SessionUnavailable)
+    def store_failed(error: StoreError | SessionUnavailable) -> tuple[str, int]:
+        # Inside a request, Cloakroom's API reports a store failure as
+        # SessionUnavailable, with the StoreError as its cause.
+        cause = error.__cause__ if isinstance(error, SessionUnavailable) else error
         page = render_template(
             "cloakroom_admin/unavailable.html",
             title="The session store is unavailable",
-            message=str(error),
+            message=str(cause or error),
         )
         return page, 503
 

@@ -24,9 +24,6 @@ from flask.sessions import session_json_serializer
 from flask.typing import ResponseReturnValue
 
 from .activity import Event
-
-if TYPE_CHECKING:
-    from .adoption import ImportReport
 from .cookiemode import CookieSessionManager
 from .errors import ConfigError, NoSession, StoreError
 from .interface import CloakroomSessionInterface, refuse
@@ -36,6 +33,9 @@ from .settings import load_settings
 from .stores import Store, open_store, wrap_client
 from .stores.cookie import CookieStore
 from .tokens import is_store_key
+
+if TYPE_CHECKING:
+    from .adoption import ImportReport
 
 EXTENSION_KEY = "cloakroom"
 _P = ParamSpec("_P")

@@ -95,7 +95,7 @@ class Adoption:
                 session.had_cookie = True
                 session.rotate_requested = True  # re-issued in Cloakroom's format, new id
                 session.pending.append(("adopted", {"source": "flask-session"}))
-                return self.manager.watch(session, now, client)
+                return self.manager.watch.check(session, now, client)
         return None
 
     def _flask_session_ids(self, value: str) -> Iterator[str]:

@@ -80,7 +80,7 @@ class CookieSessionManager(SessionManager):
             session = self._open_one(value, now)
             if session is not None:
                 session.had_cookie = True
-                return self.watch(session, now, client)
+                return self.watch.check(session, now, client)
         session = ServerSession()
         session.had_cookie = had_cookie
         return session
@@ -105,7 +105,7 @@ class CookieSessionManager(SessionManager):
 
     # -- writing ---------------------------------------------------------------
 
-    def _delete_quietly(self, key: str) -> None:
+    def delete_quietly(self, key: str) -> None:
         return None  # nothing is stored: ending a session is expiring its cookie
 
     def _choose_cookie(self, session: ServerSession) -> None:
@@ -204,7 +204,7 @@ class CookieSessionManager(SessionManager):
         Returns 0: the server cannot count cookies it does not keep.
         """
         if session is not None and session.meta is not None and session.meta.user_id == user_id:
-            fingerprint = self.fingerprint(user_id)
+            fingerprint = self.watch.fingerprint(user_id)
             if fingerprint is not None:
                 session.meta.extra["cfp"] = fingerprint
             session.meta_changed = True

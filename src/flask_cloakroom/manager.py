@@ -38,18 +38,16 @@ from .codec import Codec, Decoded
 from .crypto import Keyring, derive_key
 from .errors import (
     LoginRefused,
-    NotSupported,
     RecordDecodeError,
     StoreError,
     StoreUnavailable,
-    TooManySessions,
 )
 from .policy import Policy
-from .rules import Finding, Rules
 from .session import Meta, ServerSession
 from .settings import Settings
 from .stores.base import Record, Store
 from .tokens import CookieSigner, new_session_id, store_key
+from .watch import FINGERPRINT, REAUTH, Watch
 
 logger = logging.getLogger("flask_cloakroom")
 
@@ -70,9 +68,6 @@ def _backoff(attempt: int) -> None:
 
 #: How many cookies of the session's name are checked in one request.
 MAX_COOKIES = 4
-#: Keys in Meta.extra.
-_REAUTH = "reauth"
-_FINGERPRINT = "cfp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +144,6 @@ class SessionManager:
         )
         self.signer = CookieSigner(settings.secret_keys)
         self._clock = clock
-        self.rules = Rules(settings.rules, settings.geolocate)
         self.activity = ActivityLog(
             store,
             keyring=keyring,
@@ -157,7 +151,7 @@ class SessionManager:
             retention=settings.activity_retention,
             user_index=self.user_index,
         )
-        self._fingerprint_key = derive_key(settings.secret_keys[0], "credential-fingerprint")
+        self.watch = Watch(self)
         self.adoption: Adoption | None = None
         if settings.adopt_flask_cookies or settings.adopt_flask_session:
             from .adoption import Adoption
@@ -215,7 +209,7 @@ class SessionManager:
             session.session_id = unsigned.session_id
             session.stale_signature = unsigned.stale_key
             session.had_cookie = True
-            return self.watch(session, now, client)
+            return self.watch.check(session, now, client)
         if foreign and self.adoption is not None:
             adopted = self.adoption.adopt(foreign, now, client)
             if adopted is not None:
@@ -235,7 +229,7 @@ class SessionManager:
         meta, raw, _ = decoded
         why = self.policy.expired(meta, now)
         if why is not None:
-            self._delete_quietly(key)
+            self.delete_quietly(key)
             self.emit(f"expired_{why}", now, key, meta)
             return None
         return ServerSession(
@@ -253,7 +247,8 @@ class SessionManager:
             )
             return None
 
-    def _delete_quietly(self, key: str) -> None:
+    def delete_quietly(self, key: str) -> None:
+        """Delete a record; a store failure is logged, not raised (the caller goes on)."""
         try:
             self.store.delete(key)
         except StoreError as error:
@@ -283,97 +278,6 @@ class SessionManager:
                 details=details,
             )
         )
-
-    def fingerprint(self, user_id: str) -> str | None:
-        """A keyed hash of the app's credential fingerprint of a user, or ``None``."""
-        function = self.settings.credential_fingerprint
-        if function is None:
-            return None
-        value = function(user_id)
-        if value is None:
-            return None
-        return hmac.digest(self._fingerprint_key, str(value).encode("utf-8"), "sha256").hex()[:32]
-
-    def watch(self, session: ServerSession, now: float, client: Client) -> ServerSession:
-        """Check a loaded, logged-in session against the request; no store round trip.
-
-        Returns the session, or a fresh empty one if it had to end (credentials
-        changed, or a rule revoked it).
-        """
-        meta = session.meta
-        if meta is None or meta.user_id is None:
-            return session
-        if self.settings.credential_fingerprint is not None:
-            current = self.fingerprint(meta.user_id)
-            stored = meta.extra.get(_FINGERPRINT)
-            if stored is None:
-                meta.extra[_FINGERPRINT] = current
-                session.meta_changed = True
-            elif stored != current:
-                return self._end_now(
-                    session, now, "revoked", by="cloakroom", reason="credential_changed"
-                )
-        if client.ip == meta.ip and client.user_agent == meta.user_agent:
-            return session  # the common case: nothing to compare
-        location = meta.location
-        if client.ip != meta.ip and client.ip is not None and self.settings.geolocate:
-            location = self._locate(client.ip)
-        findings = self.rules.check_request(meta, client.ip, client.user_agent, now, location)
-        for finding in findings:
-            if finding.action == "revoke":
-                self._anomaly(finding, now, session.key, meta)
-                return self._end_now(session, now, "revoked", by="rule", reason=finding.rule)
-        for finding in findings:
-            self._apply(finding, session, now)
-        if client.ip is not None:
-            meta.ip, meta.location = client.ip, location
-        if client.user_agent != meta.user_agent:
-            device = device_of(client.user_agent)
-            meta.user_agent, meta.device = client.user_agent, device.label if device else None
-        session.meta_changed = True
-        return session
-
-    def _locate(self, ip: str) -> str | None:
-        try:
-            return self.settings.geolocate(ip) if self.settings.geolocate else None
-        except Exception:
-            logger.exception("CLOAKROOM_GEOLOCATE failed for an address; location left empty")
-            return None
-
-    def _anomaly(self, finding: Finding, now: float, handle: str | None, meta: Meta) -> None:
-        self.emit(
-            "anomaly",
-            now,
-            handle,
-            meta,
-            rule=finding.rule,
-            action=finding.action,
-            **finding.details,
-        )
-
-    def _apply(self, finding: Finding, session: ServerSession, now: float) -> None:
-        assert session.meta is not None
-        self._anomaly(finding, now, session.key, session.meta)
-        if finding.action == "rotate" and session.key is not None:
-            session.rotate_requested = True
-            session.pending.append(("rotated", {"reason": finding.rule}))
-        elif finding.action == "require_reauth":
-            session.meta.extra[_REAUTH] = True
-            session.meta_changed = True
-
-    def _end_now(
-        self, session: ServerSession, now: float, kind: str, **details: Any
-    ) -> ServerSession:
-        """Delete a loaded session at once and hand the request a fresh one."""
-        key = session.key
-        if key is not None:
-            self._delete_quietly(key)
-        self.emit(kind, now, key, session.meta, **details)
-        fresh = ServerSession()
-        fresh.had_cookie = True
-        return fresh
-
-    # -- writing ---------------------------------------------------------------
 
     def save(self, session: ServerSession, now: float, client: Client = NO_CLIENT) -> None:
         """Write what the request did to the session, in as few store calls as possible.
@@ -410,7 +314,7 @@ class SessionManager:
         meta = session.meta
         if meta is None or meta.user_id is None or meta.auth_at is None:
             return None
-        if meta.extra.get(_REAUTH):
+        if meta.extra.get(REAUTH):
             return None
         return max(0.0, now - meta.auth_at)
 
@@ -613,17 +517,18 @@ class SessionManager:
         """
         if session.meta is not None and session.meta.user_id not in (None, user_id):
             session.end()  # another user's session: start clean, keep nothing of theirs
-        live = self._live_for_login(user_id, now, session.key)
-        findings = self.rules.check_login(
-            client.ip, client.user_agent, now, self._login_history(user_id, now, live)
+        watch = self.watch
+        live = watch.others(user_id, now, session.key)
+        findings = watch.rules.check_login(
+            client.ip, client.user_agent, now, watch.login_history(user_id, now, live)
         )
         for finding in findings:
             if finding.action == "revoke":
                 attempt = self.new_meta(now, client)
                 attempt.user_id = user_id
-                self._anomaly(finding, now, None, attempt)
+                watch.anomaly(finding, now, None, attempt)
                 raise LoginRefused(finding.rule, finding.details)
-        self._enforce_limit(user_id, live, now)
+        watch.enforce_limit(user_id, live, now)
         meta = session.meta
         if meta is None:
             meta = session.meta = self.new_meta(now, client)
@@ -634,11 +539,11 @@ class SessionManager:
         meta.ip = meta.login_ip = client.ip
         meta.user_agent = client.user_agent
         meta.device = device.label if device else None
-        meta.location = self._locate(client.ip) if client.ip and self.settings.geolocate else None
-        meta.extra.pop(_REAUTH, None)
-        fingerprint = self.fingerprint(user_id)
+        meta.location = watch.locate(client.ip) if client.ip and self.settings.geolocate else None
+        meta.extra.pop(REAUTH, None)
+        fingerprint = watch.fingerprint(user_id)
         if fingerprint is not None:
-            meta.extra[_FINGERPRINT] = fingerprint
+            meta.extra[FINGERPRINT] = fingerprint
         if remember:
             session.permanent = True
         session.rotate_requested = session.key is not None
@@ -648,53 +553,7 @@ class SessionManager:
             details = {"rule": finding.rule, "action": finding.action, **finding.details}
             session.pending.append(("anomaly", details))
             if finding.action == "require_reauth":
-                meta.extra[_REAUTH] = True
-
-    def _live_for_login(
-        self, user_id: str, now: float, current: str | None
-    ) -> list[tuple[Record, Meta]] | None:
-        """The user's other live sessions, when the limit or the rules need them."""
-        if self.settings.max_sessions_per_user is None and not self.rules.need_history:
-            return None
-        try:
-            return [(r, m) for r, m in self._records_of(user_id, now) if r.key != current]
-        except NotSupported:
-            return None
-
-    def _login_history(
-        self, user_id: str, now: float, live: list[tuple[Record, Meta]] | None
-    ) -> list[tuple[float, str | None, str | None]]:
-        """Past logins as ``(time, ip, user agent)``: the activity log, else live sessions."""
-        if not self.rules.need_history:
-            return []
-        if self.activity.persistent and "login" in self.activity.kinds:
-            try:
-                events = self.activity.query(
-                    user_id=user_id,
-                    kinds=["login"],
-                    since=now - self.settings.activity_retention,
-                    limit=500,
-                )
-                return [(e.at.timestamp(), e.ip, e.user_agent) for e in events]
-            except NotSupported:
-                pass
-        return [
-            (m.auth_at if m.auth_at is not None else m.created_at, m.login_ip, m.user_agent)
-            for _, m in live or []
-        ]
-
-    def _enforce_limit(
-        self, user_id: str, live: list[tuple[Record, Meta]] | None, now: float
-    ) -> None:
-        limit = self.settings.max_sessions_per_user
-        if limit is None or live is None or len(live) < limit:
-            return
-        if self.settings.session_limit_policy == "refuse":
-            raise TooManySessions(user_id, limit)
-        oldest_first = sorted(live, key=lambda item: item[1].last_seen_at)
-        for record, meta in oldest_first[: len(live) - limit + 1]:
-            if self.store.delete(record.key):
-                self.emit("evicted", now, record.key, meta, limit=limit)
+                meta.extra[REAUTH] = True
 
     def confirm_login(self, session: ServerSession, now: float) -> None:
         """Mark the login fresh again after the user re-entered their credentials."""
@@ -702,7 +561,7 @@ class SessionManager:
         if meta is None or meta.user_id is None:
             raise LoginRefused("not_logged_in", {"reason": "there is no login to confirm"})
         meta.auth_at = now
-        meta.extra.pop(_REAUTH, None)
+        meta.extra.pop(REAUTH, None)
         session.rotate_requested = session.key is not None
         session.meta_changed = session.accessed = True
         session.pending.append(("login", {"confirmed": True}))
@@ -715,9 +574,9 @@ class SessionManager:
         current = None
         if session is not None and session.meta is not None and session.meta.user_id == user_id:
             current = session.key
-            fingerprint = self.fingerprint(user_id)
+            fingerprint = self.watch.fingerprint(user_id)
             if fingerprint is not None:
-                session.meta.extra[_FINGERPRINT] = fingerprint
+                session.meta.extra[FINGERPRINT] = fingerprint
             session.meta_changed = True
             self.emit("credential_changed", now, current, session.meta)
         else:
@@ -760,7 +619,7 @@ class SessionManager:
             location=meta.location,
         )
 
-    def _records_of(self, user_id: str, now: float) -> list[tuple[Record, Meta]]:
+    def records_of(self, user_id: str, now: float) -> list[tuple[Record, Meta]]:
         """The live, readable records of a user, checked against their decoded user id."""
         out: list[tuple[Record, Meta]] = []
         seen: set[str] = set()
@@ -780,7 +639,7 @@ class SessionManager:
 
     def sessions(self, user_id: str, now: float, current_key: str | None) -> list[SessionInfo]:
         """The live sessions of a user, most recently used first."""
-        out = [self._info(r.key, meta, current_key) for r, meta in self._records_of(user_id, now)]
+        out = [self._info(r.key, meta, current_key) for r, meta in self.records_of(user_id, now)]
         out.sort(key=lambda i: i.last_seen_at, reverse=True)
         return out
 
@@ -811,7 +670,7 @@ class SessionManager:
         reason: str | None = None,
     ) -> int:
         """Delete every session of a user except ``keep``; return how many ended."""
-        ending = [(r, m) for r, m in self._records_of(user_id, now) if r.key != keep]
+        ending = [(r, m) for r, m in self.records_of(user_id, now) if r.key != keep]
         count = self.store.delete_many([r.key for r, _ in ending])
         for record, meta in ending:
             self.emit("revoked", now, record.key, meta, by=by, reason=reason)

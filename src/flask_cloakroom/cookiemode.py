@@ -23,7 +23,7 @@ import binascii
 import json
 import secrets
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from flask.json.tag import TaggedJSONSerializer
 from werkzeug.http import dump_cookie
@@ -147,6 +147,8 @@ class CookieSessionManager(SessionManager):
 
     def _header(self, value: str, session: ServerSession) -> str:
         cookie = self.settings.cookie
+        # Werkzeug < 3.1 has no "partitioned" argument: pass it only when it is set.
+        extra: dict[str, Any] = {"partitioned": True} if cookie.partitioned else {}
         return dump_cookie(
             cookie.name,
             value,
@@ -156,8 +158,8 @@ class CookieSessionManager(SessionManager):
             secure=True,
             httponly=cookie.httponly,
             samesite=cookie.samesite,
-            partitioned=cookie.partitioned,
             max_size=0,  # measured here, so no warning from Werkzeug
+            **extra,
         )
 
     def _largest(self, tagged: dict[str, object]) -> list[tuple[str, int]]:

@@ -96,7 +96,7 @@ class SessionInfo:
 
 @dataclass(slots=True)
 class RekeyReport:
-    """What :meth:`SessionManager.rekey` did."""
+    """What :meth:`Cloakroom.rekey() <flask_cloakroom.Cloakroom.rekey>` did."""
 
     examined: int = 0
     rewritten: int = 0

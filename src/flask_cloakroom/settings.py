@@ -11,12 +11,15 @@ generated from :data:`OPTIONS`.
 from __future__ import annotations
 
 import difflib
+import inspect
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
+
+from werkzeug.http import dump_cookie
 
 from .activity import EVENT_KINDS, LOGGED_KINDS, TrustedProxies
 from .crypto import parse_key
@@ -607,6 +610,11 @@ def _cookie(config: Mapping[str, Any]) -> CookieSettings:
     if partitioned and not secure:
         raise ConfigError(
             "SESSION_COOKIE_SECURE", "a partitioned cookie must be Secure: set it to True"
+        )
+    if partitioned and "partitioned" not in inspect.signature(dump_cookie).parameters:
+        raise ConfigError(
+            "SESSION_COOKIE_PARTITIONED",
+            "needs Werkzeug 3.1 or newer (Flask 3.1): upgrade, or turn it off",
         )
     httponly = bool(config.get("SESSION_COOKIE_HTTPONLY", True))
     return CookieSettings(name, domain, path, httponly, secure, samesite, partitioned)

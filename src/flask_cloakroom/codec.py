@@ -23,7 +23,7 @@ concurrent writes be merged key by key.
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -37,6 +37,10 @@ FORMAT_VERSION = 1
 _SEALED_BYTE = bytes((SEALED,))
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: The last second of year 9999, the largest time a ``datetime`` can hold.
+_MAX_TIME = 253_402_300_799
+#: A JSON escape of a UTF-16 surrogate, which might be a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class Decoded(NamedTuple):
@@ -91,9 +95,16 @@ class Codec:
         return out
 
     def untag(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """Return the Python values of tagged data (new containers, ``raw`` untouched)."""
+        """Return the Python values of tagged data (new containers, ``raw`` untouched).
+
+        Raises :class:`RecordDecodeError` if a tagged value is malformed (a stored
+        ``{" u": "not-a-uuid"}``, say) or nested too deeply to rebuild.
+        """
         scan = self._untag_scan
-        return {key: scan(value) for key, value in raw.items()}
+        try:
+            return {key: scan(value) for key, value in raw.items()}
+        except Exception as error:  # Flask's tags trust their input: any error is a bad record
+            raise RecordDecodeError(f"a tagged value is malformed: {error!r}") from error
 
     def _untag_scan(self, value: Any) -> Any:
         kind = type(value)
@@ -157,7 +168,7 @@ class Codec:
     def _explain(tagged: dict[str, Any], error: Exception) -> Exception:
         for key, value in tagged.items():
             try:
-                _dumps(value)
+                _dumps(value).encode("utf-8")
             except (TypeError, ValueError) as inner:
                 return SessionNotSerializable(
                     key,
@@ -190,10 +201,14 @@ class Codec:
             current = False
         try:
             doc = json.loads(payload)
-        except (ValueError, TypeError) as error:
-            raise RecordDecodeError(f"not valid JSON: {error}") from error
+        except (ValueError, TypeError, RecursionError) as error:
+            raise RecordDecodeError(f"not valid JSON: {error!r}") from error
         if type(doc) is not dict:
             raise RecordDecodeError("not a JSON object")
+        if _SURROGATE_ESCAPE.search(payload) is not None and not _encodable(doc):
+            # We never write such escapes (ensure_ascii=False); a lone surrogate
+            # would load, then make every later write of the session fail.
+            raise RecordDecodeError("a string holds a lone surrogate")
         version = doc.get("v")
         if version != FORMAT_VERSION:
             if isinstance(version, int) and version > FORMAT_VERSION:
@@ -251,7 +266,17 @@ def _offset(moment: float, base: float) -> float | int:
 
 
 def _is_time(value: Any) -> bool:
-    return type(value) in (float, int) and math.isfinite(value)
+    # A range check, not math.isfinite(): that raises OverflowError on a huge int,
+    # and a time past year 9999 would break datetime conversions later on.
+    return type(value) in (float, int) and 0 <= value <= _MAX_TIME
+
+
+def _encodable(doc: Any) -> bool:
+    try:
+        _dumps(doc).encode("utf-8")
+    except (UnicodeError, RecursionError):
+        return False
+    return True
 
 
 def _optional_str(value: Any) -> bool:

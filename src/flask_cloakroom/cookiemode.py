@@ -98,7 +98,12 @@ class CookieSessionManager(SessionManager):
         if why is not None:
             self.emit(f"expired_{why}", now, key, meta)
             return None
-        session = ServerSession(self.codec.untag(raw), key=key, version=0, meta=meta, raw=raw)
+        try:
+            data = self.codec.untag(raw)
+        except RecordDecodeError as error:
+            logger.info("session cookie refused: %s", error)
+            return None
+        session = ServerSession(data, key=key, version=0, meta=meta, raw=raw)
         session.session_id = session_id
         session.stale_signature = not current
         return session

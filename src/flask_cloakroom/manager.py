@@ -232,20 +232,25 @@ class SessionManager:
             self.delete_quietly(key)
             self.emit(f"expired_{why}", now, key, meta)
             return None
-        return ServerSession(
-            self.codec.untag(raw), key=key, version=record.version, meta=meta, raw=raw
-        )
+        try:
+            data = self.codec.untag(raw)
+        except RecordDecodeError as error:
+            self._unreadable(key, error)
+            return None
+        return ServerSession(data, key=key, version=record.version, meta=meta, raw=raw)
 
     def _decode(self, record: Record) -> Decoded | None:
         try:
             return self.codec.decode(record.payload, record.key.encode("ascii"))
         except RecordDecodeError as error:
-            logger.warning(
-                "session %s: stored record is unreadable and is treated as absent: %s",
-                record.key,
-                error,
-            )
+            self._unreadable(record.key, error)
             return None
+
+    @staticmethod
+    def _unreadable(key: str, error: RecordDecodeError) -> None:
+        logger.warning(
+            "session %s: stored record is unreadable and is treated as absent: %s", key, error
+        )
 
     def delete_quietly(self, key: str) -> None:
         """Delete a record; a store failure is logged, not raised (the caller goes on)."""

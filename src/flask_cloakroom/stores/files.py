@@ -21,6 +21,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -31,6 +32,8 @@ from contextlib import ExitStack, contextmanager, suppress
 from ..errors import StoreError, StoreUnavailable
 from ..tokens import is_store_key
 from .base import EventRecord, Record, Store, filter_events
+
+logger = logging.getLogger("flask_cloakroom")
 
 _MAGIC = b"CLKF1"
 _HEADER = struct.Struct("!QdH")  # version, expires_at, length of the user id
@@ -109,10 +112,14 @@ class FileStore(Store):
         header = _HEADER.pack(record.version, record.expires_at, len(user))
         return _MAGIC + flag + header + user + record.payload
 
-    def _decode(self, key: str, blob: bytes) -> Record:
+    def _decode(self, key: str, blob: bytes) -> Record | None:
         start = len(_MAGIC) + 1
         if not blob.startswith(_MAGIC) or len(blob) < start + _HEADER.size:
-            raise StoreError(f"record {key} is not a Cloakroom record file", store=self.name)
+            # A damaged file (a crash of the disk, a hand edit) is an absent
+            # session, as a corrupt record is in every store; the next write of
+            # this key replaces it, and purge removes it.
+            logger.warning("record file %s is not a Cloakroom record file: ignored", key)
+            return None
         version, expires_at, user_len = _HEADER.unpack_from(blob, start)
         start += _HEADER.size
         user = blob[start : start + user_len].decode("utf-8", "replace")
@@ -260,11 +267,14 @@ class FileStore(Store):
         deleted = 0
         for key in list(self._keys()):
             record = self.load(key)
-            if record is None or record.expires_at > now:
+            if record is not None and record.expires_at > now:
                 continue
             with self._locked(key) as path:
                 current = self._read(path, key)
-                if current is not None and current.expires_at <= now:
+                if current is None:  # gone meanwhile, or a damaged file: remove it
+                    with suppress(FileNotFoundError):
+                        os.unlink(path)
+                elif current.expires_at <= now:
                     os.unlink(path)
                     self._unindex(current)
                     deleted += 1

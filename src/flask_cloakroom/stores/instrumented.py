@@ -42,8 +42,9 @@ class InstrumentedStore(Store):
 
     @property
     def writes(self) -> int:
-        """How many single-session writes (``save``, ``rotate``, ``delete``) were made."""
-        return self.calls["save"] + self.calls["rotate"] + self.calls["delete"]
+        """How many single-session writes (``save``, ``rotate``, ``update_locked``, ``delete``)."""
+        calls = self.calls
+        return calls["save"] + calls["rotate"] + calls["update_locked"] + calls["delete"]
 
     def _op(self, name: str, work: Callable[[], _T]) -> _T:
         self.calls[name] += 1
@@ -68,6 +69,13 @@ class InstrumentedStore(Store):
         return self._op(
             "rotate", lambda: self.inner.rotate(old_key, record, expected=expected, now=now)
         )
+
+    def update_locked(
+        self, key: str, change: Callable[[Record | None], Record | None], *, now: float
+    ) -> Record | None:
+        # Forwarded so that the inner store's own lock is used, not the base
+        # class's optimistic retries.
+        return self._op("update_locked", lambda: self.inner.update_locked(key, change, now=now))
 
     def delete(self, key: str) -> bool:
         return self._op("delete", lambda: self.inner.delete(key))

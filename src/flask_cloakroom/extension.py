@@ -188,6 +188,20 @@ class Cloakroom:
             refuse(self._manager(), session.error)
         return session
 
+    def _readable_session(self) -> ServerSession:
+        """The current session, for reading what the store said about it.
+
+        While the store is failing, the session could not be loaded: this
+        answers the request as ``CLOAKROOM_ON_STORE_ERROR`` says (503 by
+        default) rather than let a logged-in user look logged out.  If the
+        hook chose :data:`~flask_cloakroom.ANONYMOUS`, the session reads as
+        anonymous, as ``flask.session`` does.
+        """
+        session = self._session()
+        if isinstance(session, UnavailableSession):
+            session._check()  # what any read of flask.session does: refuse, or go on anonymous
+        return session
+
     def _guard(self, work: Callable[[], _R]) -> _R:
         """Run a store operation; inside a request, a store failure becomes the 503."""
         try:
@@ -268,12 +282,17 @@ class Cloakroom:
     @property
     def handle(self) -> str | None:
         """The current session's public handle, or ``None`` if it is not stored yet."""
-        return self._session().key
+        return self._readable_session().key
 
     @property
     def user_id(self) -> str | None:
-        """The user id the current session is bound to, or ``None``."""
-        meta = self._session().meta
+        """The user id the current session is bound to, or ``None``.
+
+        While the store is failing, reading it answers the request as
+        ``CLOAKROOM_ON_STORE_ERROR`` says (503 by default), like reading
+        ``flask.session``: a logged-in user never looks logged out.
+        """
+        meta = self._readable_session().meta
         return None if meta is None else meta.user_id
 
     def login_age(self) -> timedelta | None:
@@ -283,7 +302,7 @@ class Cloakroom:
         re-authentication: treat that as "too old".
         """
         manager = self._manager()
-        seconds = manager.login_age(self._session(), manager.now())
+        seconds = manager.login_age(self._readable_session(), manager.now())
         return None if seconds is None else timedelta(seconds=seconds)
 
     def fresh_login_required(

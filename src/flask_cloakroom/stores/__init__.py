@@ -84,7 +84,7 @@ def wrap_client(
     if module.startswith("sqlalchemy."):
         from .sql import SQLStore
 
-        return SQLStore(client, table=sql_table)
+        return SQLStore(client, table=sql_table, busy_timeout=timeout)
     if module.startswith("redis."):
         store: Store = _import_redis().RedisStore(
             client, prefix=redis_prefix, wait_replicas=redis_wait_replicas, wait_timeout=timeout
@@ -162,11 +162,12 @@ def _engine_options(backend: str, driver: str, timeout: float) -> dict[str, Any]
             "options": f"-c statement_timeout={millis}",
         }
     elif backend in ("mysql", "mariadb") and driver == "pymysql":
-        connect_args = {
-            "connect_timeout": whole,
-            "read_timeout": whole,
-            "write_timeout": whole,
-            # Bound waits for row locks (update_locked) by the store timeout too.
+        connect_args = {  # PyMySQL takes fractions of a second
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+            "write_timeout": timeout,
+            # Bound waits for row locks (update_locked) by the store timeout too
+            # (whole seconds: the server's variable is an integer).
             "init_command": f"SET SESSION innodb_lock_wait_timeout = {whole}",
         }
     return {"pool_timeout": timeout, "connect_args": connect_args}

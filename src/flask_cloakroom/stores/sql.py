@@ -16,8 +16,13 @@ The four statements on a request's path (load, insert, update, delete) are
 compiled once by SQLAlchemy for the engine's dialect and then run on DBAPI
 connections kept in autocommit mode (see :class:`_Connections`): one round
 trip per operation, with no ``BEGIN``/``ROLLBACK`` around it and none of the
-per-statement overhead of the Core execution path.  Everything else (paging,
-purging, the activity log) goes through SQLAlchemy Core as usual.
+per-statement overhead of the Core execution path.  Each of those statements
+must answer within the store timeout, or :class:`_Watchdog` breaks its
+connection (a frozen server would otherwise keep the request forever).
+Everything else (paging, purging, the activity log) goes through SQLAlchemy
+Core as usual.  On both paths, a pooled connection the server dropped while it
+sat idle (a restart) is replaced and the operation tried once more, so a
+restart costs no request and no ping is added to each one.
 SQLite files are opened in WAL mode with ``synchronous=NORMAL`` and a busy
 timeout, which is what makes the embedded default fast and safe with several
 worker processes.
@@ -25,7 +30,11 @@ worker processes.
 
 from __future__ import annotations
 
+import math
+import os
+import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -101,13 +110,126 @@ def _sqlite_pragmas(busy_timeout: float) -> Callable[[Any, Any], None]:
     def on_connect(dbapi_connection: Any, _: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
+            # The busy timeout first: switching to WAL takes a lock, and without a
+            # busy timeout a connection opened while another writes fails at once.
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         finally:
             cursor.close()
 
     return on_connect
+
+
+class _Watchdog:
+    """Breaks the connection of a statement that has not answered by its deadline.
+
+    A server that stops answering while its TCP connections stay up (a frozen
+    process, a stalled host: the kernel still acknowledges) would keep a
+    psycopg call waiting forever: psycopg has no client-side read timeout,
+    and keepalives and ``tcp_user_timeout`` do not fire while data is
+    acknowledged.  PyMySQL has a read timeout, but in whole seconds as we
+    configure it.  So the statements on the request path are watched here
+    instead: the caller arms a deadline before each statement and disarms it
+    after (a lock and a dict operation, no thread per statement); one daemon
+    thread for the process sleeps until the earliest deadline, and if that
+    statement is still running it shuts the connection's socket down, so the
+    blocked driver call fails at once with an ``OperationalError``.
+
+    What it is given is a duplicate of the connection's descriptor, made
+    when the connection was opened (see :class:`_Conn`): it keeps the socket
+    alive until the connection is discarded, so the watchdog can never hit a
+    descriptor number the OS has since given to another file.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread is not copied by fork
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._armed: dict[int, float] = {}  # descriptor: deadline
+        self._fired: set[int] = set()
+        self._wake_at = math.inf  # when the thread looks next; inf: it waits for arm()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, fd: int, deadline: float) -> None:
+        """Shut socket ``fd`` down at ``deadline`` (``time.monotonic()``) unless disarmed."""
+        with self._lock:
+            self._armed[fd] = deadline
+            if deadline < self._wake_at:  # rare under load: deadlines come in order
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._watch, name="cloakroom-sql-watchdog", daemon=True
+                    )
+                    self._thread.start()
+                self._wake_at = deadline
+                self._changed.notify()
+
+    def disarm(self, fd: int) -> bool:
+        """Stop watching ``fd``; return whether it was shut down for missing its deadline."""
+        with self._lock:
+            self._armed.pop(fd, None)
+            if fd in self._fired:
+                self._fired.discard(fd)
+                return True
+            return False
+
+    def _watch(self) -> None:
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                soonest = math.inf
+                for fd, deadline in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[fd]
+                        self._fired.add(fd)
+                        _shut_down(fd)
+                    elif deadline < soonest:
+                        soonest = deadline
+                self._wake_at = soonest
+                self._changed.wait(None if soonest == math.inf else soonest - now)
+
+
+def _shut_down(fd: int) -> None:
+    """Shut a socket down, both ways: a call blocked on it returns at once."""
+    with suppress(OSError):  # already shut by the peer, or not a socket: nothing to break
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.detach()  # the descriptor stays open, for _Conn.close()
+
+
+_WATCHDOG = _Watchdog()
+
+
+class _Conn:
+    """A DBAPI connection of :class:`_Connections`, with what the store keeps about it."""
+
+    __slots__ = ("dbapi", "fd", "pooled")
+
+    def __init__(self, dbapi: Any) -> None:
+        self.dbapi = dbapi
+        self.pooled = False  # True once it has been idle in the pool
+        # A duplicate of its socket's descriptor, for the watchdog (a plain
+        # descriptor: a socket object could make the socket non-blocking under
+        # socket.setdefaulttimeout()).  None if the driver does not show its
+        # socket; SQLite has none, and never waits on a network.
+        self.fd: int | None = None
+        fileno = getattr(dbapi, "fileno", None)  # psycopg, psycopg2
+        if fileno is None:
+            fileno = getattr(getattr(dbapi, "_sock", None), "fileno", None)  # PyMySQL
+        if fileno is not None:
+            with suppress(Exception):
+                self.fd = os.dup(fileno())
+
+    def close(self) -> None:
+        with suppress(Exception):  # closing a broken connection may fail; it is gone either way
+            self.dbapi.close()
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 class _Connections:
@@ -121,45 +243,91 @@ class _Connections:
 
     def __init__(self, engine: Engine, size: int, timeout: float) -> None:
         self._engine = engine
-        self._idle: deque[Any] = deque()
+        self._idle: deque[_Conn] = deque()
         self._slots = threading.BoundedSemaphore(size)
         self._timeout = timeout
 
-    @contextmanager
-    def connection(self) -> Iterator[Any]:
-        """Lend a connection; it is kept only if the block ends without an error."""
+    def take(self, *, fresh: bool = False) -> _Conn:
+        """An idle connection (a new one if ``fresh`` or none is idle); give it back after."""
         if not self._slots.acquire(timeout=self._timeout):
             raise PoolTimeout("no free database connection within the store timeout")
         try:
-            try:
-                conn = self._idle.pop()
-            except IndexError:
-                conn = self._connect()
-            try:
-                yield conn
-            except BaseException:
-                _close_quietly(conn)  # it may be broken: never lend it again
-                raise
-            self._idle.append(conn)
-        finally:
+            if not fresh:
+                with suppress(IndexError):
+                    return self._idle.pop()
+            return self._connect()
+        except BaseException:
             self._slots.release()
+            raise
 
-    def _connect(self) -> Any:
+    def give_back(self, conn: _Conn) -> None:
+        conn.pooled = True
+        self._idle.append(conn)
+        self._slots.release()
+
+    def discard(self, conn: _Conn) -> None:
+        """Close a connection that may be broken, so that it is never lent again."""
+        conn.close()
+        self._slots.release()
+
+    def _connect(self) -> _Conn:
         proxied = self._engine.raw_connection()
         conn = proxied.dbapi_connection
         assert conn is not None
         proxied.detach()
         self._engine.dialect.set_isolation_level(conn, "AUTOCOMMIT")
-        return conn
+        return _Conn(conn)
+
+    def flush(self) -> None:
+        """Close the idle connections, ours and those in the engine's pool.
+
+        Called when the server dropped one of ours while it sat idle (it
+        restarted): the others are as old, so likely dead too.  The engine's
+        pool matters because it is where new connections come from.
+        """
+        self.close()
+        self._engine.pool.dispose()
 
     def close(self) -> None:
+        """Close the idle connections (those lent out are closed when given back broken)."""
         while self._idle:
-            _close_quietly(self._idle.pop())
+            with suppress(IndexError):  # another thread took the last one
+                self._idle.pop().close()
 
 
-def _close_quietly(conn: Any) -> None:
-    with suppress(Exception):  # closing a broken connection may fail; it is gone either way
-        conn.close()
+class _Watched:
+    """A cursor whose statements are watched by :data:`_WATCHDOG`, each for ``timeout``.
+
+    ``late`` tells whether the watchdog shut the connection down.
+    """
+
+    __slots__ = ("_cursor", "_fd", "_timeout", "late")
+
+    def __init__(self, cursor: Any, fd: int, timeout: float) -> None:
+        self._cursor = cursor
+        self._fd = fd
+        self._timeout = timeout
+        self.late = False
+
+    def execute(self, *args: Any) -> None:
+        _WATCHDOG.arm(self._fd, time.monotonic() + self._timeout)
+        try:
+            self._cursor.execute(*args)
+        finally:
+            if _WATCHDOG.disarm(self._fd):
+                self.late = True
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    @property
+    def rowcount(self) -> int:
+        rowcount: int = self._cursor.rowcount
+        return rowcount
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0] or type(error).__name__
 
 
 class SQLStore(Store):
@@ -169,7 +337,9 @@ class SQLStore(Store):
     ``db.engine``) or let :func:`~flask_cloakroom.stores.open_store` make one
     from a URL.  ``create_table=False`` leaves the schema to you (see
     :func:`sessions_table`).  ``busy_timeout`` (seconds) is how long SQLite
-    waits for another process's write lock before the store gives up.
+    waits for another process's write lock before the store gives up, and
+    how long any statement of a session load, save or delete may wait for
+    the database before its connection is broken and the store gives up.
     """
 
     def __init__(
@@ -233,6 +403,7 @@ class SQLStore(Store):
         pool = engine.pool
         size = getattr(pool, "size", lambda: 5)() + max(0, getattr(pool, "_max_overflow", 10))
         self._connections = _Connections(engine, max(size, 5), busy_timeout)
+        self._timeout = busy_timeout
         self._dbapi: Any = engine.dialect.loaded_dbapi
 
     def describe(self) -> str:
@@ -270,31 +441,72 @@ class SQLStore(Store):
     def _with_cursor(self, work: Callable[[Any], _T]) -> _T:
         """Run ``work`` on a cursor of a raw autocommit connection, mapping errors.
 
-        A connection the server dropped while idle is replaced once.
-        IntegrityError is left to the caller.
+        Each statement must answer within the store timeout (see
+        :class:`_Watchdog`).  IntegrityError is left to the caller.
+
+        A pooled connection the server dropped while it sat idle (a restart)
+        fails on its first statement: it is discarded with the other idle
+        connections (as old, so likely dead too) and ``work`` runs once more,
+        on a new connection.  The retry is safe for writes because every write
+        is conditional: had the statement landed before the connection died,
+        its retry finds the version moved on (an update or rotation matches no
+        row) or the key taken (an insert breaks the primary key), which callers
+        already handle as a lost race, and a repeated delete finds nothing.
+        ``update_locked`` works in a transaction, so a failed attempt committed
+        nothing.  There is no retry for a connection opened for this call, nor
+        after a missed deadline: that server is not answering, and a second
+        wait would double the client's.
         """
         dbapi = self._dbapi
-        for attempt in (1, 2):
+        fresh = False
+        while True:
             try:
-                with self._connections.connection() as conn:
-                    cursor = conn.cursor()
-                    try:
-                        return work(cursor)
-                    finally:
-                        cursor.close()
-            except dbapi.IntegrityError:
-                raise
-            except dbapi.Error as error:
-                broken = isinstance(error, dbapi.OperationalError | dbapi.InterfaceError)
-                if attempt == 1 and broken and self.engine.dialect.is_disconnect(error, None, None):
-                    continue  # a connection the server dropped while idle: once more, fresh
-                cls = StoreUnavailable if broken else StoreError
-                raise cls(
-                    str(error).splitlines()[0] or type(error).__name__, store=self.name
-                ) from error
+                conn = self._connections.take(fresh=fresh)
             except PoolTimeout as error:
                 raise StoreUnavailable(str(error), store=self.name) from error
-        raise AssertionError("unreachable")  # pragma: no cover
+            except dbapi.Error as error:  # no connection: the server is down
+                raise StoreUnavailable(_first_line(error), store=self.name) from error
+            late = False
+            try:
+                cursor = conn.dbapi.cursor()
+                watched = None if conn.fd is None else _Watched(cursor, conn.fd, self._timeout)
+                try:
+                    result = work(cursor if watched is None else watched)
+                finally:
+                    late = watched is not None and watched.late
+                    cursor.close()
+            except dbapi.IntegrityError:
+                self._release(conn, late)  # a unique key was violated; the connection is fine
+                raise
+            except dbapi.Error as error:
+                self._connections.discard(conn)
+                broken = isinstance(error, dbapi.OperationalError | dbapi.InterfaceError)
+                if late:
+                    message = f"no answer from the database within {self._timeout:g} s"
+                    raise StoreUnavailable(message, store=self.name) from error
+                if (
+                    broken
+                    and conn.pooled
+                    and not fresh
+                    and self.engine.dialect.is_disconnect(error, conn.dbapi, None)
+                ):
+                    self._connections.flush()
+                    fresh = True
+                    continue
+                cls = StoreUnavailable if broken else StoreError
+                raise cls(_first_line(error), store=self.name) from error
+            except BaseException:
+                self._connections.discard(conn)
+                raise
+            self._release(conn, late)
+            return result
+
+    def _release(self, conn: _Conn, late: bool) -> None:
+        """Pool ``conn`` again, unless the watchdog shut it (its statement ended just late)."""
+        if late:
+            self._connections.discard(conn)
+        else:
+            self._connections.give_back(conn)
 
     def _ensure_table(self) -> None:
         with self._lock:
@@ -325,15 +537,29 @@ class SQLStore(Store):
             raise StoreError(str(error).splitlines()[0], store=self.name) from error
 
     def _run(self, work: Callable[[Connection], _T], *, write: bool) -> _T:
+        """Run ``work`` through SQLAlchemy Core, in a transaction committed if ``write``.
+
+        A pooled connection the server dropped while idle fails its first
+        statement; SQLAlchemy then invalidates the pool (every connection as
+        old is replaced on checkout), and ``work`` runs once more.  Only
+        ``work`` is retried, never the commit: a transaction that failed before
+        its commit left nothing behind, whereas a failed commit may have landed.
+        """
         if not self._ready:
             with self._errors():
                 self._ensure_table()
-        with self._errors():
-            if write:
-                with self.engine.begin() as conn:
-                    return work(conn)
-            with self.engine.connect() as conn:
-                return work(conn)
+        for attempt in (1, 2):
+            with self._errors(), self.engine.connect() as conn:
+                try:
+                    result = work(conn)
+                except DBAPIError as error:
+                    if attempt == 1 and error.connection_invalidated:
+                        continue
+                    raise
+                if write:
+                    conn.commit()
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _record(row: Sequence[Any]) -> Record:

@@ -1,0 +1,504 @@
+"""Cloakroom with a million live sessions, in Redis and in PostgreSQL.
+
+Starts its own throwaway servers (two Redis servers and a durable PostgreSQL, from
+the test suite's harness) and measures:
+
+1. **Fill**: ``--sessions`` live sessions (default 1,000,000; four per user, plus one
+   user with 50) into Redis and PostgreSQL, and ``--small`` (1,000) into a second
+   Redis and a second table.  Records are real: built by the library's own
+   ``SessionManager`` (codec, AES-256-GCM encryption, user index), written in batches
+   (Redis: pipelines of the store's own write script; PostgreSQL: ``COPY``).  The
+   time each fill took is reported.
+2. **Per-request cost at 1,000 vs 1,000,000**: in process (the bench app's WSGI
+   callable, so only the store's cost changes), read-only and modifying requests on
+   sessions picked at random across the whole dataset, the two sizes interleaved in
+   rounds.  Target: within 1.2x.
+3. **sessions(user)** for the user with 50 sessions: ``cloak.sessions()`` called
+   repeatedly, p50/p99.  Target: p99 <= 2 ms.
+4. **Redis memory per session**: ``used_memory`` growth over the fill divided by the
+   number of sessions (record, TTL, user index entries), and ``MEMORY USAGE`` of one
+   record plus its share of its user's index; for the bench session and for a small
+   one.  Target: <= 300 bytes for a small session.
+5. **Purging expired PostgreSQL rows under load**: ``--sessions`` expired rows are
+   added beside the live ones; gunicorn (1 sync worker) serves a 9:1 read/write mix
+   under wrk (8 connections) before and while ``purge_expired()`` deletes them in
+   batches of 1,000; p99 latency of 5-second slices during the purge against the p99
+   before it.  Target: never over 2x.
+
+    /tmp/perf-venv/bin/python benchmarks/scale.py --sessions 20000     # a smoke run, ~1 min
+    /tmp/perf-venv/bin/python benchmarks/scale.py                      # the report, ~15 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _apps import (
+    RESULTS,
+    USER_AGENT,
+    AppSpec,
+    Browser,
+    Servers,
+    Wrk,
+    WrkResult,
+    create_app,
+    find_gunicorn,
+    find_wrk,
+    machine,
+    quantile,
+    scratch_dir,
+    start_gunicorn,
+    timestamp,
+    versions,
+    wait_ready,
+)
+from flask import Flask
+
+from flask_cloakroom.activity import Client
+from flask_cloakroom.manager import SessionManager
+from flask_cloakroom.stores.base import Record
+from flask_cloakroom.tokens import new_session_id, store_key
+
+#: Long timeouts, so no session dies or gets a touch write during the run.
+SCALE_CONFIG = {
+    "CLOAKROOM_IDLE_TIMEOUT": 6 * 3600.0,
+    "CLOAKROOM_ABSOLUTE_TIMEOUT": 12 * 3600.0,
+    "CLOAKROOM_TOUCH_INTERVAL": 3600.0,
+}
+HEAVY_USER = "heavy-user"
+HEAVY_SESSIONS = 50
+PER_USER = 4
+BATCH = 2000
+
+
+@dataclass
+class Dataset:
+    """Sessions written to one store; ``cookies`` of a random sample of them."""
+
+    name: str
+    app: Flask
+    count: int = 0
+    cookies: list[str] = field(default_factory=list)
+    fill_seconds: float = 0.0
+
+    @property
+    def manager(self) -> SessionManager:
+        manager: SessionManager = self.app.extensions["cloakroom"]
+        return manager
+
+
+def records(
+    manager: SessionManager,
+    count: int,
+    *,
+    now: float,
+    expired: bool = False,
+    small: bool = False,
+    sample: int = 0,
+    heavy: bool = True,
+    per_user: int = PER_USER,
+) -> Iterator[tuple[list[Record], list[str]]]:
+    """Batches of real records (and the cookies of about ``sample`` of them).
+
+    ``per_user`` sessions per user; with ``heavy`` the first 50 belong to one user.
+    A ``small`` session is a login with one short value and no browser.
+    """
+    client = Client(None, None) if small else Client("127.0.0.1", USER_AGENT)
+    data = {"theme": "dark"} if small else {"cart": ["tea", "pen", "notebook"], "prefs": {"a": 1}}
+    tagged = manager.codec.tag(data)
+    keep = sample / count if count else 0.0
+    batch: list[Record] = []
+    cookies: list[str] = []
+    for index in range(count):
+        user = HEAVY_USER if heavy and index < HEAVY_SESSIONS else f"user{index // per_user}"
+        meta = manager.new_meta(now - (7 * 3600 if expired else 0), client)
+        meta.user_id = user
+        meta.auth_at = meta.created_at
+        meta.login_ip = client.ip
+        session_id = new_session_id()
+        batch.append(manager._record(store_key(session_id), meta, tagged, 1))
+        if random.random() < keep:
+            cookies.append(manager.signer.sign(session_id))
+        if len(batch) == BATCH:
+            yield batch, cookies
+            batch, cookies = [], []
+    if batch:
+        yield batch, cookies
+
+
+def redis_writer(store: Any) -> Any:
+    """Write a batch of records to a RedisStore in one pipeline of its own write script."""
+    from flask_cloakroom.stores import redis as module
+
+    def write(batch: list[Record], now: float) -> None:
+        ops = []
+        for record in batch:
+            keys = [store._key(record.key)]
+            if record.user_id is not None:
+                keys.append(store.index_key(record.user_id))
+            args = [
+                "",
+                store._encode(record),
+                store._ttl(record, now),
+                record.key,
+                int(record.expires_at) + 1,
+                repr(now),
+            ]
+            ops.append(module._script(module._SAVE_SCRIPT, keys, args))
+        results = store._pipeline(ops)
+        if not all(results):
+            raise RuntimeError("a record could not be written")
+
+    return write
+
+
+def postgres_writer(store: Any) -> Any:
+    """Write a batch of records to an SQLStore's table with COPY."""
+    import psycopg
+
+    url = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    store._ensure_table()
+    conn = psycopg.connect(url, autocommit=True)
+    columns = "key, user_id, expires_at, version, payload"
+
+    def write(batch: list[Record], now: float) -> None:
+        with (
+            conn.cursor() as cursor,
+            cursor.copy(f"COPY {store.table.name} ({columns}) FROM STDIN") as copy,
+        ):
+            for r in batch:
+                copy.write_row((r.key, r.user_id, r.expires_at, r.version, r.payload))
+
+    write.conn = conn  # type: ignore[attr-defined]
+    return write
+
+
+def fill(datasets: list[tuple[Dataset, Any]], count: int, *, sample: int, **options: Any) -> None:
+    """Write ``count`` records to each dataset (same records, each store its own copy)."""
+    now = time.time()
+    manager = datasets[0][0].manager
+    spent = [0.0] * len(datasets)
+    started = time.perf_counter()
+    done = 0
+    for batch, cookies in records(manager, count, now=now, sample=sample, **options):
+        for index, (dataset, write) in enumerate(datasets):
+            t = time.perf_counter()
+            write(batch, now)
+            spent[index] += time.perf_counter() - t
+            dataset.cookies.extend(cookies)
+            dataset.count += len(batch)
+        done += len(batch)
+        if done % 100_000 < BATCH:
+            print(f"\r  {done:,} / {count:,} written", end="", flush=True)
+    total = time.perf_counter() - started
+    for index, (dataset, _) in enumerate(datasets):
+        dataset.fill_seconds = spent[index]
+    print(
+        f"\r  {count:,} sessions in {total:.1f} s: building records "
+        f"{total - sum(spent):.1f} s, "
+        + ", ".join(f"{d.name} {s:.1f} s" for (d, _), s in zip(datasets, spent, strict=True))
+    )
+
+
+# -- measurements ----------------------------------------------------------------------
+
+
+def per_request(
+    pairs: list[tuple[Dataset, Dataset]], *, rounds: int, per_round: int
+) -> dict[str, Any]:
+    """µs per read-only and modifying request, small vs large, interleaved in rounds."""
+    out: dict[str, Any] = {}
+    for small, large in pairs:
+        times: dict[str, dict[str, list[float]]] = {}
+        browsers = {d.name: Browser(d.app) for d in (small, large)}
+        for dataset in (small, large):  # warm: connections, scripts, statements
+            browser = browsers[dataset.name]
+            for cookie in dataset.cookies[:200]:
+                browser.cookie = cookie
+                browser.request("GET", "/read")
+            times[dataset.name] = {"read": [], "write": []}
+        for index in range(rounds):
+            order = [small, large] if index % 2 == 0 else [large, small]
+            for dataset in order:
+                browser = browsers[dataset.name]
+                cookies = dataset.cookies
+                for scenario, method, path in (
+                    ("read", "GET", "/read"),
+                    ("write", "POST", "/write"),
+                ):
+                    picks = [random.choice(cookies) for _ in range(per_round)]
+                    started = time.perf_counter()
+                    for cookie in picks:
+                        browser.cookie = cookie
+                        body = browser.request(method, path)
+                    times[dataset.name][scenario].append(
+                        (time.perf_counter() - started) / per_round * 1e6
+                    )
+                    if "user=None" in body:
+                        raise RuntimeError(f"{dataset.name}: a session was not found")
+        result = {}
+        for scenario in ("read", "write"):
+            a = statistics.median(times[small.name][scenario])
+            b = statistics.median(times[large.name][scenario])
+            result[scenario] = {
+                "small_sessions": small.count,
+                "large_sessions": large.count,
+                "small_us": a,
+                "large_us": b,
+                "ratio": b / a,
+                "met": b / a <= 1.2,
+            }
+        out[large.name] = result
+        shown = [
+            f"{s} {r['small_us']:.1f} -> {r['large_us']:.1f} µs ({r['ratio']:.2f}x)"
+            for s, r in result.items()
+        ]
+        print(f"  {large.name}, {small.count:,} -> {large.count:,} sessions: " + "; ".join(shown))
+    return out
+
+
+def sessions_of_user(dataset: Dataset, calls: int) -> dict[str, Any]:
+    """Latency of cloak.sessions() for the user with 50 sessions."""
+    from flask_cloakroom import Cloakroom
+
+    cloak = Cloakroom()
+    samples = []
+    with dataset.app.test_request_context("/"):
+        found = len(cloak.sessions(HEAVY_USER))
+        for _ in range(calls):
+            started = time.perf_counter()
+            cloak.sessions(HEAVY_USER)
+            samples.append((time.perf_counter() - started) * 1e3)
+    p99 = quantile(samples, 0.99)
+    result = {
+        "sessions": found,
+        "p50_ms": quantile(samples, 0.5),
+        "p99_ms": p99,
+        "max_ms": max(samples),
+        "met": p99 <= 2.0 and found == HEAVY_SESSIONS,
+    }
+    print(
+        f"  {dataset.name}: sessions(user) of {found}: p50 {result['p50_ms']:.2f} ms, "
+        f"p99 {p99:.2f} ms"
+    )
+    return result
+
+
+def redis_memory(client: Any, prefix: str, count: int, before: int) -> dict[str, Any]:
+    """Bytes per session: used_memory growth / count, and MEMORY USAGE of a sample."""
+    after = int(client.info("memory")["used_memory"])
+    sample_records: list[Any] = []
+    cursor = 0
+    while len(sample_records) < 200:
+        cursor, keys = client.scan(cursor, match=f"{prefix}s:*", count=1000)
+        sample_records.extend(keys)
+        if cursor == 0:
+            break
+    record_usage = [client.memory_usage(key, samples=0) for key in sample_records[:200]]
+    index_keys: list[Any] = []
+    cursor = 0
+    while len(index_keys) < 200:
+        cursor, keys = client.scan(cursor, match=f"{prefix}u:*", count=1000)
+        index_keys.extend(keys)
+        if cursor == 0:
+            break
+    per_index = [
+        client.memory_usage(k, samples=0) / max(1, client.zcard(k)) for k in index_keys[:200]
+    ]
+    value_sizes = [client.strlen(k) for k in sample_records[:200]]
+    return {
+        "sessions": count,
+        "used_memory_delta_per_session": (after - before) / count,
+        "memory_usage_record": statistics.median(record_usage),
+        "memory_usage_index_share": statistics.median(per_index),
+        "value_bytes": statistics.median(value_sizes),
+    }
+
+
+def purge_under_load(
+    dataset: Dataset, writer: Any, count: int, scratch: Path, slice_seconds: int
+) -> dict[str, Any]:
+    """p99 of the app before and while purge_expired() deletes ``count`` expired rows."""
+    from flask_cloakroom.stores import open_store
+
+    spec: AppSpec = dataset.app.config["PERF_SPEC"]
+    print(f"  adding {count:,} expired rows")
+    expired = Dataset("expired", dataset.app)
+    fill([(expired, writer)], count, sample=0, expired=True, heavy=False)
+    writer.conn.execute(f"ANALYZE {spec.table}")
+    server = start_gunicorn(spec, workers=1, scratch=scratch, program=find_gunicorn())
+    wrk = Wrk(find_wrk(), scratch)
+    try:
+        wait_ready(server)
+        cookies = dataset.cookies[:64]
+
+        def load() -> WrkResult:
+            result = wrk.run(
+                server.port, cookies, method="GET", path="/read", seconds=slice_seconds,
+                write_every=10,
+            )  # fmt: skip
+            if result.failures:
+                raise RuntimeError(f"requests failed under load: {result}")
+            return result
+
+        load()  # warm
+        before = [load() for _ in range(3)]
+        store = open_store(spec.store, sql_table=spec.table, timeout=30.0)
+        outcome: dict[str, Any] = {}
+
+        def purge() -> None:
+            started = time.perf_counter()
+            outcome["purged"] = store.purge_expired(now=time.time(), batch_size=1000)
+            outcome["seconds"] = time.perf_counter() - started
+
+        thread = threading.Thread(target=purge)
+        thread.start()
+        during = []
+        while thread.is_alive():
+            during.append(load())
+        thread.join()
+        store.close()
+    finally:
+        server.stop()
+    normal = statistics.median(r.p99_us for r in before) / 1000
+    worst = max(r.p99_us for r in during) / 1000
+    result = {
+        "expired_rows": count,
+        "purged": outcome.get("purged"),
+        "purge_seconds": outcome.get("seconds"),
+        "p99_ms_before": [r.p99_us / 1000 for r in before],
+        "p99_ms_during": [r.p99_us / 1000 for r in during],
+        "rate_before": statistics.median(r.rate for r in before),
+        "rate_during": statistics.median(r.rate for r in during),
+        "worst_p99_over_normal": worst / normal,
+        "met": worst / normal <= 2.0,
+    }
+    print(
+        f"  purged {result['purged']:,} rows in {result['purge_seconds']:.1f} s; p99 before "
+        f"{normal:.2f} ms, worst slice during {worst:.2f} ms ({worst / normal:.2f}x)"
+    )
+    return result
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def dataset_app(url: str, *, prefix: str, table: str, encrypted: bool = True) -> Flask:
+    spec = AppSpec(
+        "cloakroom", url, encrypted=encrypted, prefix=prefix, table=table, config=SCALE_CONFIG
+    )
+    app = create_app(spec)
+    app.config["PERF_SPEC"] = spec
+    return app
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=1_000_000, help="the large size")
+    parser.add_argument("--small", type=int, default=1_000, help="the small size")
+    parser.add_argument("--rounds", type=int, default=9, help="of the per-request measure")
+    parser.add_argument("--slice", type=int, default=5, help="seconds per wrk slice")
+    parser.add_argument("--skip-purge", action="store_true")
+    args = parser.parse_args()
+    info = machine()
+    print(
+        f"{info['cpus']} CPUs, {info['cpu']}, {info['memory']} RAM; "
+        f"{args.sessions:,} vs {args.small:,} sessions"
+    )
+    servers = Servers({"redis", "postgres"})
+    report: dict[str, Any] = {
+        "when": timestamp(),
+        "machine": info,
+        "versions": {**versions(), **servers.sources},
+        "sessions": args.sessions,
+        "small": args.small,
+    }
+    try:
+        small_redis = servers.extra_redis()
+        big_url = servers.create_database("cloakroom_scale")
+        big_redis = servers.redis.client(decode_responses=False)
+        memory_before = int(big_redis.info("memory")["used_memory"])
+        redis_big = Dataset("redis", dataset_app(servers.redis.url, prefix="big:", table="t"))
+        redis_small = Dataset(
+            "redis-small", dataset_app(small_redis.url, prefix="small:", table="t")
+        )
+        pg_big = Dataset("postgres", dataset_app(big_url, prefix="-", table="scale_big"))
+        pg_small = Dataset("postgres-small", dataset_app(big_url, prefix="-", table="scale_small"))
+        writers = {
+            d.name: (redis_writer if "redis" in d.name else postgres_writer)(d.manager.store)
+            for d in (redis_big, redis_small, pg_big, pg_small)
+        }
+        sample = min(20_000, args.sessions)
+        print("fill:")
+        fill(
+            [(redis_big, writers["redis"]), (pg_big, writers["postgres"])],
+            args.sessions,
+            sample=sample,
+        )
+        fill(
+            [(redis_small, writers["redis-small"]), (pg_small, writers["postgres-small"])],
+            args.small,
+            sample=args.small,
+        )
+        for name in ("postgres", "postgres-small"):
+            writers[name].conn.execute(
+                f"ANALYZE {'scale_big' if name == 'postgres' else 'scale_small'}"
+            )
+        report["fill_seconds"] = {d.name: d.fill_seconds for d in (redis_big, pg_big)}
+        report["redis_memory_bench_session"] = redis_memory(
+            big_redis, "big:", args.sessions, memory_before
+        )
+        print(f"  Redis memory: {json.dumps(report['redis_memory_bench_session'])}")
+        print("per-request cost (in process):")
+        report["per_request"] = per_request(
+            [(redis_small, redis_big), (pg_small, pg_big)], rounds=args.rounds, per_round=300
+        )
+        print("sessions(user):")
+        report["sessions_of_user"] = {d.name: sessions_of_user(d, 500) for d in (redis_big, pg_big)}
+        # Memory of a small session, on the small server emptied first, with the
+        # default key prefix: one session per user (each has its own index) and four.
+        client = small_redis.client(decode_responses=False)
+        report["redis_memory_small_session"] = {}
+        for per_user in (1, PER_USER):
+            for encrypted in (False, True):
+                client.flushall()
+                before = int(client.info("memory")["used_memory"])
+                count = min(100_000, args.sessions)
+                app = dataset_app(
+                    small_redis.url, prefix="cloakroom:", table="t", encrypted=encrypted
+                )
+                plain = Dataset("redis-small-session", app)
+                writer = redis_writer(plain.manager.store)
+                fill([(plain, writer)], count, sample=0, small=True, heavy=False, per_user=per_user)
+                memory = redis_memory(client, "cloakroom:", count, before)
+                memory["met"] = memory["used_memory_delta_per_session"] <= 300
+                name = f"{per_user} per user" + (", encrypted" if encrypted else "")
+                report["redis_memory_small_session"][name] = memory
+                print(f"  Redis memory, small session, {name}: {json.dumps(memory)}")
+        if not args.skip_purge:
+            print("purge under load:")
+            with scratch_dir("scale") as tmp:
+                report["purge"] = purge_under_load(
+                    pg_big, writers["postgres"], args.sessions, Path(tmp), args.slice
+                )
+    finally:
+        servers.close()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"scale-{report['when']}.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

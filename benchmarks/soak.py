@@ -1,0 +1,359 @@
+"""Soak test: steady load for minutes, workers' memory sampled, the store restarted once.
+
+gunicorn (2 sync workers) serves ``benchmarks/_app.py`` on a throwaway PostgreSQL,
+Redis or MariaDB server; wrk keeps ``--connections`` connections busy for
+``--minutes`` (90 % reads, 10 % writes over the logged-in clients' sessions), in
+back-to-back runs of ``--window`` seconds so that errors can be placed in time.
+Meanwhile:
+
+* the resident memory (VmRSS) of gunicorn's master and workers is sampled every
+  ``--sample`` seconds;
+* a probe sends one request every 0.1 s, to time the outage and the recovery finely;
+* at ``--at`` (a fraction of the run) the store server is stopped, kept down for
+  ``--outage`` seconds, and started again.  Nothing else is touched: the same gunicorn
+  workers must recover by themselves.
+
+The report: requests and errors per window (errors are allowed only in windows that
+overlap the outage), when the first and last failures happened relative to the
+outage, how long after the store was back the first request succeeded, whether the
+workers were restarted (their process ids), and memory growth (mean RSS of the first
+minute against the last, split into growth under steady load, before and after the
+outage, and the step across it).  The exit status is 1 if an error happened outside
+the outage, if a worker was restarted, or if the workers' memory grew by more than
+``--max-growth`` MiB under steady load.
+
+Set up as for ``load.py`` (wrk from the OS; gunicorn in its own virtualenv), then::
+
+    /tmp/cloakroom-bench/bin/python benchmarks/soak.py                    # 10 min, PostgreSQL
+    /tmp/cloakroom-bench/bin/python benchmarks/soak.py --store redis --minutes 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from _servers import (
+    Wrk,
+    WrkResult,
+    find_gunicorn,
+    find_wrk,
+    gunicorn,
+    log_in,
+    machine,
+    request,
+    rss_kib,
+    scratch_dir,
+    store_server,
+)
+
+#: How long after the store is back errors still count as part of the outage (s).
+GRACE = 2.0
+
+
+@dataclass
+class Outage:
+    """When the store went down and came back (Unix times)."""
+
+    stopping: float = 0.0
+    stopped: float = 0.0
+    starting: float = 0.0
+    started: float = 0.0
+
+
+@dataclass
+class Probe:
+    """One probe request: when, its status (0 for a socket error), how long it took."""
+
+    at: float
+    status: int
+    seconds: float
+
+
+@dataclass
+class Samples:
+    """Memory samples: (time, {pid: RSS KiB}) for the master and each worker."""
+
+    rss: list[tuple[float, dict[int, int]]] = field(default_factory=list)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--store", choices=["postgres", "redis", "mysql"], default="postgres")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--at", type=float, default=0.5, help="restart at this fraction")
+    parser.add_argument("--outage", type=float, default=10.0, help="seconds the store is down")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--sample", type=float, default=2.0, help="seconds between RSS samples")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--writes", type=int, default=10, help="one write in this many requests")
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds before measuring")
+    parser.add_argument(
+        "--max-growth", type=float, default=2.0, help="MiB the workers may grow under steady load"
+    )
+    parser.add_argument("--gunicorn")
+    parser.add_argument("--json", type=Path, help="also write the raw results to this file")
+    args = parser.parse_args(argv)
+    program = find_gunicorn(args.gunicorn)
+    wrk_program = find_wrk()
+    info = machine()
+    total = args.minutes * 60
+    print(f"machine: {info['cpus']} CPU(s), {info['cpu']}, {info['memory']}")
+    print(
+        f"soak: {args.minutes:g} min on {args.store}, wrk -c{args.connections} in "
+        f"{args.window:g} s windows, 1 write in {args.writes}, store down {args.outage:g} s "
+        f"at {args.at:.0%}"
+    )
+
+    with scratch_dir("soak") as scratch_text:
+        scratch = Path(scratch_text)
+        with store_server(args.store, scratch) as store:
+            assert store.stop is not None and store.start is not None
+            print(f"store: {store.source}")
+            with gunicorn(store, scratch, program=program) as server:
+                cookies = log_in(server.port, args.clients)
+                wrk = Wrk(wrk_program, cookies, scratch)
+                if args.warmup:
+                    print(f"warming up for {args.warmup:g} s", flush=True)
+                    wrk.run(
+                        server.port,
+                        seconds=args.warmup,
+                        connections=args.connections,
+                        threads=args.threads,
+                        write_every=args.writes,
+                    )
+                workers_before = server.workers()
+                pids = [server.process.pid, *workers_before]
+                samples = Samples()
+                probes: list[Probe] = []
+                outage = Outage()
+                windows: list[WrkResult] = []
+                stop = threading.Event()
+                began = time.time()
+
+                def sample() -> None:
+                    while not stop.is_set():
+                        now = time.time()
+                        samples.rss.append((now, {p: rss_kib(p) or 0 for p in pids}))
+                        stop.wait(args.sample)
+
+                def probe() -> None:
+                    cookie = cookies[0]
+                    while not stop.is_set():
+                        at = time.time()
+                        try:
+                            status, _ = request(server.port, "GET", "/read", cookie, timeout=5)
+                        except OSError:
+                            status = 0
+                        probes.append(Probe(at, status, time.time() - at))
+                        stop.wait(0.1)
+
+                def restart() -> None:
+                    if stop.wait(args.at * total):
+                        return
+                    assert store.stop is not None and store.start is not None
+                    outage.stopping = time.time()
+                    print(f"[{outage.stopping - began:6.1f} s] stopping the store", flush=True)
+                    store.stop()
+                    outage.stopped = time.time()
+                    stop.wait(args.outage)
+                    outage.starting = time.time()
+                    store.start()
+                    outage.started = time.time()
+                    print(
+                        f"[{outage.started - began:6.1f} s] store back "
+                        f"(down {outage.started - outage.stopping:.1f} s)",
+                        flush=True,
+                    )
+                    # The server dies with the thread that started it (the harness sets a
+                    # parent-death signal, which Linux ties to the thread): stay alive.
+                    stop.wait()
+
+                helpers = [
+                    threading.Thread(target=f, daemon=True) for f in (sample, probe, restart)
+                ]
+                for helper in helpers:
+                    helper.start()
+                try:
+                    while time.time() - began < total:
+                        left = total - (time.time() - began)
+                        result = wrk.run(
+                            server.port,
+                            seconds=min(args.window, max(1.0, left)),
+                            connections=args.connections,
+                            threads=args.threads,
+                            write_every=args.writes,
+                        )
+                        windows.append(result)
+                        mark = " <- errors" if result.errors else ""
+                        print(
+                            f"[{result.started - began:6.1f} s] {result.rate:6.0f} req/s "
+                            f"p99 {result.p99_ms:6.1f} ms  not 2xx {result.errors}{mark}",
+                            flush=True,
+                        )
+                finally:
+                    stop.set()
+                    for helper in helpers:
+                        helper.join(30)
+                workers_after = server.workers()
+
+    report = analyse(
+        began, windows, probes, samples, outage, workers_before, workers_after, args.max_growth
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "began": began,
+                    "workers": {"before": workers_before, "after": workers_after},
+                    "outage": asdict(outage),
+                    "windows": [asdict(w) for w in windows],
+                    "probes": [asdict(p) for p in probes],
+                    "rss": samples.rss,
+                    "report": report,
+                },
+                indent=1,
+            )
+        )
+    return 0 if report["ok"] else 1
+
+
+def analyse(
+    began: float,
+    windows: list[WrkResult],
+    probes: list[Probe],
+    samples: Samples,
+    outage: Outage,
+    workers_before: list[int],
+    workers_after: list[int],
+    max_growth: float,
+) -> dict[str, object]:
+    """Print the soak's verdict; return it."""
+    window_end = outage.started + GRACE
+    inside = [w for w in windows if w.started <= window_end and w.ended >= outage.stopping]
+    outside = [w for w in windows if w not in inside]
+    requests = sum(w.requests for w in windows)
+    errors_outside = sum(w.errors for w in outside)
+    errors_inside = sum(w.errors for w in inside)
+    failed = [p for p in probes if p.status != 200]
+    first_fail = min((p.at for p in failed), default=None)
+    last_fail = max((p.at for p in failed), default=None)
+    back = [p for p in probes if p.at >= outage.started and p.status == 200]
+    recovery = (back[0].at - outage.started) if back else None
+    slowest_probe = max((p.seconds for p in failed), default=0.0)
+
+    print("\n== requests")
+    rate = requests / (windows[-1].ended - began)
+    print(f"{len(windows)} windows, {requests:,} requests, {rate:,.0f} req/s")
+    print(f"not 2xx inside the outage windows: {errors_inside:,}; outside: {errors_outside}")
+    print("\n== outage (times from the start of the measured run)")
+    print(
+        f"store stopping at {outage.stopping - began:.1f} s, "
+        f"down at {outage.stopped - began:.1f} s, "
+        f"starting at {outage.starting - began:.1f} s, back at {outage.started - began:.1f} s"
+    )
+    if first_fail is not None and last_fail is not None:
+        print(
+            f"probe failures: {len(failed)}, first at {first_fail - began:.1f} s, last at "
+            f"{last_fail - began:.1f} s ({last_fail - outage.started:+.2f} s after the store "
+            f"was back); slowest failed probe {slowest_probe * 1000:.0f} ms"
+        )
+    late = [p for p in failed if p.at >= outage.started]
+    if late:
+        statuses = sorted({p.status for p in late})
+        print(
+            f"probe failures after the store was back: {len(late)} (statuses {statuses}, "
+            f"at {', '.join(f'{p.at - began:.1f}' for p in late[:10])} s)"
+        )
+    if recovery is not None:
+        print(f"recovery: first successful probe {recovery:.2f} s after the store was back")
+    restarted = workers_before != workers_after
+    print(f"workers: {workers_before} -> {workers_after}{' RESTARTED' if restarted else ''}")
+
+    print("\n== memory (RSS, MiB, mean over a minute; steady load before and after the outage)")
+    memory = memory_report(samples, began, outage, workers_before)
+    steady = sum(m["steady_growth"] for m in memory.values() if m["worker"])
+    step = sum(m["outage_step"] for m in memory.values() if m["worker"])
+    total_growth = sum(m["last"] - m["first"] for m in memory.values() if m["worker"])
+    print(
+        f"workers together: {total_growth:+.2f} MiB from the first minute to the last, of "
+        f"which {step:+.2f} MiB across the outage and {steady:+.2f} MiB under steady load"
+    )
+
+    ok = errors_outside == 0 and not restarted and steady <= max_growth
+    print(
+        f"\nverdict: {'PASS' if ok else 'FAIL'} (errors outside the outage: {errors_outside}, "
+        f"worker restarts: {'yes' if restarted else 'no'}, growth under steady load "
+        f"{steady:+.2f} MiB <= {max_growth:g} MiB)"
+    )
+    return {
+        "ok": ok,
+        "requests": requests,
+        "errors_inside": errors_inside,
+        "errors_outside": errors_outside,
+        "probe_failures": len(failed),
+        "probe_failures_after_back": len(late),
+        "first_failure": None if first_fail is None else first_fail - began,
+        "last_failure_after_back": None if last_fail is None else last_fail - outage.started,
+        "recovery": recovery,
+        "restarted": restarted,
+        "memory": memory,
+        "steady_growth_workers_mib": steady,
+        "outage_step_workers_mib": step,
+    }
+
+
+def memory_report(
+    samples: Samples, began: float, outage: Outage, workers: list[int]
+) -> dict[str, dict[str, float]]:
+    """Per process: mean RSS (MiB) over the first minute, the minute before the outage,
+    the minute after it (once recovered), and the last minute; print and return them.
+
+    Growth "under steady load" is first minute -> minute before the outage plus minute
+    after it -> last minute: what a leak would show.  The step across the outage is
+    reported apart (error paths allocate, and the allocator keeps what it got).
+    """
+
+    def mean(pid: int, start: float, end: float) -> float:
+        values = [rss[pid] for at, rss in samples.rss if start <= at <= end and pid in rss]
+        return statistics.fmean(values) / 1024 if values else float("nan")
+
+    end = samples.rss[-1][0] if samples.rss else began
+    after = outage.started + GRACE
+    out: dict[str, dict[str, float]] = {}
+    for pid in sorted(samples.rss[0][1]) if samples.rss else []:
+        first = mean(pid, began, began + 60)
+        before = mean(pid, outage.stopping - 60, outage.stopping)
+        recovered = mean(pid, after, after + 60)
+        last = mean(pid, end - 60, end)
+        steady = (before - first) + (last - recovered)
+        out[str(pid)] = {
+            "worker": float(pid in workers),
+            "first": first,
+            "before_outage": before,
+            "after_outage": recovered,
+            "last": last,
+            "steady_growth": steady,
+            "outage_step": recovered - before,
+        }
+        role = "worker" if pid in workers else "master"
+        print(
+            f"{role} {pid}: first {first:.2f}, before the outage {before:.2f}, after it "
+            f"{recovered:.2f}, last {last:.2f} (steady {steady:+.2f}, outage step "
+            f"{recovered - before:+.2f})"
+        )
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -20,7 +22,8 @@ from flask.testing import FlaskClient
 from flask_cloakroom import Cloakroom
 from flask_cloakroom.cli import _with_spinner, cloakroom_group
 from flask_cloakroom.crypto import generate_key, parse_key
-from flask_cloakroom.stores import Store
+from flask_cloakroom.stores import Record, Store, open_store
+from flask_cloakroom.stores.files import FileStore
 from flask_cloakroom.stores.memory import MemoryStore
 
 from .conftest import AppFactory, build_store
@@ -215,6 +218,83 @@ def test_purge_deletes_expired_sessions(
     assert text.stdout.startswith("Deleted 0 expired session record(s)")
 
 
+def test_purge_shows_its_progress_and_then_the_count(
+    clocked_store: Store, make_app: AppFactory, clock: FakeClock
+) -> None:
+    app, _, counting = make_app(clocked_store, CLOAKROOM_IDLE_TIMEOUT=600)
+    for user in ("alice", "bob", "carol"):
+        signed_in(app, user)
+    clock.advance(seconds=601)
+    fresh = signed_in(app, "dave")
+    counting.reset()
+    result = cli(app, "purge", "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Deleted 3 expired session record(s) and 0 old activity")
+    assert "Purging" not in result.stdout  # progress goes to stderr only
+    assert counting.calls["count_expired"] == 1  # forwarded by the wrapper
+    if isinstance(clocked_store, FileStore):
+        # No cheap count: a spinner, which stays silent when stderr is not a terminal.
+        assert result.stderr == ""
+    else:
+        # The store counted 3 expired records: a progress bar, which click reduces
+        # to its label when stderr is not a terminal.
+        assert result.stderr == "Purging expired sessions\n"
+    assert whoami(fresh) == "dave"
+
+
+def test_purge_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    expired = time.time() - 60
+    for _ in range(5):
+        record = Record(secrets.token_hex(16), None, expired, 1, b"{}")
+        assert store.save(record, expected=None, now=expired - 1)
+    store.close()
+    (tmp_path / "cliapp.py").write_text(
+        textwrap.dedent(
+            f"""
+            from flask import Flask
+            from flask_cloakroom import Cloakroom
+
+            app = Flask(__name__)
+            app.config.update(SECRET_KEY="k" * 32, CLOAKROOM_STORE="{url}")
+            Cloakroom(app)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FLASK_APP": "cliapp", "COLUMNS": "100"}
+    terminal, stderr = pty.openpty()  # stderr is a terminal; stdout a pipe
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "flask", "cloakroom", "purge", "--batch-size", "2"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        os.close(stderr)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # EIO: the other end is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(terminal)
+    screen = drawn.decode()
+    assert run.returncode == 0, screen
+    assert run.stdout.startswith("Deleted 5 expired session record(s)")
+    assert "Purging expired sessions  [" in screen
+    assert "40%" in screen  # after the first batch of two
+    assert "100%" in screen
+
+
 # -- activity, keys --------------------------------------------------------------------
 
 
@@ -380,6 +460,12 @@ def test_the_spinner_hands_back_results_and_errors(capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert "\rWorking | " in err
     assert "\rWorking / " in err  # it turned
+    counts = iter(range(100))
+    assert _with_spinner("Working", slow, tty=True, status=lambda: f"{next(counts)} deleted") == 42
+    *lines, wipe, rest = capsys.readouterr().err.split("\r")
+    assert lines[1].startswith("Working | ") and lines[1].endswith("s  0 deleted")
+    assert lines[2].startswith("Working / ") and lines[2].endswith("s  1 deleted")
+    assert wipe == " " * max(len(line) for line in lines) and rest == ""  # wiped at the end
     assert _with_spinner("Working", lambda: 7, tty=False) == 7
     assert capsys.readouterr().err == ""  # nothing when stderr is not a terminal
 

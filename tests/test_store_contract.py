@@ -199,6 +199,27 @@ def test_purge_expired_deletes_only_expired_records_in_batches(store: Store) -> 
     assert store.purge_expired(now=NOW) == 0
 
 
+def test_purge_expired_reports_progress_and_count_expired_is_exact_or_unknown(
+    store: Store,
+) -> None:
+    dead = [rec(user="u", expires=NOW - 1 - i) for i in range(7)]
+    live = [rec(user="u", expires=NOW + 1 + i) for i in range(3)]
+    for r in [*dead, *live]:
+        store.save(r, expected=None, now=NOW - 1000)
+    counted = store.count_expired(now=NOW)
+    assert counted is None or counted == 7
+    assert store.count_expired(now=NOW - 1000) in (None, 0)
+    reports: list[int] = []
+    assert store.purge_expired(now=NOW, batch_size=2, progress=reports.append) == 7
+    assert sum(reports) == 7
+    assert all(0 < n <= 2 for n in reports), reports  # batch by batch, as it goes
+    assert store.count_expired(now=NOW) in (None, 0)
+    assert store.count(now=NOW) == 3
+    nothing: list[int] = []
+    assert store.purge_expired(now=NOW, progress=nothing.append) == 0
+    assert sum(nothing) == 0
+
+
 def test_count_counts_live_records(store: Store) -> None:
     assert store.count(now=NOW) == 0
     for i in range(3):

@@ -43,6 +43,7 @@ from .admin.operations import (
 from .crypto import generate_key, parse_key
 from .errors import CloakroomError, NotSupported, StoreError, StoreUnavailable
 from .manager import RekeyReport, SessionInfo, SessionManager
+from .stores import Store
 from .tokens import is_store_key
 
 _P = ParamSpec("_P")
@@ -124,12 +125,18 @@ def _emit_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, sort_keys=False))
 
 
-def _with_spinner(label: str, work: Callable[[], _R], *, tty: bool | None = None) -> _R:
+def _with_spinner(
+    label: str,
+    work: Callable[[], _R],
+    *,
+    tty: bool | None = None,
+    status: Callable[[], str] | None = None,
+) -> _R:
     """Run ``work`` while a spinner with the elapsed time turns on stderr (terminals only).
 
-    The stores do their own batching (short transactions, bounded scans) and do
-    not say how much is left, so this shows that the work goes on, not a
-    percentage it could not know.
+    For work that cannot say how much is left: this shows that it goes on, not
+    a percentage it could not know.  ``status``, if given, is read at each turn
+    and shown after the time (a running count, say).
     """
     if tty is None:
         tty = sys.stderr.isatty()
@@ -149,14 +156,19 @@ def _with_spinner(label: str, work: Callable[[], _R], *, tty: bool | None = None
     worker.start()
     frames = "|/-\\"
     turn = 0
+    width = 0
     while True:
         elapsed = time.monotonic() - started
-        click.echo(f"\r{label} {frames[turn % 4]} {elapsed:5.1f}s", err=True, nl=False)
+        line = f"{label} {frames[turn % 4]} {elapsed:5.1f}s"
+        if status is not None:
+            line += f"  {status()}"
+        width = max(width, len(line))
+        click.echo(f"\r{line.ljust(width)}", err=True, nl=False)
         turn += 1
         worker.join(0.2)
         if not worker.is_alive():
             break
-    click.echo("\r" + " " * (len(label) + 10) + "\r", err=True, nl=False)
+    click.echo("\r" + " " * width + "\r", err=True, nl=False)
     if failed:
         raise failed[0]
     return done[0]
@@ -389,6 +401,35 @@ def revoke_command(
     click.echo(f"Revoked {live} live session(s); {deleted} record(s) deleted in all.")
 
 
+def _purge_showing_progress(store: Store, now: float, batch_size: int) -> int:
+    """Purge with a progress bar on stderr, or a spinner and a running count.
+
+    The bar's total is the store's count of expired records; a store that
+    cannot count them cheaply (files, Redis) gets the spinner instead.
+    """
+    label = "Purging expired sessions"
+    try:
+        total = store.count_expired(now=now)
+    except StoreUnavailable:
+        raise
+    except StoreError:  # no total then; the purge itself says whether the store works
+        total = None
+    if total is not None and total > 0:
+        with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+            return store.purge_expired(now=now, batch_size=batch_size, progress=bar.update)
+    deleted = 0
+
+    def count(gone: int) -> None:
+        nonlocal deleted
+        deleted += gone
+
+    return _with_spinner(
+        label,
+        lambda: store.purge_expired(now=now, batch_size=batch_size, progress=count),
+        status=lambda: f"{deleted:,} deleted",
+    )
+
+
 @cloakroom_group.command("purge")
 @click.option(
     "--batch-size",
@@ -403,16 +444,18 @@ def purge_command(batch_size: int, as_json: bool) -> None:
     """Delete expired sessions, and activity older than its retention.
 
     Run it from cron for SQL and file stores (Redis expires records itself).
-    The store deletes in batches, so it never holds long locks.
+    The store deletes in batches, so it never holds long locks.  On a terminal
+    a progress bar follows the batches when the store can count its expired
+    records (memory, SQL), a spinner with a running count otherwise.
     """
     manager = _manager()
     server_state_or_refuse(manager, "purge")
     now = manager.now()
     started = time.monotonic()
-    purged = _with_spinner(
-        "Purging expired sessions",
-        lambda: manager.store.purge_expired(now=now, batch_size=batch_size),
-    )
+    if as_json:
+        purged = manager.store.purge_expired(now=now, batch_size=batch_size)
+    else:
+        purged = _purge_showing_progress(manager.store, now, batch_size)
     pruned = manager.activity.prune(now)
     seconds = time.monotonic() - started
     if as_json:

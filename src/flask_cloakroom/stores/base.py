@@ -119,12 +119,34 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Delete records whose ``expires_at`` is at or before ``now``.
 
         Works in batches of ``batch_size`` so that a large purge never holds
-        long locks; returns how many records were deleted.
+        long locks; returns how many records were deleted.  If ``progress`` is
+        given, it is called after each batch (outside any lock) with the number
+        of records that batch deleted; a batch that deleted nothing need not be
+        reported, and the calls add up to the return value.  It drives
+        ``flask cloakroom purge``'s progress bar, so stores report as they go
+        rather than once at the end.
         """
+
+    def count_expired(self, *, now: float) -> int | None:
+        """Return how many records :meth:`purge_expired` would delete at ``now``, or ``None``.
+
+        ``None`` means "unknown": the store cannot tell without doing about as
+        much work as the purge itself (files, Redis).  Stores that can count
+        cheaply (an index on ``expires_at``) override it; the total of
+        ``flask cloakroom purge``'s progress bar comes from here.  The default
+        returns ``None``.
+        """
+        return None
 
     @abc.abstractmethod
     def count(self, *, now: float) -> int:

@@ -8,6 +8,7 @@ why server-side operations cannot work.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NoReturn
 
 from ..errors import NotSupported
@@ -45,8 +46,17 @@ class CookieStore(Store):
     ) -> tuple[list[Record], str | None]:
         self._refuse("listing sessions")
 
-    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         return 0  # expired cookies are refused on sight; there is nothing to purge
+
+    def count_expired(self, *, now: float) -> int:
+        return 0
 
     def count(self, *, now: float) -> int:
         self._refuse("counting live sessions")

@@ -263,8 +263,19 @@ class FileStore(Store):
                     return out, key
         return out, None
 
-    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
-        deleted = 0
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete expired record files one by one (each under its own lock).
+
+        ``progress`` hears of every ``batch_size`` deletions, and of the rest at the end.
+        """
+        batch_size = max(1, batch_size)
+        deleted = unreported = 0
         for key in list(self._keys()):
             record = self.load(key)
             if record is not None and record.expires_at > now:
@@ -278,6 +289,12 @@ class FileStore(Store):
                     os.unlink(path)
                     self._unindex(current)
                     deleted += 1
+                    unreported += 1
+            if progress is not None and unreported >= batch_size:
+                progress(unreported)
+                unreported = 0
+        if progress is not None and unreported:
+            progress(unreported)
         return deleted
 
     def count(self, *, now: float) -> int:

@@ -91,10 +91,20 @@ class InstrumentedStore(Store):
     ) -> tuple[list[Record], str | None]:
         return self._op("scan", lambda: self.inner.scan(cursor=cursor, limit=limit))
 
-    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         return self._op(
-            "purge_expired", lambda: self.inner.purge_expired(now=now, batch_size=batch_size)
+            "purge_expired",
+            lambda: self.inner.purge_expired(now=now, batch_size=batch_size, progress=progress),
         )
+
+    def count_expired(self, *, now: float) -> int | None:
+        return self._op("count_expired", lambda: self.inner.count_expired(now=now))
 
     def count(self, *, now: float) -> int:
         return self._op("count", lambda: self.inner.count(now=now))

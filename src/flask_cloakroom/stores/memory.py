@@ -75,12 +75,35 @@ class MemoryStore(Store):
             page = [self._records[k] for k in keys[start : start + limit]]
         return page, (page[-1].key if len(page) == limit else None)
 
-    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete expired records, taking the lock once per batch of ``batch_size``."""
+        batch_size = max(1, batch_size)
         with self._lock:
             dead = [k for k, r in self._records.items() if r.expires_at <= now]
-            for key in dead:
-                self._remove(key)
-            return len(dead)
+        deleted = 0
+        for start in range(0, len(dead), batch_size):
+            gone = 0
+            with self._lock:
+                for key in dead[start : start + batch_size]:
+                    record = self._records.get(key)
+                    # Re-check: the record may have been renewed since the list was made.
+                    if record is not None and record.expires_at <= now:
+                        self._remove(key)
+                        gone += 1
+            deleted += gone
+            if progress is not None and gone:
+                progress(gone)
+        return deleted
+
+    def count_expired(self, *, now: float) -> int:
+        with self._lock:
+            return len([r for r in self._records.values() if r.expires_at <= now])
 
     def count(self, *, now: float) -> int:
         with self._lock:

@@ -755,13 +755,21 @@ class RedisStore(Store):
             out.append(int(match.group(2)) if match else None)
         return out
 
-    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         """Delete records that have expired by ``now``; prune the user indexes.
 
         Redis deletes expired records by itself (each has a TTL), so this finds
         little in production: it matters when ``now`` runs ahead of the TTLs
         (a test clock) and for pruning user indexes.  It costs a SCAN of the
-        whole keyspace, in batches of ``batch_size`` keys.
+        whole keyspace, in batches of ``batch_size`` keys; ``progress`` hears of
+        each batch's deletions.  There is no cheap count of expired records
+        beforehand, so :meth:`count_expired` stays "unknown".
         """
         deadline = round(now * 1000)
         deleted = 0
@@ -775,7 +783,10 @@ class RedisStore(Store):
                 ]
                 if expired:
                     ops = [_script(_PURGE_SCRIPT, [name], [deadline]) for name in expired]
-                    deleted += sum(int(n) for n in self._pipeline(ops))
+                    gone = sum(int(n) for n in self._pipeline(ops))
+                    deleted += gone
+                    if progress is not None and gone:
+                        progress(gone)
             for names in self._scan_all(self._index_pattern, batch_size):
                 pipe = self.client.pipeline(transaction=False)
                 for name in names:

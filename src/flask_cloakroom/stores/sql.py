@@ -666,7 +666,13 @@ class SQLStore(Store):
         records = [self._record(r) for r in rows]
         return records, (records[-1].key if len(records) == limit else None)
 
-    def purge_expired(self, *, now: float, batch_size: int = 1000) -> int:
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
         t = self.table.c
         find = select(t.key).where(t.expires_at <= now).limit(batch_size)
         total = 0
@@ -682,8 +688,16 @@ class SQLStore(Store):
 
             found, deleted = self._run(batch, write=True)
             total += deleted
+            if progress is not None and deleted:
+                progress(deleted)
             if found < batch_size:
                 return total
+
+    def count_expired(self, *, now: float) -> int:
+        """Count the records :meth:`purge_expired` would delete (a range of the expiry index)."""
+        t = self.table.c
+        query = select(func.count()).select_from(self.table).where(t.expires_at <= now)
+        return int(self._run(lambda c: c.execute(query).scalar_one(), write=False))
 
     def count(self, *, now: float) -> int:
         t = self.table.c

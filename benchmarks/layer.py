@@ -261,7 +261,7 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
                 lambda: ServerSession({}, key=key, version=1, meta=decoded.meta, raw=decoded.raw),
             ),
             ("read: manager.load (load+decode+check+build)", lambda: manager.load(key, now)),
-            ("read: manager.watch (same client)", lambda: manager.watch(loaded, now, client)),
+            ("read: manager.watch (same client)", lambda: manager.watch.check(loaded, now, client)),
             ("read: manager.open (unsign+load+watch)", lambda: manager.open([cookie], now, client)),
             (
                 "read: interface.open_session (all of it)",

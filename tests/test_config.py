@@ -57,6 +57,11 @@ def init(tmp_path: Path, **config: Any) -> Flask:
         ({"CLOAKROOM_SQL_TABLE": "x; drop table"}, "CLOAKROOM_SQL_TABLE", "letters, digits"),
         ({"CLOAKROOM_STORE": 42}, "CLOAKROOM_STORE", "store URL"),
         ({"CLOAKROOM_STORE": "nosuch://x"}, "CLOAKROOM_STORE", "not a known store"),
+        # Found by tests/test_fuzz.py: these raised SQLAlchemy's own errors.
+        ({"CLOAKROOM_STORE": "0://:"}, "CLOAKROOM_STORE", "malformed"),
+        ({"CLOAKROOM_STORE": "sqlite://"}, "CLOAKROOM_STORE", "in-memory SQLite"),
+        ({"CLOAKROOM_STORE": "sqlite:///:memory:"}, "CLOAKROOM_STORE", "in-memory SQLite"),
+        ({"CLOAKROOM_STORE": "sqlite://0"}, "CLOAKROOM_STORE", "names no host"),
         ({"CLOAKROOM_STORE": "file://relative/dir"}, "CLOAKROOM_STORE", "absolute path"),
         (
             {"CLOAKROOM_STORE": "sqlite:////no/such/folder/s.db"},

@@ -18,6 +18,10 @@ from .base import Record, Store
 __all__ = ["Record", "Store", "open_store"]
 
 _KEY = "CLOAKROOM_STORE"
+_URL_FORMS = (
+    "memory://, file:///dir, sqlite:///path, postgresql+psycopg://user@host/db, "
+    "mysql+pymysql://user@host/db (or pass a Store)"
+)
 _DRIVERS = {
     "postgresql": ("psycopg", "postgres"),
     "mysql": ("pymysql", "mysql"),
@@ -112,22 +116,39 @@ def _open_sql(url: str, scheme: str, sql_table: str, timeout: float) -> Store:
     try:
         parsed = make_url(url)
         parsed.get_dialect()  # the dialect module only; the driver is imported below
-    except (ArgumentError, NoSuchModuleError) as error:
+    except (ArgumentError, NoSuchModuleError, ValueError) as error:
         raise ConfigError(
             _KEY,
-            f"{scheme!r} is not a known store: use memory://, file:///dir, sqlite:///path, "
-            "postgresql+psycopg://..., mysql+pymysql://... (or pass a Store)",
+            f"{scheme!r} is not a known store, or its URL is malformed ({error}): use "
+            + _URL_FORMS,
         ) from error
     from sqlalchemy import create_engine
 
     backend = parsed.get_backend_name()
-    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+    if backend == "sqlite" and parsed.host:
+        raise ConfigError(
+            _KEY,
+            f"an SQLite URL names no host ({parsed.host!r}): write sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db",
+        )
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(
+            _KEY,
+            "an in-memory SQLite database lives in a single connection and cannot hold "
+            "sessions: use memory:// for a store in memory, or sqlite:///path/to/file.db",
+        )
+    if backend == "sqlite":
+        assert parsed.database is not None  # refused above
         folder = os.path.dirname(os.path.abspath(parsed.database))
         if not os.path.isdir(folder):
             raise ConfigError(_KEY, f"the folder of the SQLite file does not exist: {folder}")
     options = _engine_options(backend, parsed.get_driver_name(), timeout)
     try:
         engine = create_engine(parsed, **options)
+    except ArgumentError as error:
+        raise ConfigError(
+            _KEY, f"the store URL is malformed ({error}); see {_URL_FORMS}"
+        ) from error
     except ImportError as error:
         driver = parsed.get_driver_name()
         module, extra = _DRIVERS.get(backend, (driver, None))

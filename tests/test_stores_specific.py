@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -79,32 +78,3 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     store = SQLStore(create_engine(f"sqlite:///{tmp_path / 'w.db'}"))
     store.count(now=0)
     assert os.path.exists(tmp_path / "w.db-wal")
-
-
-def _expired_records(store: SQLStore, count: int) -> None:
-    for i in range(count):
-        store.save(Record(f"{i:032x}", None, 10.0, 1, b"{}"), expected=None, now=0)
-
-
-def test_sql_purge_rests_between_batches(tmp_path: Path) -> None:
-    """``purge_pause`` makes a purge of a backlog work a fraction of the time."""
-    url = f"sqlite:///{tmp_path / 'p.db'}"
-    flat_out = SQLStore(create_engine(url), table="flat", purge_pause=0)
-    paced = SQLStore(create_engine(url), table="paced", purge_pause=20)
-    timings: dict[str, float] = {}
-    for name, store in (("flat", flat_out), ("paced", paced)):
-        _expired_records(store, 12)
-        started = time.monotonic()
-        assert store.purge_expired(now=100, batch_size=2) == 12
-        timings[name] = time.monotonic() - started
-        assert store.count_expired(now=100) == 0
-    # Five rests of 20 times a batch's work: far longer than the work itself.
-    assert timings["paced"] > 5 * timings["flat"], timings
-
-
-@pytest.mark.parametrize("pause", [-1.0, float("nan"), float("inf")])
-def test_sql_purge_pause_must_be_a_finite_number_at_least_zero(
-    tmp_path: Path, pause: float
-) -> None:
-    with pytest.raises(ValueError, match="purge_pause"):
-        SQLStore(create_engine(f"sqlite:///{tmp_path / 'v.db'}"), purge_pause=pause)

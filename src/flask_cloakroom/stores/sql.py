@@ -340,10 +340,6 @@ class SQLStore(Store):
     waits for another process's write lock before the store gives up, and
     how long any statement of a session load, save or delete may wait for
     the database before its connection is broken and the store gives up.
-    ``purge_pause`` paces :meth:`purge_expired`: after each full batch it
-    rests this many seconds per second the batch took (1.0: the purge works
-    half the time), so that purging a large backlog leaves the database to
-    the app's requests; 0 purges flat out.
     """
 
     def __init__(
@@ -353,12 +349,8 @@ class SQLStore(Store):
         table: str = "cloakroom_sessions",
         create_table: bool = True,
         busy_timeout: float = 5.0,
-        purge_pause: float = 1.0,
     ) -> None:
-        if not (purge_pause >= 0 and math.isfinite(purge_pause)):
-            raise ValueError(f"purge_pause must be a finite number >= 0, not {purge_pause!r}")
         self.engine = engine
-        self.purge_pause = purge_pause
         metadata = MetaData()
         self.table = sessions_table(table, metadata)
         self.events_table = events_table(f"{table}_events", metadata)
@@ -694,15 +686,12 @@ class SQLStore(Store):
                 gone = delete(self.table).where(t.key.in_(keys), t.expires_at <= now)
                 return len(keys), conn.execute(gone).rowcount
 
-            started = time.monotonic()
             found, deleted = self._run(batch, write=True)
             total += deleted
             if progress is not None and deleted:
                 progress(deleted)
             if found < batch_size:
                 return total
-            if self.purge_pause:
-                time.sleep((time.monotonic() - started) * self.purge_pause)
 
     def count_expired(self, *, now: float) -> int:
         """Count the records :meth:`purge_expired` would delete (a range of the expiry index)."""

@@ -424,7 +424,7 @@ class SessionManager:
                 self._create(session, meta, tagged, now)
                 return
             version, _, fresh_raw = fresh
-            tagged = self._merge(session.raw, tagged, fresh_raw)
+            tagged = self._apply(self._changes(session.raw, tagged), fresh_raw)
             session.raw, session.version = fresh_raw, version
         raise StoreUnavailable(
             f"session {old_key}: gave up rotating after conflicts for "
@@ -445,7 +445,7 @@ class SessionManager:
         # Another request wrote since this one loaded the session.  Re-apply this
         # request's changes onto what is stored now, holding the store's lock, so
         # that a busy session cannot make this request lose the race again.
-        before = session.raw
+        changes = self._changes(session.raw, tagged)  # the lock is held for less
         merged: list[tuple[Meta, dict[str, Any]]] = []
 
         def change(current: Record | None) -> Record | None:
@@ -459,7 +459,7 @@ class SessionManager:
                 fresh_meta.ip, fresh_meta.location = meta.ip, meta.location
                 fresh_meta.user_agent, fresh_meta.device = meta.user_agent, meta.device
                 fresh_meta.extra.update(meta.extra)
-            data = self._merge(before, tagged, decoded.raw)
+            data = self._apply(changes, decoded.raw)
             merged.append((fresh_meta, data))
             return self._record(key, fresh_meta, data, current.version + 1)
 
@@ -491,15 +491,21 @@ class SessionManager:
         return record.version, decoded.meta, decoded.raw
 
     @staticmethod
-    def _merge(
-        before: dict[str, Any], after: dict[str, Any], fresh: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Re-apply this request's changes (``before`` -> ``after``) onto ``fresh``."""
+    def _changes(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        """What this request changed (``before`` -> ``after``): the keys it set, and
+        the keys it deleted.  Computed once, outside any lock."""
+        changed = {
+            key: value for key, value in after.items() if key not in before or before[key] != value
+        }
+        return changed, before.keys() - after.keys()
+
+    @staticmethod
+    def _apply(changes: tuple[dict[str, Any], set[str]], fresh: dict[str, Any]) -> dict[str, Any]:
+        """Re-apply a request's changes onto the data stored now."""
+        changed, deleted = changes
         merged = dict(fresh)
-        for key, value in after.items():
-            if key not in before or before[key] != value:
-                merged[key] = value
-        for key in before.keys() - after.keys():
+        merged.update(changed)
+        for key in deleted:
             merged.pop(key, None)
         return merged
 

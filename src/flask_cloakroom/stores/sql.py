@@ -404,6 +404,12 @@ class SQLStore(Store):
         size = getattr(pool, "size", lambda: 5)() + max(0, getattr(pool, "_max_overflow", 10))
         self._connections = _Connections(engine, max(size, 5), busy_timeout)
         self._timeout = busy_timeout
+        # SQLite has no lock queue: a writer that finds the database locked polls it,
+        # sleeping in between, and under contention some pollers keep missing their
+        # turn until their busy timeout runs out.  The writes of one process queue
+        # on this lock instead, so that each starts as soon as the last one ends;
+        # SQLite's busy timeout is left to arbitrate between processes.
+        self._sqlite_writer = threading.Lock() if self.name == "sqlite" else None
         self._dbapi: Any = engine.dialect.loaded_dbapi
 
     def describe(self) -> str:
@@ -434,7 +440,10 @@ class SQLStore(Store):
             return cursor.fetchone() if fetch else cursor.rowcount
 
         try:
-            return self._with_cursor(run)
+            if fetch or self._sqlite_writer is None:
+                return self._with_cursor(run)
+            with self._write_turn():
+                return self._with_cursor(run)
         except self._dbapi.IntegrityError:
             return -1
 
@@ -627,7 +636,25 @@ class SQLStore(Store):
                     cursor.execute("ROLLBACK")
                 raise
 
-        return self._with_cursor(run)
+        if self._sqlite_writer is None:
+            return self._with_cursor(run)
+        with self._write_turn():
+            return self._with_cursor(run)
+
+    @contextmanager
+    def _write_turn(self) -> Iterator[None]:
+        """Wait for this process's turn to write to the SQLite database (bounded)."""
+        assert self._sqlite_writer is not None
+        if not self._sqlite_writer.acquire(timeout=self._timeout):
+            raise StoreUnavailable(
+                f"the database stayed locked by this process's other writes for "
+                f"{self._timeout:g} s",
+                store=self.name,
+            )
+        try:
+            yield
+        finally:
+            self._sqlite_writer.release()
 
     def _args(self, name: str, params: dict[str, Any]) -> tuple[str, Any]:
         sql, order = self._compiled[name]

@@ -290,37 +290,36 @@ def test_sql_server_restarted_between_api_calls_costs_no_call(
 FROZEN_LIMIT = TIMEOUT + MARGIN + 2.5
 
 
-def test_postgres_frozen_server_gives_a_bounded_answer(
-    controllable_postgres: ControllablePostgres, sql_app: Callable[..., tuple[Flask, Cloakroom]]
+def check_frozen_server(
+    url: str, pid: int | None, what: str, sql_app: Callable[..., tuple[Flask, Cloakroom]]
 ) -> None:
-    """A server that accepts connections but never answers (SIGSTOP) must not hang requests."""
-    app, _ = sql_app(controllable_postgres.url)
+    """A server that accepts connections but never answers (SIGSTOP) must not hang
+    requests: the request gets the store-error response in bounded time, and the app
+    recovers once the server answers again."""
+    app, _ = sql_app(url)
     alice = signed_in(app)
-    pid = controllable_postgres.process.pid
     assert pid is not None
     thaw = freeze(pid)
     try:
         timed = call(alice, "GET", "/get/x", limit=FROZEN_LIMIT)
     finally:
         thaw()
-    assert_unavailable(timed, what="frozen PostgreSQL")
+    assert_unavailable(timed, what=what)
     assert_recovered(alice)
+
+
+def test_postgres_frozen_server_gives_a_bounded_answer(
+    controllable_postgres: ControllablePostgres, sql_app: Callable[..., tuple[Flask, Cloakroom]]
+) -> None:
+    server = controllable_postgres
+    check_frozen_server(server.url, server.process.pid, "frozen PostgreSQL", sql_app)
 
 
 def test_mysql_frozen_server_gives_a_bounded_answer(
     controllable_mysql: ControllableMysql, sql_app: Callable[..., tuple[Flask, Cloakroom]]
 ) -> None:
-    app, _ = sql_app(controllable_mysql.url)
-    alice = signed_in(app)
-    pid = controllable_mysql.process.pid
-    assert pid is not None
-    thaw = freeze(pid)
-    try:
-        timed = call(alice, "GET", "/get/x", limit=FROZEN_LIMIT)
-    finally:
-        thaw()
-    assert_unavailable(timed, what="frozen MariaDB")
-    assert_recovered(alice)
+    server = controllable_mysql
+    check_frozen_server(server.url, server.process.pid, "frozen MariaDB", sql_app)
 
 
 def add_api_views(app: Flask, cloak: Cloakroom) -> None:

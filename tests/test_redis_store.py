@@ -259,6 +259,81 @@ def test_a_create_sent_twice_is_acknowledged_twice(rstore: RedisStore) -> None:
     assert not rstore.save(rec(record.key, user="hank", payload=b"other"), expected=None, now=NOW)
 
 
+def lock_name(store: RedisStore, key: str) -> str:
+    """The documented name of a record's write lock (docs/redis.md, key layout)."""
+    return f"{store.prefix}l:{{{key}}}"
+
+
+def test_update_locked_takes_and_frees_a_lock_in_the_records_slot(rstore: RedisStore) -> None:
+    record = rec(user="ivan")
+    assert rstore.save(record, expected=None, now=NOW)
+    seen: list[int] = []
+
+    def change(current: Record | None) -> Record | None:
+        assert current is not None
+        ttl = rstore.client.pttl(lock_name(rstore, record.key))
+        seen.append(ttl)
+        return rec(record.key, user="ivan", version=current.version + 1, payload=b"locked")
+
+    stored = rstore.update_locked(record.key, change, now=NOW)
+    assert stored is not None and stored.payload == b"locked"
+    assert rstore.load(record.key) == stored
+    # Held while the change ran, with a life bounded by the store timeout (2 s here)...
+    assert len(seen) == 1 and 0 < seen[0] <= 2000
+    # ...and gone afterwards: nothing but the record and its index is left.
+    assert not [name for name in raw_dump(rstore) if b"l:{" in name]
+    if rstore.cluster:
+        slot = rstore.client.keyslot
+        assert slot(lock_name(rstore, record.key)) == slot(f"{rstore.prefix}s:{{{record.key}}}")
+
+
+def test_update_locked_waits_out_a_dead_holder_and_refuses_a_live_one(
+    rstore: RedisStore,
+) -> None:
+    record = rec(user="jane")
+    assert rstore.save(record, expected=None, now=NOW)
+    newer = rec(record.key, user="jane", version=2, payload=b"after")
+    lock = lock_name(rstore, record.key)
+    # A writer that died holding the lock: it expires and the next writer goes on.
+    rstore.client.set(lock, "dead-writer", px=300)
+    started = time.monotonic()
+    assert rstore.update_locked(record.key, lambda current: newer, now=NOW) == newer
+    assert 0.25 <= time.monotonic() - started < 2.0
+    # A holder that keeps it past the store timeout (2 s): refused, bounded, unchanged.
+    rstore.client.set(lock, "busy-writer", px=60_000)
+    newest = rec(record.key, user="jane", version=3, payload=b"never")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="held its lock"):
+        rstore.update_locked(record.key, lambda current: newest, now=NOW)
+    assert 1.9 <= time.monotonic() - started < 3.0
+    assert rstore.load(record.key) == newer
+    assert rstore.client.get(lock) == b"busy-writer"  # another writer's lock is not freed
+    rstore.client.delete(lock)
+
+
+def test_update_locked_retries_when_a_writer_that_does_not_lock_comes_in(
+    rstore: RedisStore,
+) -> None:
+    """The lock does not carry correctness: a conditional save made without it (a
+    request's optimistic first write) makes the locked writer re-read and re-apply."""
+    record = rec(user="kim")
+    assert rstore.save(record, expected=None, now=NOW)
+    calls: list[int] = []
+
+    def change(current: Record | None) -> Record | None:
+        assert current is not None
+        calls.append(current.version)
+        if len(calls) == 1:  # meanwhile, an optimistic writer lands version 2
+            sneaky = rec(record.key, user="kim", version=2, payload=b"sneaky")
+            assert rstore.save(sneaky, expected=1, now=NOW)
+        return rec(record.key, user="kim", version=current.version + 1, payload=b"merged")
+
+    stored = rstore.update_locked(record.key, change, now=NOW)
+    assert calls == [1, 2]
+    assert stored is not None and stored.version == 3
+    assert rstore.load(record.key) == stored
+
+
 def test_scan_cursors_are_opaque_and_checked(rstore: RedisStore) -> None:
     keys = {rec().key for _ in range(7)}
     for key in keys:

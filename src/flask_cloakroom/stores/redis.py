@@ -4,6 +4,8 @@ Key layout (``prefix`` is ``CLOAKROOM_REDIS_PREFIX``, ``cloakroom:`` by default)
 
     {prefix}s:{<key>}      one string per session, with a TTL; <key> is the record key
                            (a hash of the session id), in braces: its own Cluster slot
+    {prefix}l:{<key>}      a record's short-lived write lock (only while a busy session's
+                           conflicting writes are merged: see update_locked)
     {prefix}u:{<hash>}     one sorted set per user: member = record key, score = expiry;
                            <hash> is a SHA-256 of the user id, never the id itself
     {prefix}e:{<YYYYMMDD>} the activity log: one sorted set per UTC day, and
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
 import re
 import secrets
 import threading
@@ -203,6 +206,22 @@ return 0
 """
 
 
+# KEYS: lock, record.  ARGV: token, lock ttl ms.  Takes the record's write lock if
+# it is free and returns {1, value} ({1} when there is no record), else {0}.
+_LOCK = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+local value = redis.call('GET', KEYS[2])
+if value then return {1, value} end
+return {1}
+"""
+
+# KEYS: lock.  ARGV: token.  Frees the lock if this writer still holds it.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class _Script:
     source: str
@@ -219,7 +238,19 @@ _ROTATE_SCRIPT: Final = _Script.of(_ROTATE)
 _INDEX_SCRIPT: Final = _Script.of(_INDEX)
 _CLAIM_SCRIPT: Final = _Script.of(_CLAIM)
 _PURGE_SCRIPT: Final = _Script.of(_PURGE)
-_SCRIPTS: Final = (_SAVE_SCRIPT, _ROTATE_SCRIPT, _INDEX_SCRIPT, _CLAIM_SCRIPT, _PURGE_SCRIPT)
+_LOCK_SCRIPT: Final = _Script.of(_LOCK)
+_UNLOCK_SCRIPT: Final = _Script.of(_UNLOCK)
+_SCRIPTS: Final = (
+    _SAVE_SCRIPT,
+    _ROTATE_SCRIPT,
+    _INDEX_SCRIPT,
+    _CLAIM_SCRIPT,
+    _PURGE_SCRIPT,
+    _LOCK_SCRIPT,
+    _UNLOCK_SCRIPT,
+)
+#: In-process locks for :meth:`RedisStore.update_locked`, picked by record key.
+_LOCAL_STRIPES: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +295,8 @@ class RedisStore(Store):
     ``wait_replicas`` > 0 sends ``WAIT`` after each write, waiting up to half of
     ``wait_timeout`` seconds (so the reply comes back within a socket timeout of
     ``wait_timeout``), and logs a warning when fewer replicas acknowledged.
+    ``wait_timeout`` also bounds how long :meth:`update_locked` waits for a
+    record's write lock (:func:`open_redis_store` passes the store timeout).
     """
 
     def __init__(
@@ -344,6 +377,8 @@ class RedisStore(Store):
         self.cluster = cluster
         self.wait_replicas = wait_replicas
         self.wait_millis = max(1, int(wait_timeout * 500))
+        self._lock_timeout = wait_timeout
+        self._turns = [threading.Lock() for _ in range(_LOCAL_STRIPES)]
         self.name = "redis-cluster" if cluster else _standalone_name(client)
         self._where = where
         self._record_prefix = f"{prefix}s:"
@@ -653,6 +688,80 @@ class RedisStore(Store):
             if index is not None:
                 ops.append(self._index_op(index, record, ttl, now, old_member=old_key))
             return self._cluster_write(ops, new, created=True)
+
+    def update_locked(
+        self, key: str, change: Callable[[Record | None], Record | None], *, now: float
+    ) -> Record | None:
+        """Read, change and write one record under a short write lock in Redis.
+
+        The lock is a key next to the record (same Cluster slot), taken with
+        ``SET NX PX`` in the script that also reads the record, and freed by a
+        compare-and-delete: three round trips when free.  Writers of one process
+        queue on an in-process lock first, so that only one of them polls Redis.
+        Waiting is bounded by the store timeout (``wait_timeout``), and so is the
+        lock's life, so a writer that died holding it blocks nobody for longer.
+        Correctness does not rest on the lock: the write stays conditional on the
+        version, so a writer that does not take the lock (an optimistic first
+        save) or a lock that expired costs a retry, never an update.
+        """
+        deadline = time.monotonic() + self._lock_timeout
+        turn = self._turns[hash(key) % _LOCAL_STRIPES]
+        if not turn.acquire(timeout=self._lock_timeout):
+            raise StoreUnavailable(
+                f"record {key}: this process's other writes held it for {self._lock_timeout:g} s",
+                store=self.name,
+            )
+        try:
+            return self._update_under_lock(key, change, now=now, deadline=deadline)
+        finally:
+            turn.release()
+
+    def _update_under_lock(
+        self,
+        key: str,
+        change: Callable[[Record | None], Record | None],
+        *,
+        now: float,
+        deadline: float,
+    ) -> Record | None:
+        name = self._key(key)
+        lock = f"{self.prefix}l:{{{key}}}"
+        token = secrets.token_hex(8)
+        ttl = max(1, round(self._lock_timeout * 1000))
+        attempt = 0
+        while True:
+            with self._errors():
+                reply = self._run(_script(_LOCK_SCRIPT, [lock, name], [token, ttl]))
+            if int(reply[0]):
+                break
+            if time.monotonic() >= deadline:
+                raise StoreUnavailable(
+                    f"record {key}: other writers held its lock for {self._lock_timeout:g} s",
+                    store=self.name,
+                )
+            time.sleep(random.uniform(0.5, 1.0) * min(0.01, 0.0005 * (1 << min(attempt, 5))))
+            attempt += 1
+        try:
+            current = self._decode(key, reply[1] if len(reply) > 1 else None)
+            while True:
+                new = change(current)
+                if new is None:
+                    return None
+                expected = None if current is None else current.version
+                if self.save(new, expected=expected, now=now):
+                    return new
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"record {key}: kept changing under its lock for {self._lock_timeout:g} s",
+                        store=self.name,
+                    )
+                current = self.load(key)  # a writer that does not lock came in between
+        finally:
+            try:
+                with self._errors():
+                    self._run(_script(_UNLOCK_SCRIPT, [lock], [token]))
+            except StoreError as error:  # it expires by itself
+                logger.warning("%s: could not free the lock of %s: %s", self.name, key, error)
 
     def delete(self, key: str) -> bool:
         # The user's index entry is left to heal itself (see user_records): finding

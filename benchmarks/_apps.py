@@ -1,8 +1,9 @@
 """What the performance benchmarks share: the bench app, servers, gunicorn, wrk, counters.
 
 Used by ``benchmarks/run.py`` (every variant side by side), ``benchmarks/layer.py``
-(the session layer's own CPU, in process) and ``benchmarks/scale.py`` (a million
-sessions).
+(the session layer's own CPU, in process), ``benchmarks/scale.py`` (a million
+sessions), ``benchmarks/client_cache.py``, and ``benchmarks/load.py`` and
+``benchmarks/soak.py`` (errors under load, a store restarted under load).
 
 * **The bench app** (:func:`create_app`): the same three views on every session
   layer: ``POST /login`` puts a user, a cart and preferences in the session,
@@ -14,9 +15,12 @@ sessions).
   from the test suite's harness (``tests/servers.py``: binaries on PATH or pip
   packages, free loopback ports, removed at the end).  PostgreSQL is restarted with
   ``fsync=on`` and ``full_page_writes=on``: the harness turns them off for speed,
-  and a durable commit is part of what is measured here.
-* **gunicorn and wrk** (:func:`start_gunicorn`, :func:`run_wrk`): gunicorn from
+  and a durable commit is part of what is measured here.  :func:`store_server` gives
+  one store of a kind (an SQLite file, or a throwaway PostgreSQL, MariaDB or Redis
+  server as the harness makes it), which can be stopped and started again.
+* **gunicorn and wrk** (:func:`start_gunicorn`, :class:`Wrk`): gunicorn from
   the running Python's virtualenv, wrk from PATH (checked, with how to get it).
+* **Memory** (:func:`rss_kib`): a process's resident set size, from ``/proc``.
 * **In process** (:class:`Browser`): a request through the WSGI callable,
   with the cookie kept between calls.
 * **Counting store traffic**: Redis commands and round trips on the wire
@@ -442,6 +446,48 @@ def flush_redis(client: Any) -> None:
     client.flushall()
 
 
+#: The kinds of :func:`store_server`.
+STORE_KINDS = ("sqlite", "postgres", "mysql", "redis")
+
+
+@dataclass
+class StoreServer:
+    """One store for the bench app: where it came from, the app's spec on it (a table
+    and a Redis prefix of its own), and for a server, how to stop and start it."""
+
+    kind: str
+    source: str
+    spec: AppSpec
+    stop: Callable[[], None] | None = None
+    start: Callable[[], None] | None = None
+
+
+@contextlib.contextmanager
+def store_server(kind: str, scratch: Path) -> Iterator[StoreServer]:
+    """An empty store of ``kind`` (one of :data:`STORE_KINDS`) for the Cloakroom layer:
+    an SQLite file in ``scratch``, or a throwaway server of the test suite's harness
+    (the harness's settings: PostgreSQL without fsync), removed afterwards."""
+    table, prefix = f"cloakroom_bench_{token()}", f"cloakroom-bench:{token()}:"
+    if kind == "sqlite":
+        path = scratch / "sessions.sqlite3"
+        spec = AppSpec("cloakroom", f"sqlite:///{path}", prefix=prefix, table=table)
+        yield StoreServer(kind, str(path), spec)
+        return
+    module = _harness_module()
+    harness = module._harness()
+    name = f"controllable_{kind}"
+    try:
+        server: Any = harness.get(name, module._FACTORIES[name])
+    except module.BackendUnavailable as error:
+        raise SystemExit(f"no {kind} server could be started: {error}") from None
+    try:
+        spec = AppSpec("cloakroom", server.url, prefix=prefix, table=table)
+        source = harness.status[name].source or kind
+        yield StoreServer(kind, source, spec, stop=server.stop, start=server.start)
+    finally:
+        harness.cleanup()
+
+
 # -- gunicorn and wrk ------------------------------------------------------------------
 
 
@@ -511,8 +557,10 @@ class Gunicorn:
         return [int(p) for p in text.split()]
 
 
-def start_gunicorn(spec: AppSpec, *, workers: int, scratch: Path, program: str) -> Gunicorn:
-    """Start gunicorn (sync workers) on a free loopback port; see :func:`wait_ready`."""
+def start_gunicorn(
+    spec: AppSpec, *, workers: int, scratch: Path, program: str, worker_class: str = "sync"
+) -> Gunicorn:
+    """Start gunicorn on a free loopback port; see :func:`wait_ready`."""
     port = free_port()
     log = scratch / f"gunicorn-{port}.log"
     instance = scratch / f"instance-{port}"
@@ -523,7 +571,7 @@ def start_gunicorn(spec: AppSpec, *, workers: int, scratch: Path, program: str) 
     argv = [
         program,
         "--workers", str(workers),
-        "--worker-class", "sync",
+        "--worker-class", worker_class,
         "--bind", f"{LOOPBACK}:{port}",
         "--backlog", "2048",
         "--timeout", "60",
@@ -840,6 +888,17 @@ def tool_version(argv: list[str]) -> str:
         return "?"
     lines = (done.stdout or done.stderr).strip().splitlines()
     return lines[0].strip() if lines else "?"
+
+
+def rss_kib(pid: int) -> int | None:
+    """A process's resident set size in KiB, or ``None`` if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def _cpu_times() -> tuple[int, int]:

@@ -1,13 +1,13 @@
 """Load test: gunicorn (2 sync workers) on loopback, wrk at 64 connections, per store.
 
 For each store (an SQLite file; throwaway PostgreSQL and Redis servers started by the
-script, and MariaDB on request) the script starts gunicorn serving
-``benchmarks/_app.py``, logs in a set of clients, and runs wrk twice, each for
+script, and MariaDB on request) the script starts gunicorn serving the bench app of
+``benchmarks/_apps.py``, logs in a set of clients, and runs wrk twice, each for
 ``--duration`` seconds: on ``GET /read`` (one store read, no write) and on ``POST
 /write`` (one read and one conditional write; clients share nothing, but 64
 connections over the clients' sessions do overlap).  It prints throughput, p50, p90
 and p99 latency, non-2xx responses and socket errors side by side, and fails (exit
-status 1) if any request was not a 2xx.
+status 1) if any request was not a 2xx or found its session gone.
 
 Set up once (wrk from your OS; gunicorn in a virtualenv of its own, not in the
 project's dependencies)::
@@ -35,18 +35,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from _servers import (
-    STORES,
+from _apps import (
+    STORE_KINDS,
     Wrk,
     WrkResult,
     find_gunicorn,
     find_wrk,
-    gunicorn,
     log_in,
     machine,
     scratch_dir,
+    start_gunicorn,
     store_server,
     tool_version,
+    wait_ready,
 )
 
 
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     duration = 5.0 if args.quick else args.duration
     warmup = min(args.warmup, 2.0) if args.quick else args.warmup
     kinds = [k.strip() for k in args.stores.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in STORES]
+    unknown = [k for k in kinds if k not in STORE_KINDS]
     if unknown:
-        parser.error(f"unknown store(s) {unknown}; known: {', '.join(STORES)}")
-    program = find_gunicorn(args.gunicorn)
+        parser.error(f"unknown store(s) {unknown}; known: {', '.join(STORE_KINDS)}")
+    program = args.gunicorn or find_gunicorn()
     wrk_program = find_wrk()
 
     info = machine()
@@ -92,34 +93,46 @@ def main(argv: list[str] | None = None) -> int:
             with store_server(kind, scratch) as store:
                 sources[kind] = store.source
                 print(f"\n== {kind}: {store.source}", flush=True)
-                with gunicorn(
-                    store,
-                    scratch,
-                    program=program,
+                server = start_gunicorn(
+                    store.spec,
                     workers=args.workers,
+                    scratch=scratch,
+                    program=program,
                     worker_class=args.worker_class,
-                ) as server:
-                    cookies = log_in(server.port, args.clients)
-                    wrk = Wrk(wrk_program, cookies, scratch)
+                )
+                try:
+                    wait_ready(server)
+                    cookies = log_in(server.port, [f"user{i}" for i in range(args.clients)])
+                    wrk = Wrk(
+                        wrk_program, scratch, connections=args.connections, threads=args.threads
+                    )
                     if warmup:
-                        wrk.run(server.port, seconds=warmup, connections=args.connections)
+                        wrk.run(
+                            server.port, cookies, method="GET", path="/read", seconds=round(warmup)
+                        )
                     results[kind] = {}
-                    for endpoint, write_every in (("read", 0), ("write", 1)):
+                    for endpoint, method in (("read", "GET"), ("write", "POST")):
                         result = wrk.run(
                             server.port,
-                            seconds=duration,
-                            connections=args.connections,
-                            threads=args.threads,
-                            write_every=write_every,
+                            cookies,
+                            method=method,
+                            path=f"/{endpoint}",
+                            seconds=round(duration),
                         )
                         results[kind][endpoint] = result
                         print(f"   {endpoint:<6} {line(result)}", flush=True)
                         time.sleep(1)
+                finally:
+                    server.stop()
 
     print()
     print(table(results))
-    failures = sum(r.errors for per_store in results.values() for r in per_store.values())
-    print(f"\nnot 2xx (statuses, socket errors, timeouts), all runs: {failures}")
+    runs = [r for per_store in results.values() for r in per_store.values()]
+    print(f"\nnot 2xx (statuses, socket errors, timeouts), all runs: {sum(map(not_2xx, runs))}")
+    lost = sum(r.anonymous for r in runs)
+    if lost:
+        print(f"sessions lost (a 2xx saying user=None), all runs: {lost}")
+    failures = sum(r.failures for r in runs)
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -139,10 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def not_2xx(result: WrkResult) -> int:
+    """Requests that got no 2xx: other statuses, socket errors and timeouts."""
+    return result.non_2xx + result.socket_errors
+
+
 def line(result: WrkResult) -> str:
+    lost = f"  sessions lost {result.anonymous}" if result.anonymous else ""
     return (
-        f"{result.rate:8.0f} req/s  p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  "
-        f"non-2xx {result.non_2xx}  socket errors {result.socket_errors + result.timeouts}"
+        f"{result.rate:8.0f} req/s  p50 {result.p50_us / 1000:6.1f} ms  "
+        f"p99 {result.p99_us / 1000:6.1f} ms  "
+        f"non-2xx {result.non_2xx}  socket errors {result.socket_errors}{lost}"
     )
 
 
@@ -156,8 +176,8 @@ def table(results: dict[str, dict[str, WrkResult]]) -> str:
     for kind, per_endpoint in results.items():
         for endpoint, r in per_endpoint.items():
             rows.append(
-                f"| {kind} | {endpoint} | {r.requests:,} | {r.rate:,.0f} | {r.p50_ms:.1f} | "
-                f"{r.p90_ms:.1f} | {r.p99_ms:.1f} | {r.non_2xx} | {r.socket_errors + r.timeouts} |"
+                f"| {kind} | {endpoint} | {r.requests:,} | {r.rate:,.0f} | {r.p50_us / 1000:.1f} | "
+                f"{r.p90_us / 1000:.1f} | {r.p99_us / 1000:.1f} | {r.non_2xx} | {r.socket_errors} |"
             )
     return "\n".join(rows)
 

@@ -1,9 +1,9 @@
 """Soak test: steady load for minutes, workers' memory sampled, the store restarted once.
 
-gunicorn (2 sync workers) serves ``benchmarks/_app.py`` on a throwaway PostgreSQL,
-Redis or MariaDB server; wrk keeps ``--connections`` connections busy for
-``--minutes`` (90 % reads, 10 % writes over the logged-in clients' sessions), in
-back-to-back runs of ``--window`` seconds so that errors can be placed in time.
+gunicorn (2 sync workers) serves the bench app of ``benchmarks/_apps.py`` on a
+throwaway PostgreSQL, Redis or MariaDB server; wrk keeps ``--connections`` connections
+busy for ``--minutes`` (90 % reads, 10 % writes over the logged-in clients' sessions),
+in back-to-back runs of ``--window`` seconds so that errors can be placed in time.
 Meanwhile:
 
 * the resident memory (VmRSS) of gunicorn's master and workers is sampled every
@@ -13,14 +13,14 @@ Meanwhile:
   ``--outage`` seconds, and started again.  Nothing else is touched: the same gunicorn
   workers must recover by themselves.
 
-The report: requests and errors per window (errors are allowed only in windows that
-overlap the outage), when the first and last failures happened relative to the
-outage, how long after the store was back the first request succeeded, whether the
-workers were restarted (their process ids), and memory growth (mean RSS of the first
-minute against the last, split into growth under steady load, before and after the
-outage, and the step across it).  The exit status is 1 if an error happened outside
-the outage, if a worker was restarted, or if the workers' memory grew by more than
-``--max-growth`` MiB under steady load.
+The report: requests and errors per window (errors, sessions found gone among them,
+are allowed only in windows that overlap the outage), when the first and last failures
+happened relative to the outage, how long after the store was back the first request
+succeeded, whether the workers were restarted (their process ids), and memory growth
+(mean RSS of the first minute against the last, split into growth under steady load,
+before and after the outage, and the step across it).  The exit status is 1 if an
+error happened outside the outage, if a worker was restarted, or if the workers'
+memory grew by more than ``--max-growth`` MiB under steady load.
 
 Set up as for ``load.py`` (wrk from the OS; gunicorn in its own virtualenv), then::
 
@@ -39,18 +39,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from _servers import (
+from _apps import (
     Wrk,
     WrkResult,
     find_gunicorn,
     find_wrk,
-    gunicorn,
+    http_request,
     log_in,
     machine,
-    request,
     rss_kib,
     scratch_dir,
+    start_gunicorn,
     store_server,
+    wait_ready,
 )
 
 #: How long after the store is back errors still count as part of the outage (s).
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gunicorn")
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
     args = parser.parse_args(argv)
-    program = find_gunicorn(args.gunicorn)
+    program = args.gunicorn or find_gunicorn()
     wrk_program = find_wrk()
     info = machine()
     total = args.minutes * 60
@@ -118,19 +119,26 @@ def main(argv: list[str] | None = None) -> int:
         with store_server(args.store, scratch) as store:
             assert store.stop is not None and store.start is not None
             print(f"store: {store.source}")
-            with gunicorn(store, scratch, program=program) as server:
-                cookies = log_in(server.port, args.clients)
-                wrk = Wrk(wrk_program, cookies, scratch)
-                if args.warmup:
-                    print(f"warming up for {args.warmup:g} s", flush=True)
-                    wrk.run(
+            server = start_gunicorn(store.spec, workers=2, scratch=scratch, program=program)
+            try:
+                wait_ready(server)
+                cookies = log_in(server.port, [f"user{i}" for i in range(args.clients)])
+                wrk = Wrk(wrk_program, scratch, connections=args.connections, threads=args.threads)
+
+                def run_wrk(seconds: float) -> WrkResult:
+                    return wrk.run(
                         server.port,
-                        seconds=args.warmup,
-                        connections=args.connections,
-                        threads=args.threads,
+                        cookies,
+                        method="GET",
+                        path="/read",
+                        seconds=round(seconds),
                         write_every=args.writes,
                     )
-                workers_before = server.workers()
+
+                if args.warmup:
+                    print(f"warming up for {args.warmup:g} s", flush=True)
+                    run_wrk(args.warmup)
+                workers_before = sorted(server.worker_pids())
                 pids = [server.process.pid, *workers_before]
                 samples = Samples()
                 probes: list[Probe] = []
@@ -150,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                     while not stop.is_set():
                         at = time.time()
                         try:
-                            status, _ = request(server.port, "GET", "/read", cookie, timeout=5)
+                            status, _, _ = http_request(
+                                server.port, "GET", "/read", cookie, timeout=5
+                            )
                         except OSError:
                             status = 0
                         probes.append(Probe(at, status, time.time() - at))
@@ -185,25 +195,23 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     while time.time() - began < total:
                         left = total - (time.time() - began)
-                        result = wrk.run(
-                            server.port,
-                            seconds=min(args.window, max(1.0, left)),
-                            connections=args.connections,
-                            threads=args.threads,
-                            write_every=args.writes,
-                        )
+                        result = run_wrk(min(args.window, max(1.0, left)))
                         windows.append(result)
-                        mark = " <- errors" if result.errors else ""
+                        lost = f"  sessions lost {result.anonymous}" if result.anonymous else ""
+                        mark = " <- errors" if result.failures else ""
                         print(
                             f"[{result.started - began:6.1f} s] {result.rate:6.0f} req/s "
-                            f"p99 {result.p99_ms:6.1f} ms  not 2xx {result.errors}{mark}",
+                            f"p99 {result.p99_us / 1000:6.1f} ms  "
+                            f"not 2xx {result.non_2xx + result.socket_errors}{lost}{mark}",
                             flush=True,
                         )
                 finally:
                     stop.set()
                     for helper in helpers:
                         helper.join(30)
-                workers_after = server.workers()
+                workers_after = sorted(server.worker_pids())
+            finally:
+                server.stop()
 
     report = analyse(
         began, windows, probes, samples, outage, workers_before, workers_after, args.max_growth
@@ -243,8 +251,10 @@ def analyse(
     inside = [w for w in windows if w.started <= window_end and w.ended >= outage.stopping]
     outside = [w for w in windows if w not in inside]
     requests = sum(w.requests for w in windows)
-    errors_outside = sum(w.errors for w in outside)
-    errors_inside = sum(w.errors for w in inside)
+    errors_outside = sum(w.failures for w in outside)
+    errors_inside = sum(w.failures for w in inside)
+    lost_outside = sum(w.anonymous for w in outside)
+    lost_inside = sum(w.anonymous for w in inside)
     failed = [p for p in probes if p.status != 200]
     first_fail = min((p.at for p in failed), default=None)
     last_fail = max((p.at for p in failed), default=None)
@@ -256,6 +266,11 @@ def analyse(
     rate = requests / (windows[-1].ended - began)
     print(f"{len(windows)} windows, {requests:,} requests, {rate:,.0f} req/s")
     print(f"not 2xx inside the outage windows: {errors_inside:,}; outside: {errors_outside}")
+    if lost_inside or lost_outside:
+        print(
+            f"of which sessions lost (a 2xx saying user=None): inside {lost_inside:,}; "
+            f"outside {lost_outside:,}"
+        )
     print("\n== outage (times from the start of the measured run)")
     print(
         f"store stopping at {outage.stopping - began:.1f} s, "

@@ -78,3 +78,45 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     store = SQLStore(create_engine(f"sqlite:///{tmp_path / 'w.db'}"))
     store.count(now=0)
     assert os.path.exists(tmp_path / "w.db-wal")
+
+
+# -- Turns: the in-process write queue of SQLite and of Redis's locked updates ----------
+
+
+def test_turns_are_given_in_arrival_order_and_waits_are_bounded() -> None:
+    import threading
+    import time
+
+    from flask_cloakroom.stores.turns import Turns
+
+    turns = Turns()
+    assert turns.acquire(timeout=0.1)
+    order: list[int] = []
+    arrived = threading.Event()
+    threads = []
+    for i in range(8):
+        arrived.clear()
+
+        def wait(i: int = i) -> None:
+            arrived.set()
+            assert turns.acquire(timeout=5)
+            order.append(i)
+            turns.release()
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        arrived.wait(1)
+        time.sleep(0.02)  # let it queue before the next one arrives
+        threads.append(thread)
+    # A waiter that gives up leaves the queue without taking a turn.
+    started = time.monotonic()
+    assert not turns.acquire(timeout=0.2)
+    assert 0.15 <= time.monotonic() - started < 1.0
+    turns.release()
+    for thread in threads:
+        thread.join(5)
+    assert order == list(range(8))
+    # Free again: the next caller gets it at once, and a released lock is not held.
+    assert turns.acquire(timeout=0)
+    turns.release()
+    assert turns.acquire(timeout=0)

@@ -64,6 +64,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from .base import EventRecord, Record, Store
+from .turns import Turns
 
 __all__ = ["RedisStore", "open_redis_store"]
 
@@ -378,7 +379,7 @@ class RedisStore(Store):
         self.wait_replicas = wait_replicas
         self.wait_millis = max(1, int(wait_timeout * 500))
         self._lock_timeout = wait_timeout
-        self._turns = [threading.Lock() for _ in range(_LOCAL_STRIPES)]
+        self._turns = [Turns() for _ in range(_LOCAL_STRIPES)]
         self.name = "redis-cluster" if cluster else _standalone_name(client)
         self._where = where
         self._record_prefix = f"{prefix}s:"
@@ -697,7 +698,8 @@ class RedisStore(Store):
         The lock is a key next to the record (same Cluster slot), taken with
         ``SET NX PX`` in the script that also reads the record, and freed by a
         compare-and-delete: three round trips when free.  Writers of one process
-        queue on an in-process lock first, so that only one of them polls Redis.
+        first queue in arrival order (:class:`~.turns.Turns`), so that only one
+        of them polls Redis and none is passed over.
         Waiting is bounded by the store timeout (``wait_timeout``), and so is the
         lock's life, so a writer that died holding it blocks nobody for longer.
         Correctness does not rest on the lock: the write stays conditional on the

@@ -66,6 +66,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreError, StoreUnavailable
 from .base import EventRecord, Record, Store
+from .turns import Turns
 
 _T = TypeVar("_T")
 _DELETE_CHUNK = 500
@@ -407,9 +408,10 @@ class SQLStore(Store):
         # SQLite has no lock queue: a writer that finds the database locked polls it,
         # sleeping in between, and under contention some pollers keep missing their
         # turn until their busy timeout runs out.  The writes of one process queue
-        # on this lock instead, so that each starts as soon as the last one ends;
+        # on this lock instead, in arrival order, so that each starts as soon as
+        # the writers ahead of it are done;
         # SQLite's busy timeout is left to arbitrate between processes.
-        self._sqlite_writer = threading.Lock() if self.name == "sqlite" else None
+        self._sqlite_writer = Turns() if self.name == "sqlite" else None
         self._dbapi: Any = engine.dialect.loaded_dbapi
 
     def describe(self) -> str:

@@ -298,14 +298,19 @@ def check_frozen_server(
     recovers once the server answers again."""
     app, _ = sql_app(url)
     alice = signed_in(app)
+    visitor = app.test_client()  # lists through SQLAlchemy's own pool, not the hot path's
+    assert len(call(visitor, "GET", "/sessions/alice").json) == 1
     assert pid is not None
     thaw = freeze(pid)
     try:
         timed = call(alice, "GET", "/get/x", limit=FROZEN_LIMIT)
+        listed = call(visitor, "GET", "/sessions/alice", limit=FROZEN_LIMIT)
     finally:
         thaw()
     assert_unavailable(timed, what=what)
+    assert_unavailable(listed, what=f"{what}, listing a user's sessions")
     assert_recovered(alice)
+    assert len(call(visitor, "GET", "/sessions/alice").json) == 1
 
 
 def test_postgres_frozen_server_gives_a_bounded_answer(

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -177,6 +177,11 @@ class _Watchdog:
                 return True
             return False
 
+    def fired(self, fd: int) -> bool:
+        """Whether ``fd`` was shut down for missing its deadline (still armed or not)."""
+        with self._lock:
+            return fd in self._fired
+
     def _watch(self) -> None:
         with self._lock:
             while True:
@@ -205,6 +210,52 @@ def _shut_down(fd: int) -> None:
 
 _WATCHDOG = _Watchdog()
 
+#: The deadline (seconds) of the operations that scan the table: counts and purge
+#: batches.  Long enough for a big table, short enough that a frozen server does
+#: not hang a command or a metrics scrape forever.
+BULK_TIMEOUT: Final = 60.0
+
+
+def _socket_copy(dbapi: Any) -> int | None:
+    """A duplicate of a DBAPI connection's socket descriptor, or ``None`` (SQLite,
+    or a driver that does not show its socket).  The caller closes it."""
+    fileno = getattr(dbapi, "fileno", None)  # psycopg, psycopg2
+    if fileno is None:
+        fileno = getattr(getattr(dbapi, "_sock", None), "fileno", None)  # PyMySQL
+    if fileno is not None:
+        with suppress(Exception):
+            return os.dup(fileno())
+    return None
+
+
+class _Deadline:
+    """The watchdog on a SQLAlchemy Core connection, for one call of :meth:`SQLStore._run`:
+    every statement and the commit together must answer within ``timeout``."""
+
+    __slots__ = ("_fd", "late", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._fd: int | None = None
+        self.late = False
+
+    @contextmanager
+    def watching(self, conn: Connection) -> Iterator[None]:
+        fd = self._fd = _socket_copy(conn.connection.dbapi_connection)
+        if fd is None:
+            yield
+            return
+        _WATCHDOG.arm(fd, time.monotonic() + self.timeout)
+        try:
+            yield
+        finally:
+            self.late = _WATCHDOG.disarm(fd)
+            os.close(fd)
+
+    def missed(self) -> bool:
+        """Whether the watchdog has shut the connection (so a retry would wait again)."""
+        return self._fd is not None and _WATCHDOG.fired(self._fd)
+
 
 class _Conn:
     """A DBAPI connection of :class:`_Connections`, with what the store keeps about it."""
@@ -218,13 +269,7 @@ class _Conn:
         # descriptor: a socket object could make the socket non-blocking under
         # socket.setdefaulttimeout()).  None if the driver does not show its
         # socket; SQLite has none, and never waits on a network.
-        self.fd: int | None = None
-        fileno = getattr(dbapi, "fileno", None)  # psycopg, psycopg2
-        if fileno is None:
-            fileno = getattr(getattr(dbapi, "_sock", None), "fileno", None)  # PyMySQL
-        if fileno is not None:
-            with suppress(Exception):
-                self.fd = os.dup(fileno())
+        self.fd = _socket_copy(dbapi)
 
     def close(self) -> None:
         with suppress(Exception):  # closing a broken connection may fail; it is gone either way
@@ -547,9 +592,13 @@ class SQLStore(Store):
         except SQLAlchemyError as error:
             raise StoreError(str(error).splitlines()[0], store=self.name) from error
 
-    def _run(self, work: Callable[[Connection], _T], *, write: bool) -> _T:
+    def _run(self, work: Callable[[Connection], _T], *, write: bool, bulk: bool = False) -> _T:
         """Run ``work`` through SQLAlchemy Core, in a transaction committed if ``write``.
 
+        ``work`` and the commit must answer within the store timeout, like the
+        hot statements (see :class:`_Watchdog`), or within :data:`BULK_TIMEOUT`
+        if ``bulk`` (counts and purge batches, which scan); past it, the
+        connection is shut and :class:`StoreUnavailable` raised, with no retry.
         A pooled connection the server dropped while idle fails its first
         statement; SQLAlchemy then invalidates the pool (every connection as
         old is replaced on checkout), and ``work`` runs once more.  Only
@@ -560,16 +609,23 @@ class SQLStore(Store):
             with self._errors():
                 self._ensure_table()
         for attempt in (1, 2):
-            with self._errors(), self.engine.connect() as conn:
-                try:
-                    result = work(conn)
-                except DBAPIError as error:
-                    if attempt == 1 and error.connection_invalidated:
-                        continue
-                    raise
-                if write:
-                    conn.commit()
-                return result
+            deadline = _Deadline(max(BULK_TIMEOUT, self._timeout) if bulk else self._timeout)
+            try:
+                with self._errors(), self.engine.connect() as conn, deadline.watching(conn):
+                    try:
+                        result = work(conn)
+                    except DBAPIError as error:
+                        if attempt == 1 and error.connection_invalidated and not deadline.missed():
+                            continue
+                        raise
+                    if write:
+                        conn.commit()
+                    return result
+            except StoreError as error:
+                if deadline.late:
+                    message = f"no answer from the database within {deadline.timeout:g} s"
+                    raise StoreUnavailable(message, store=self.name) from error
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -715,7 +771,7 @@ class SQLStore(Store):
                 gone = delete(self.table).where(t.key.in_(keys), t.expires_at <= now)
                 return len(keys), conn.execute(gone).rowcount
 
-            found, deleted = self._run(batch, write=True)
+            found, deleted = self._run(batch, write=True, bulk=True)
             total += deleted
             if progress is not None and deleted:
                 progress(deleted)
@@ -726,12 +782,12 @@ class SQLStore(Store):
         """Count the records :meth:`purge_expired` would delete (a range of the expiry index)."""
         t = self.table.c
         query = select(func.count()).select_from(self.table).where(t.expires_at <= now)
-        return int(self._run(lambda c: c.execute(query).scalar_one(), write=False))
+        return int(self._run(lambda c: c.execute(query).scalar_one(), write=False, bulk=True))
 
     def count(self, *, now: float) -> int:
         t = self.table.c
         query = select(func.count()).select_from(self.table).where(t.expires_at > now)
-        return int(self._run(lambda c: c.execute(query).scalar_one(), write=False))
+        return int(self._run(lambda c: c.execute(query).scalar_one(), write=False, bulk=True))
 
     def ping(self) -> None:
         self._run(lambda c: c.execute(select(1)).scalar_one(), write=False)
@@ -783,7 +839,7 @@ class SQLStore(Store):
                     conn.execute(delete(self.events_table).where(t.id.in_(ids)))
                 return len(ids)
 
-            found = self._run(batch, write=True)
+            found = self._run(batch, write=True, bulk=True)
             total += found
             if found < batch_size:
                 return total

@@ -366,6 +366,9 @@ class _Watched:
     def fetchone(self) -> Any:
         return self._cursor.fetchone()
 
+    def fetchall(self) -> Any:
+        return self._cursor.fetchall()
+
     @property
     def rowcount(self) -> int:
         rowcount: int = self._cursor.rowcount
@@ -443,6 +446,12 @@ class SQLStore(Store):
                 ("rotate", self._rotate),
                 ("delete", self._delete),
                 ("load_for_update", self._load.with_for_update()),
+                (
+                    "user_records",
+                    select(t.key, t.user_id, t.expires_at, t.version, t.payload).where(
+                        t.user_id == bindparam("u"), t.expires_at > bindparam("now")
+                    ),
+                ),
             )
         }
         self._begin = "BEGIN IMMEDIATE" if self.name == "sqlite" else "BEGIN"
@@ -471,11 +480,12 @@ class SQLStore(Store):
         order = tuple(compiled.positiontup) if compiled.positional else None
         return compiled.string, order
 
-    def _fast(self, name: str, params: dict[str, Any], *, fetch: bool) -> Any:
+    def _fast(self, name: str, params: dict[str, Any], *, fetch: bool, many: bool = False) -> Any:
         """Run a hot statement on a raw autocommit connection: one round trip.
 
-        Returns the row (``fetch``) or the row count; ``-1`` when a unique key
-        was violated (a create or rotation onto an existing key).
+        Returns the row (``fetch``), every row (``fetch`` and ``many``) or the
+        row count; ``-1`` when a unique key was violated (a create or rotation
+        onto an existing key).
         """
         if not self._ready:
             with self._errors():
@@ -484,7 +494,9 @@ class SQLStore(Store):
 
         def run(cursor: Any) -> Any:
             cursor.execute(*statement)
-            return cursor.fetchone() if fetch else cursor.rowcount
+            if not fetch:
+                return cursor.rowcount
+            return cursor.fetchall() if many else cursor.fetchone()
 
         try:
             if fetch or self._sqlite_writer is None:
@@ -732,11 +744,9 @@ class SQLStore(Store):
         return self._run(work, write=True) if keys else 0
 
     def user_records(self, user_id: str, *, now: float) -> list[Record]:
-        t = self.table.c
-        query = select(t.key, t.user_id, t.expires_at, t.version, t.payload).where(
-            t.user_id == user_id, t.expires_at > now
-        )
-        rows = self._run(lambda c: c.execute(query).all(), write=False)
+        # On the raw autocommit path, like load: one round trip (a Core connection
+        # adds a ROLLBACK when it goes back to the pool), and a listing page is hot.
+        rows = self._fast("user_records", {"u": user_id, "now": now}, fetch=True, many=True)
         return [self._record(r) for r in rows]
 
     def scan(

@@ -177,7 +177,7 @@ class Store(abc.ABC):
         store, or ``None`` to leave things as they are; it must not call the store.
         Returns what was stored, or ``None``.  Cloakroom falls back on this when a
         session's conditional write keeps losing races, so that a busy session
-        still makes progress.  Stores that can hold a lock (SQL, files, memory)
+        still makes progress.  Stores that can hold a lock (SQL, files, memory, Redis)
         override it; this default retries optimistic writes, backing off.
         """
         for attempt in range(64):

@@ -28,9 +28,12 @@ STORE_KINDS = [
     "postgres",
     "mysql",
     "redis",
+    "redis_cached",
     "redis_cluster",
     "redis_sentinel",
 ]
+#: The records a "redis_cached" store keeps in process (CLOAKROOM_REDIS_CLIENT_CACHE).
+CLIENT_CACHE = 1000
 
 
 def _sql_store(url: str) -> SQLStore:
@@ -47,15 +50,18 @@ def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> St
         return MemoryStore()
     if kind == "files":
         return FileStore(str(tmp_path / "sessions"))
-    if kind in ("redis", "redis_cluster", "redis_sentinel"):
+    if kind in ("redis", "redis_cached", "redis_cluster", "redis_sentinel"):
         from flask_cloakroom.stores.redis import open_redis_store
 
         from .servers import flush_prefix
 
-        fixture = "redis_server" if kind == "redis" else kind
+        fixture = "redis_server" if kind in ("redis", "redis_cached") else kind
         server = request.getfixturevalue(fixture)
         prefix = f"{server.prefix}{secrets.token_hex(4)}:"
-        store = open_redis_store(server.url, prefix=prefix, timeout=2.0, wait_replicas=0)
+        cache = CLIENT_CACHE if kind == "redis_cached" else 0
+        store = open_redis_store(
+            server.url, prefix=prefix, timeout=2.0, wait_replicas=0, client_cache=cache
+        )
 
         def flush() -> None:
             store.close()

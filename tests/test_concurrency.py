@@ -55,7 +55,7 @@ from flask_cloakroom.stores.instrumented import InstrumentedStore
 from flask_cloakroom.stores.memory import MemoryStore
 from flask_cloakroom.stores.sql import SQLStore
 
-from .conftest import add_views
+from .conftest import CLIENT_CACHE, add_views
 
 FULL = os.environ.get("CLOAKROOM_FULL_CONCURRENCY", "").strip() not in ("", "0")
 #: Requests per test, each writing its own key into the one shared session.
@@ -315,12 +315,14 @@ class StoreSpec:
     url: str
     sql_table: str = "cloakroom_sessions"
     redis_prefix: str = "cloakroom:"
+    redis_client_cache: int = 0
 
     def open(self) -> Store:
         return open_store(
             self.url,
             sql_table=self.sql_table,
             redis_prefix=self.redis_prefix,
+            redis_client_cache=self.redis_client_cache,
             timeout=CHILD_STORE_TIMEOUT,
         )
 
@@ -338,8 +340,13 @@ def spec_for(store: Store, request: pytest.FixtureRequest) -> StoreSpec | None:
         from flask_cloakroom.stores.redis import RedisStore
 
         assert isinstance(store, RedisStore)
-        server = request.getfixturevalue("redis_server" if kind == "redis" else kind)
-        return StoreSpec(server.url, redis_prefix=store.prefix)
+        cached = kind == "redis_cached"
+        server = request.getfixturevalue(
+            "redis_server" if kind in ("redis", "redis_cached") else kind
+        )
+        return StoreSpec(
+            server.url, redis_prefix=store.prefix, redis_client_cache=CLIENT_CACHE if cached else 0
+        )
     return None
 
 

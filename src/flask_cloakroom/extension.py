@@ -92,6 +92,7 @@ class Cloakroom:
             "timeout": settings.store_timeout,
             "redis_prefix": settings.redis_prefix,
             "redis_wait_replicas": settings.redis_wait_replicas,
+            "redis_client_cache": settings.redis_client_cache,
         }
         if isinstance(store, str):
             store = open_store(store, **options)

@@ -338,6 +338,19 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative_int,
     ),
     Option(
+        "REDIS_CLIENT_CACHE",
+        "int",
+        0,
+        "Keep up to this many session records in each worker process and serve "
+        "read-only requests from them, with no Redis round trip, until Redis says a "
+        "record changed (server-assisted client-side caching: CLIENT TRACKING, Redis "
+        "6.0+). A revoked or changed session is never served once Redis's message has "
+        "reached the process. Standalone Redis only (not Cluster or Sentinel); one extra "
+        "connection per process. 0 turns it off. See docs/redis.md.",
+        "10000",
+        _non_negative_int,
+    ),
+    Option(
         "TRUSTED_PROXIES",
         "int | list[str]",
         0,
@@ -540,6 +553,7 @@ class Settings:
     metrics: bool
     redis_prefix: str
     redis_wait_replicas: int
+    redis_client_cache: int
     store_timeout: float
     on_store_error: Callable[[Exception], Any] | None
     retry_after: int

@@ -36,6 +36,7 @@ def open_store(
     timeout: float = 1.0,
     redis_prefix: str = "cloakroom:",
     redis_wait_replicas: int = 0,
+    redis_client_cache: int = 0,
 ) -> Store:
     """Open the store a ``CLOAKROOM_STORE`` URL names.
 
@@ -69,7 +70,11 @@ def open_store(
         return FileStore(path)
     if scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
         store: Store = _import_redis().open_redis_store(
-            url, prefix=redis_prefix, timeout=timeout, wait_replicas=redis_wait_replicas
+            url,
+            prefix=redis_prefix,
+            timeout=timeout,
+            wait_replicas=redis_wait_replicas,
+            client_cache=redis_client_cache,
         )
         return store
     return _open_sql(url, scheme, sql_table, timeout)
@@ -81,6 +86,7 @@ def wrap_client(
     sql_table: str = "cloakroom_sessions",
     redis_prefix: str = "cloakroom:",
     redis_wait_replicas: int = 0,
+    redis_client_cache: int = 0,
     timeout: float = 1.0,
 ) -> Store:
     """Make a store around a ready client: a redis-py client or an SQLAlchemy engine."""
@@ -91,7 +97,11 @@ def wrap_client(
         return SQLStore(client, table=sql_table, busy_timeout=timeout)
     if module.startswith("redis."):
         store: Store = _import_redis().RedisStore(
-            client, prefix=redis_prefix, wait_replicas=redis_wait_replicas, wait_timeout=timeout
+            client,
+            prefix=redis_prefix,
+            wait_replicas=redis_wait_replicas,
+            wait_timeout=timeout,
+            client_cache=redis_client_cache,
         )
         return store
     raise ConfigError(_KEY, f"cannot make a store from a {type(client).__name__}")

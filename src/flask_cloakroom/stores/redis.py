@@ -64,6 +64,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from .base import EventRecord, Record, Store
+from .redis_cache import RecordCache
 from .turns import Turns
 
 __all__ = ["RedisStore", "open_redis_store"]
@@ -71,6 +72,7 @@ __all__ = ["RedisStore", "open_redis_store"]
 logger = logging.getLogger("flask_cloakroom")
 
 _KEY: Final = "CLOAKROOM_STORE"
+_CACHE_KEY: Final = "CLOAKROOM_REDIS_CLIENT_CACHE"
 #: How many keys one MGET / DEL / pipeline carries.
 _CHUNK: Final = 500
 #: How many SCAN calls one :meth:`RedisStore.scan` page may make to fill itself.
@@ -298,7 +300,12 @@ class RedisStore(Store):
     ``wait_timeout``), and logs a warning when fewer replicas acknowledged.
     ``wait_timeout`` also bounds how long :meth:`update_locked` waits for a
     record's write lock (:func:`open_redis_store` passes the store timeout).
+    ``client_cache`` > 0 keeps up to that many records in the process, invalidated
+    by Redis (server-assisted client-side caching, standalone Redis only: see
+    :mod:`~flask_cloakroom.stores.redis_cache`).
     """
+
+    _cache: RecordCache | None
 
     def __init__(
         self,
@@ -307,6 +314,7 @@ class RedisStore(Store):
         prefix: str = "cloakroom:",
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
+        client_cache: int = 0,
     ) -> None:
         self._setup(
             client=client,
@@ -321,6 +329,18 @@ class RedisStore(Store):
             raise TypeError(
                 f"RedisStore needs a redis.Redis or redis.cluster.RedisCluster client, "
                 f"got {type(client).__name__}"
+            )
+        if not isinstance(client_cache, int) or client_cache < 0:
+            raise ConfigError(_CACHE_KEY, f"expected 0 (off) or more, got {client_cache!r}")
+        if client_cache:
+            if self.cluster or isinstance(client.connection_pool, SentinelConnectionPool):
+                raise ConfigError(
+                    _CACHE_KEY,
+                    "works with a standalone Redis (redis://, rediss://, unix://) only, "
+                    "not with a Cluster or Sentinel: set it to 0 for this store",
+                )
+            self._cache = RecordCache(
+                client, prefix=prefix, size=client_cache, timeout=wait_timeout
             )
 
     @classmethod
@@ -379,6 +399,7 @@ class RedisStore(Store):
         self.wait_replicas = wait_replicas
         self.wait_millis = max(1, int(wait_timeout * 500))
         self._lock_timeout = wait_timeout
+        self._cache = None
         self._turns = [Turns() for _ in range(_LOCAL_STRIPES)]
         self.name = "redis-cluster" if cluster else _standalone_name(client)
         self._where = where
@@ -618,10 +639,24 @@ class RedisStore(Store):
     # -- the contract ----------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
+        name = self._key(key)
         with self._errors():
-            name = self._key(key)
-            value = self._command(name, "GET", name, **_NEVER_DECODE)
+            if self._cache is None:
+                value = self._command(name, "GET", name, **_NEVER_DECODE)
+            else:
+                value = self._cache.get(
+                    name, lambda: self._command(name, "GET", name, **_NEVER_DECODE)
+                )
         return self._decode(key, value)
+
+    @contextmanager
+    def _writing(self, *names: str) -> Iterator[None]:
+        """Drop the records a write touches from this process's cache, once it is sent."""
+        try:
+            yield
+        finally:
+            if self._cache is not None:
+                self._cache.forget(names)
 
     def save(self, record: Record, *, expected: int | None, now: float) -> bool:
         key = self._key(record.key)
@@ -630,7 +665,7 @@ class RedisStore(Store):
         ttl = self._ttl(record, now)
         score = math.ceil(record.expires_at)
         index = None if record.user_id is None else self.index_key(record.user_id)
-        with self._errors():
+        with self._errors(), self._writing(key):
             if not self.cluster:
                 keys = [key] if index is None else [key, index]
                 args = [expected_arg, value, ttl, record.key, score, repr(now)]
@@ -675,7 +710,7 @@ class RedisStore(Store):
         ttl = self._ttl(record, now)
         score = math.ceil(record.expires_at)
         index = None if record.user_id is None else self.index_key(record.user_id)
-        with self._errors():
+        with self._errors(), self._writing(old, new):
             if not self.cluster:
                 keys = [old, new] if index is None else [old, new, index]
                 args = [str(expected), value, ttl, record.key, score, repr(now), old_key]
@@ -770,14 +805,14 @@ class RedisStore(Store):
         # the user would cost a second round trip, or a script touching a key it
         # did not declare.
         name = self._key(key)
-        with self._errors():
+        with self._errors(), self._writing(name):
             (deleted,) = self._pipeline([_call("DEL", name)], wait_keys=[name])
         return bool(deleted)
 
     def delete_many(self, keys: Iterable[str]) -> int:
         names = [self._key(key) for key in keys]
         deleted = 0
-        with self._errors():
+        with self._errors(), self._writing(*names):
             for start in range(0, len(names), _CHUNK):
                 chunk = names[start : start + _CHUNK]
                 if self.cluster:
@@ -938,6 +973,8 @@ class RedisStore(Store):
             self.client.ping()
 
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
         if not self._owns_client:
             return
         client = self._client
@@ -1150,7 +1187,9 @@ def _parse_cursor(cursor: str | None) -> tuple[int, int]:
 # -- opening from a URL ------------------------------------------------------------
 
 
-def open_redis_store(url: str, *, prefix: str, timeout: float, wait_replicas: int) -> Store:
+def open_redis_store(
+    url: str, *, prefix: str, timeout: float, wait_replicas: int, client_cache: int = 0
+) -> Store:
     """Open a Redis store from a ``CLOAKROOM_STORE`` URL.
 
     ``redis://[user:pass@]host:port/db``, ``rediss://...`` (TLS) and
@@ -1161,13 +1200,20 @@ def open_redis_store(url: str, *, prefix: str, timeout: float, wait_replicas: in
     socket timeout of every connection; a timeout is not retried, a dropped
     connection is retried once (on Sentinel, against the new master).  Nothing
     connects here: a Redis that is down does not stop the app from starting.
+    ``client_cache`` > 0 turns on client-side caching (standalone URLs only).
     """
     scheme = url.split("://", 1)[0].lower()
+    if client_cache and scheme in ("redis+cluster", "redis+sentinel"):
+        raise ConfigError(
+            _CACHE_KEY,
+            f"works with a standalone Redis (redis://, rediss://, unix://) only, not with "
+            f"{scheme}://: set it to 0, or point CLOAKROOM_STORE at a standalone Redis",
+        )
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
     }
-    store_options = _StoreOptions(prefix, wait_replicas, timeout)
+    store_options = _StoreOptions(prefix, wait_replicas, timeout, client_cache)
     if scheme == "redis+cluster":
         return _open_cluster(url, options, store_options)
     # One retry, for a connection that died while idle in the pool (a restarted
@@ -1190,6 +1236,7 @@ class _StoreOptions:
     prefix: str
     wait_replicas: int
     wait_timeout: float
+    client_cache: int = 0
 
     def make(self, client: Any) -> RedisStore:
         """A store that owns ``client`` (it closes it)."""
@@ -1198,6 +1245,7 @@ class _StoreOptions:
             prefix=self.prefix,
             wait_replicas=self.wait_replicas,
             wait_timeout=self.wait_timeout,
+            client_cache=self.client_cache,
         )
         store._owns_client = True
         return store

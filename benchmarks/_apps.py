@@ -72,6 +72,8 @@ RULES_OFF: dict[str, None] = dict.fromkeys(
     ("ip_change", "ua_change", "distant_ips", "new_device", "new_network", "login_burst")
 )
 CART = ["tea", "pen", "notebook"]
+#: CLOAKROOM_REDIS_CLIENT_CACHE of the variants with the client-side cache.
+CLIENT_CACHE = 10_000
 PREFS = {"theme": "dark", "lang": "en"}
 
 
@@ -86,8 +88,8 @@ class AppSpec:
     ``cookie`` (Flask's own), ``flask-session`` (Flask-Session 0.8 on ``store``, a
     ``redis://`` or SQLAlchemy URL) or ``cloakroom`` (on ``store``, any
     ``CLOAKROOM_STORE`` URL).  ``activity=False`` turns the unusual-activity rules
-    and the activity log off.  ``client_cache`` (Redis only) is the prototype of
-    server-assisted client-side caching (see ``client_cache.py``).  ``config`` is
+    and the activity log off.  ``client_cache`` (Redis only) turns on
+    ``CLOAKROOM_REDIS_CLIENT_CACHE`` (see ``client_cache.py``).  ``config`` is
     added to the app's configuration (``CLOAKROOM_IDLE_TIMEOUT``, say).
     """
 
@@ -197,10 +199,8 @@ def _cloakroom(app: Flask, spec: AppSpec, store: Store | None) -> Cloakroom:
         app.config["CLOAKROOM_RULES"] = RULES_OFF
         app.config["CLOAKROOM_ACTIVITY_KINDS"] = []
     app.config.update(spec.config)
-    if store is None and spec.client_cache:
-        from client_cache import tracking_store
-
-        store = tracking_store(spec.store, prefix=spec.prefix)
+    if spec.client_cache:
+        app.config["CLOAKROOM_REDIS_CLIENT_CACHE"] = CLIENT_CACHE
     if store is None:
         app.config["CLOAKROOM_STORE"] = spec.store
         return Cloakroom(app)

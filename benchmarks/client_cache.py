@@ -1,26 +1,11 @@
-"""Prototype: Redis server-assisted client-side caching of session records (the moonshot).
+"""Redis server-assisted client-side caching (``CLOAKROOM_REDIS_CLIENT_CACHE``): its cost,
+its staleness window, and its correctness under load.
 
-A read-only request costs Cloakroom one Redis ``GET``.  With client-side caching the
-worker keeps the records it read, and Redis tells it when one changes: each
-connection turns on ``CLIENT TRACKING`` over RESP3, Redis remembers which keys that
-connection read, and pushes an invalidation message to it when any of them is
-written, deleted, expired or evicted (a write by a script, a ``DEL`` of a revocation,
-a ``FLUSHALL``: all of them).  redis-py (5.1+) implements the client side: before it
-sends a command or serves a reply from its cache it reads every push already waiting
-on the socket, so a record is never served from the cache after its invalidation has
-reached the worker.  A connection that drops flushes the cache.
-
-This is a benchmark-only harness: ``src/`` is not changed.  Two adaptations:
-
-* redis-py enables its cache only against Redis 7.4 or later (its compatibility
-  policy; ``CLIENT TRACKING`` and RESP3 exist since Redis 6.0).  The throwaway
-  servers here are 7.0, so the prototype lowers that guard.
-* ``RedisStore.load`` sends ``GET`` through ``execute_command`` without naming its
-  key to redis-py, which the cache needs; :class:`KeyedRedis` adds ``keys=``.  Only
-  ``GET`` replies (session records) are cached (:class:`RecordsOnly`): redis-py would
-  otherwise also try to cache the store's other reads, which name no keys either.
-
-What it would take to build it into the store is in docs/performance.md.
+A read-only request costs Cloakroom one Redis ``GET``.  With the cache, each worker
+keeps the records it read, and Redis tells it when one changes (``CLIENT TRACKING``
+on record keys; see ``flask_cloakroom/stores/redis_cache.py`` and docs/redis.md):
+before a cached record is served, every invalidation that has reached the worker is
+applied, so a record is never served after its invalidation has arrived.
 
     python benchmarks/client_cache.py --quick     # ~30 s
     python benchmarks/client_cache.py             # ~2 minutes
@@ -72,45 +57,8 @@ from _apps import (
     token,
     wait_ready,
 )
-from redis.cache import CacheConfig
-from redis.connection import CacheProxyConnection
 
-from flask_cloakroom.stores.redis import RedisStore
 from flask_cloakroom.tokens import CookieSigner, store_key
-
-#: redis-py's guard, lowered to the first Redis with CLIENT TRACKING over RESP3.
-CacheProxyConnection.MIN_ALLOWED_VERSION = "6.0.0"
-
-
-class KeyedRedis(redis.Redis):
-    """A client that names the key of a raw ``GET``, so redis-py's cache can keep it."""
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        if args and args[0] == "GET" and "keys" not in options:
-            options["keys"] = [args[1]]
-        base: Any = super()
-        return base.execute_command(*args, **options)
-
-
-class RecordsOnly(CacheConfig):
-    """Cache ``GET`` replies only (session records): other reads go to Redis as before."""
-
-    def is_allowed_to_cache(self, command: str) -> bool:
-        return command == "GET"
-
-
-def tracking_client(url: str, *, max_size: int = 10_000) -> KeyedRedis:
-    """A RESP3 client with a client-side cache of ``max_size`` entries (LRU)."""
-    client = KeyedRedis.from_url(
-        url, protocol=3, cache_config=RecordsOnly(max_size=max_size), socket_timeout=1.0
-    )
-    assert isinstance(client, KeyedRedis)
-    return client
-
-
-def tracking_store(url: str, *, prefix: str) -> RedisStore:
-    """Cloakroom's Redis store on a caching client."""
-    return RedisStore(tracking_client(url), prefix=prefix)
 
 
 def record_key(prefix: str, cookie: str) -> str:

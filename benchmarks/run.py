@@ -9,8 +9,8 @@ read-only ``GET /read`` and a modifying ``POST /write``) on:
   ``synchronous_commit=off``), Redis and Redis Cluster; each with encryption and
   activity tracking on (the configuration the targets are for), with encryption
   off, and with both off;
-* the 2-worker twins of a few variants (the workers target), and the prototype of
-  Redis client-side caching (``client_cache.py``).
+* the 2-worker twins of a few variants (the workers target), and Redis with
+  client-side caching (``CLOAKROOM_REDIS_CLIENT_CACHE``; ``client_cache.py``).
 
 Each variant is served by its own gunicorn (sync workers) on a free loopback port,
 started once; wrk then runs against them in rounds, the variants' order rotated each
@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from _apps import (
+    CLIENT_CACHE,
     RESULTS,
     AppSpec,
     Browser,
@@ -378,7 +379,11 @@ def count_traffic(variants: list[Variant], servers: Servers, scratch: Path, coun
             if v.store == "memory":
                 inner: Store = MemoryStore()
             elif v.store in ("redis", "redis-cluster"):
-                inner = RedisStore(redis_client, prefix=f"cloakroom-count:{token()}:")
+                inner = RedisStore(
+                    redis_client,
+                    prefix=f"cloakroom-count:{token()}:",
+                    client_cache=CLIENT_CACHE if spec.client_cache else 0,
+                )
             elif v.store == "sqlite":
                 inner = open_store(f"sqlite:///{scratch}/count-{token()}.sqlite3")
                 count_sqlite_statements(inner, sql_counter)
@@ -785,7 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="logged-in sessions per variant")
     parser.add_argument("--only", help="comma-separated variant keys (prefixes) to run")
     parser.add_argument("--no-cluster", action="store_true", help="skip Redis Cluster")
-    parser.add_argument("--no-client-cache", action="store_true", help="skip the prototype")
+    parser.add_argument(
+        "--no-client-cache", action="store_true", help="skip Redis with client-side caching"
+    )
     parser.add_argument("--no-count", action="store_true", help="skip counting store traffic")
     parser.add_argument("--no-layer", action="store_true", help="skip the in-process layer CPU")
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for results")

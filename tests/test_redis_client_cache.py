@@ -221,17 +221,23 @@ def test_a_forked_process_has_a_cache_and_a_connection_of_its_own(
     context = multiprocessing.get_context("fork")
     out = context.Queue()
 
-    def child() -> None:  # the parent's cache, inherited: it must start empty
-        assert cached._cache is not None
-        found = cached.load(record.key)
-        out.put((found == record, cached._cache.misses))
+    cache = cached._cache
+    assert cache is not None
+    misses_before = cache.misses
 
+    def child() -> None:  # the parent's cache, inherited: it must start empty
+        found = cached.load(record.key)
+        tracking = cache._tracker is not None and cache.heard()
+        out.put((found == record, cache.misses - misses_before, cache.hits, tracking))
+
+    hits_before = cache.hits
     process = context.Process(target=child)
     process.start()
     process.join(20)
     assert process.exitcode == 0
-    found, misses = out.get(timeout=5)
-    assert found and misses >= 1
+    found, misses, hits, tracking = out.get(timeout=5)
+    assert found and misses == 1 and hits == hits_before  # a miss: the cache started empty
+    assert tracking  # and the child set up a tracking connection of its own
     # The parent's tracking connection is still its own and still works.
     other.delete(record_name(cached, record.key))
     settle()

@@ -630,6 +630,22 @@ def test_tls_url(spawn_redis: Callable[..., None], tmp_path: Path) -> None:
         assert store.user_records("nia", now=NOW) == [record]
     finally:
         store.close()
+    # Client-side caching over TLS: its tracking connection reads TLS without blocking.
+    cached = open_redis_store(url, prefix="tls:", timeout=1, wait_replicas=0, client_cache=10)
+    writer = open_redis_store(url, prefix="tls:", timeout=1, wait_replicas=0)
+    try:
+        assert isinstance(cached, RedisStore) and cached._cache is not None
+        assert cached.load(record.key) == record
+        assert cached.load(record.key) == record
+        assert (cached._cache.misses, cached._cache.hits) == (1, 1)
+        newer = rec(record.key, user="nia", version=2, payload=b"newer")
+        assert writer.save(newer, expected=1, now=NOW)
+        time.sleep(0.05)
+        assert cached.load(record.key) == newer
+        assert cached._cache.invalidations == 1
+    finally:
+        cached.close()
+        writer.close()
     # The same server refuses a client that does not trust its certificate.
     untrusting = open_redis_store(
         f"rediss://127.0.0.1:{port}/0", prefix="tls:", timeout=1, wait_replicas=0

@@ -124,6 +124,11 @@ class RecordCache:
                 self._tracker.close()
                 self._tracker = None
 
+    def heard(self) -> bool:
+        """Whether the tracking connection is up and Redis answered it recently."""
+        with self._lock:
+            return self._sync()
+
     def __len__(self) -> int:
         return sum(1 for value in self._entries.values() if type(value) is bytes)
 
@@ -292,7 +297,11 @@ class _Tracker:
             raise ResponseError(f"unexpected reply from Redis: {reply!r}")
 
     def _receive(self) -> None:
-        """Read whatever has arrived, without waiting."""
+        """Read whatever has arrived, without waiting.
+
+        Until the socket would block: a short read does not mean there is no more
+        (over TLS each read returns one record, and more may be waiting).
+        """
         while True:
             try:
                 data = self._sock.recv(65536)
@@ -301,8 +310,6 @@ class _Tracker:
             if not data:
                 raise RedisConnectionError("Redis closed the tracking connection")
             self._buffer += data
-            if len(data) < 65536:
-                return
 
     def _messages(self) -> Iterator[Any]:
         """Complete messages in the buffer, consumed as they are yielded."""

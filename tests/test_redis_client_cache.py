@@ -326,7 +326,8 @@ def test_a_revocation_under_load_is_never_served_after_its_invalidation(
     windows.sort()
     print(
         f"\nclient cache, {trials} revocations under {readers} reading threads, "
-        f"{reads} reads ({live_reads} before the revocation, {hits} cache hits): stale reads started >1 ms after the acknowledgement: {late_stale}; "
+        f"{reads} reads ({live_reads} before the revocation, {hits} cache hits): "
+        f"stale reads started >1 ms after the acknowledgement: {late_stale}; "
         f"staleness window p50 {windows[len(windows) // 2] * 1e6:.0f} µs, "
         f"max {windows[-1] * 1e6:.0f} µs"
     )

@@ -362,3 +362,43 @@ def test_off_by_default(redis_server: RedisServer) -> None:
     store = open_store(redis_server.url, redis_prefix=f"{redis_server.prefix}plain:")
     assert isinstance(store, RedisStore) and store._cache is None
     store.close()
+
+
+def test_metrics_count_hits_misses_and_invalidations(
+    redis_server: RedisServer, other: redis.Redis
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import REGISTRY
+
+    prefix = f"{redis_server.prefix}metrics{secrets.token_hex(4)}:"
+    app = Flask(f"cache_metrics_{secrets.token_hex(4)}")
+    app.config.update(
+        SECRET_KEY="metrics-secret-" + "m" * 24,
+        CLOAKROOM_STORE=redis_server.url,
+        CLOAKROOM_REDIS_PREFIX=prefix,
+        CLOAKROOM_REDIS_CLIENT_CACHE=100,
+        CLOAKROOM_METRICS=True,
+    )
+    cloak = Cloakroom(app)
+    add_views(app, cloak)
+
+    def value(metric: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(metric, {"app": app.name, **labels}) or 0.0
+
+    try:
+        client = app.test_client()
+        assert client.post("/login/mia").status_code == 200
+        for _ in range(5):
+            assert client.get("/whoami").get_json()["user"] == "mia"
+        assert value("cloakroom_redis_cache_lookups_total", result="miss") == 1
+        assert value("cloakroom_redis_cache_lookups_total", result="hit") == 4
+        assert value("cloakroom_redis_cache_records") == 1
+        # Revoked from elsewhere: one invalidation, and the next read misses.
+        for name in other.scan_iter(match=f"{prefix}s:*"):
+            other.delete(name)
+        settle()
+        assert client.get("/whoami").get_json()["user"] is None
+        assert value("cloakroom_redis_cache_invalidations_total") == 1
+        assert value("cloakroom_redis_cache_lookups_total", result="miss") == 2
+    finally:
+        flush_prefix(redis_server.url, prefix)

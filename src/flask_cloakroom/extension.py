@@ -110,7 +110,11 @@ class Cloakroom:
             from .metrics import Metrics, instrument
 
             counted = store
-            metrics = Metrics(app.name, lambda: counted.count(now=time.time()))
+            metrics = Metrics(
+                app.name,
+                lambda: counted.count(now=time.time()),
+                getattr(store, "cache_stats", None),
+            )
             store = instrument(store, metrics)
         kind = CookieSessionManager if cookie_mode else SessionManager
         manager = kind(settings, store, serializer=session_json_serializer, clock=self._clock)

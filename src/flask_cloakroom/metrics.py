@@ -12,6 +12,11 @@ Registered once per process in prometheus-client's default registry, with an
 ``cloakroom_live_sessions{app}``
     Live sessions, counted by the store when scraped (cached for 30 seconds,
     so a scrape never costs more than one count every 30 seconds).
+``cloakroom_redis_cache_lookups_total{app, result}``, and
+``cloakroom_redis_cache_invalidations_total{app}``, ``cloakroom_redis_cache_records{app}``
+    With ``CLOAKROOM_REDIS_CLIENT_CACHE``, in this process: cached reads
+    (``result="hit"``) and reads that went to Redis (``"miss"``), records
+    dropped because Redis said they changed, and records held.
 
 Expose them as for any prometheus-client program, for example with
 ``prometheus_client.make_wsgi_app()`` mounted at ``/metrics``.
@@ -32,6 +37,7 @@ _CACHE_SECONDS = 30.0
 _lock = threading.Lock()
 _families: dict[str, Any] = {}
 _live: dict[str, tuple[Callable[[], int], list[float]]] = {}
+_caches: dict[str, Callable[[], dict[str, int] | None]] = {}
 
 
 def _prometheus() -> Any:
@@ -50,7 +56,7 @@ def _setup() -> dict[str, Any]:
         if _families:
             return _families
         prometheus = _prometheus()
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         from prometheus_client.registry import Collector
 
         _families["events"] = prometheus.Counter(
@@ -93,6 +99,33 @@ def _setup() -> dict[str, Any]:
                             continue  # the store is down, or cannot count: no gauge
                     family.add_metric([app], cache[0])
                 yield family
+                yield from _cache_families()
+
+        def _cache_families() -> Iterator[Any]:
+            lookups = CounterMetricFamily(
+                "cloakroom_redis_cache_lookups",
+                "Session reads of the Redis client-side cache, by result.",
+                labels=["app", "result"],
+            )
+            invalidations = CounterMetricFamily(
+                "cloakroom_redis_cache_invalidations",
+                "Cached records dropped because Redis said they changed.",
+                labels=["app"],
+            )
+            records = GaugeMetricFamily(
+                "cloakroom_redis_cache_records",
+                "Records held by the Redis client-side cache.",
+                labels=["app"],
+            )
+            for app, stats_of in list(_caches.items()):
+                stats = stats_of()
+                if stats is None:
+                    continue
+                lookups.add_metric([app, "hit"], stats["hits"])
+                lookups.add_metric([app, "miss"], stats["misses"])
+                invalidations.add_metric([app], stats["invalidations"])
+                records.add_metric([app], stats["records"])
+            yield from (lookups, invalidations, records)
 
         prometheus.REGISTRY.register(LiveSessions())
         return _families
@@ -101,13 +134,20 @@ def _setup() -> dict[str, Any]:
 class Metrics:
     """The metrics of one app: hand :meth:`observe_store` and :meth:`observe_event` around."""
 
-    def __init__(self, app_name: str, count_live: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        app_name: str,
+        count_live: Callable[[], int],
+        cache_stats: Callable[[], dict[str, int] | None] | None = None,
+    ) -> None:
         families = _setup()
         self.app = app_name
         self._events = families["events"]
         self._latency = families["latency"]
         self._errors = families["errors"]
         _live[app_name] = (count_live, [0.0, float("-inf")])
+        if cache_stats is not None:
+            _caches[app_name] = cache_stats
 
     def observe_event(self, event: Event) -> None:
         """Count an event (an :class:`~flask_cloakroom.activity.ActivityLog` observer)."""

@@ -649,6 +649,19 @@ class RedisStore(Store):
                 )
         return self._decode(key, value)
 
+    def cache_stats(self) -> dict[str, int] | None:
+        """This process's client-side cache: ``hits``, ``misses``, ``invalidations``
+        and ``records`` held; ``None`` without ``client_cache``."""
+        cache = self._cache
+        if cache is None:
+            return None
+        return {
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "invalidations": cache.invalidations,
+            "records": len(cache),
+        }
+
     @contextmanager
     def _writing(self, *names: str) -> Iterator[None]:
         """Drop the records a write touches from this process's cache, once it is sent."""

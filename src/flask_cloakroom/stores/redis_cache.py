@@ -130,7 +130,9 @@ class RecordCache:
             return self._sync()
 
     def __len__(self) -> int:
-        return sum(1 for value in self._entries.values() if type(value) is bytes)
+        """Records held (placeholders of reads in flight are not counted)."""
+        with self._lock:
+            return sum(1 for value in self._entries.values() if type(value) is bytes)
 
     # -- the tracking connection ----------------------------------------------------
 

@@ -238,6 +238,16 @@ def test_a_forked_process_has_a_cache_and_a_connection_of_its_own(
     found, misses, hits, tracking = out.get(timeout=5)
     assert found and misses == 1 and hits == hits_before  # a miss: the cache started empty
     assert tracking  # and the child set up a tracking connection of its own
+    # A fork that Python's hooks did not see (some servers fork from C) is caught by
+    # the process id: the tracker is set up again and the cache starts empty.
+    assert cached.load(record.key) == record
+    tracker = cache._tracker
+    assert tracker is not None
+    hits = cache.hits
+    tracker.pid = -1
+    assert cached.load(record.key) == record
+    assert cache.hits == hits and cache._tracker is not tracker
+    tracker.close()
     # The parent's tracking connection is still its own and still works.
     other.delete(record_name(cached, record.key))
     settle()

@@ -143,6 +143,11 @@ class RecordCache:
         """
         now = time.monotonic()
         tracker = self._tracker
+        if tracker is not None and tracker.pid != os.getpid():
+            # Forked by a server that bypasses Python's fork hooks: not ours.
+            tracker.abandon()
+            tracker = self._tracker = None
+            self._entries.clear()
         if tracker is None:
             if now < self._retry_at:
                 return False
@@ -203,6 +208,7 @@ class _Tracker:
         self._pinged = 0.0
         self._pings: deque[float] = deque()  # when each unanswered ping was sent
         self._timeout = sock.gettimeout()
+        self.pid = os.getpid()
 
     @classmethod
     def open(cls, client: Any, prefix: str, timeout: float) -> _Tracker:

@@ -295,9 +295,11 @@ def check_no_lost_update(client: FlaskClient, outcome: Outcome, requests: int) -
         f"only {merged} of {len(acknowledged)} writes overlapped another: no real contention"
     )
     refused = sorted(i for i, status in outcome.statuses.items() if status != 200)
+    # Requests merged in one batch (merges.py) share the version of that one write.
+    writes = len({v[1] for i in acknowledged if (v := outcome.versions.get(i)) is not None})
     print(  # shown with pytest -s: the numbers behind docs/reliability.md
         f"{requests} requests in {outcome.seconds:.2f} s: {merged} merged over "
-        f"other writes, {len(refused)} refused"
+        f"other writes, {len(refused)} refused, {writes} writes"
     )
     assert refused == [], f"{len(refused)} of {requests} requests were refused (503)"
     assert sorted(k for k in stored if k.startswith("k")) == sorted(
@@ -460,11 +462,16 @@ def test_same_key_last_writer_wins_and_the_record_stays_whole(store: Store) -> N
     saved_versions = {label: tally.versions[label][1] for label in acknowledged}
     versions = [v for v in saved_versions.values() if v is not None]
     assert len(versions) == len(acknowledged)
-    assert len(set(versions)) == len(versions), "two writes were acknowledged for one version"
-    last = max(acknowledged, key=lambda label: saved_versions[label] or 0)
+    # Requests of one process that merged as a batch (merges.py) share the version of
+    # their one write; no version was written twice.
+    written = [record.version for record in recorder.written]
+    assert len(set(written)) == len(written), "two writes were made for one version"
+    assert set(versions) <= set(written) | {1}
+    top = max(versions)
+    last_batch = {label for label in acknowledged if saved_versions[label] == top}
 
     final = client.get("/all").get_json()
-    assert final["same"] == last, "the last acknowledged writer must win"
+    assert final["same"] in last_batch, "the last acknowledged write must win"
     assert {k for k in final if k.startswith("own-")} == {f"own-{label}" for label in acknowledged}
     assert all(final[f"own-{label}"] == label for label in acknowledged)
 

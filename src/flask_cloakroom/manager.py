@@ -19,6 +19,7 @@ make server-side sessions safe:
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import random
@@ -42,6 +43,7 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
+from .merges import MergeQueue
 from .policy import Policy
 from .session import Meta, ServerSession
 from .settings import Settings
@@ -68,6 +70,24 @@ def _backoff(attempt: int) -> None:
 
 #: How many cookies of the session's name are checked in one request.
 MAX_COOKIES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A request's changes waiting to be merged into a busy session (merges.py)."""
+
+    changes: tuple[dict[str, Any], set[str]]
+    #: The request's view of the client, if it changed it (it wins over the stored one).
+    client: Meta | None
+    now: float
+
+
+def _apply_into(changes: tuple[dict[str, Any], set[str]], data: dict[str, Any]) -> None:
+    """Apply a request's changes (the keys it set, the keys it deleted) onto ``data``."""
+    changed, deleted = changes
+    data.update(changed)
+    for key in deleted:
+        data.pop(key, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +172,9 @@ class SessionManager:
             user_index=self.user_index,
         )
         self.watch = Watch(self)
+        self._merges: MergeQueue[_Pending, tuple[Record, Meta, dict[str, Any]] | None] = (
+            MergeQueue()
+        )
         self.adoption: Adoption | None = None
         if settings.adopt_flask_cookies or settings.adopt_flask_session:
             from .adoption import Adoption
@@ -444,8 +467,32 @@ class SessionManager:
             return
         # Another request wrote since this one loaded the session.  Re-apply this
         # request's changes onto what is stored now, holding the store's lock, so
-        # that a busy session cannot make this request lose the race again.
-        changes = self._changes(session.raw, tagged)  # the lock is held for less
+        # that a busy session cannot make this request lose the race again; the
+        # requests of this process doing the same merge as a batch (merges.py).
+        pending = _Pending(
+            self._changes(session.raw, tagged),  # worked out before the lock
+            meta if session.meta_changed else None,
+            now,
+        )
+        outcome = self._merges.merge(
+            key,
+            pending,
+            lambda batch: self._merge_batch(key, batch),
+            timeout=self.settings.store_timeout,
+        )
+        if outcome is None:
+            logger.info("session %s ended during the request; its changes are dropped", key)
+            session.key = None
+            return
+        stored, fresh_meta, data = outcome
+        self._stored(session, stored, dataclasses.replace(fresh_meta), dict(data))
+
+    def _merge_batch(
+        self, key: str, batch: list[_Pending]
+    ) -> tuple[Record, Meta, dict[str, Any]] | None:
+        """Apply the changes of ``batch`` (in order) onto the stored session, under the
+        store's lock; ``None`` if the session has ended meanwhile."""
+        now = max(pending.now for pending in batch)
         merged: list[tuple[Meta, dict[str, Any]]] = []
 
         def change(current: Record | None) -> Record | None:
@@ -455,20 +502,21 @@ class SessionManager:
                 return None  # logged out, revoked or expired meanwhile: that is final
             fresh_meta = decoded.meta
             fresh_meta.last_seen_at = max(fresh_meta.last_seen_at, now)
-            if session.meta_changed:  # this request's view of the client wins
-                fresh_meta.ip, fresh_meta.location = meta.ip, meta.location
-                fresh_meta.user_agent, fresh_meta.device = meta.user_agent, meta.device
-                fresh_meta.extra.update(meta.extra)
-            data = self._apply(changes, decoded.raw)
+            data = dict(decoded.raw)
+            for pending in batch:
+                client = pending.client
+                if client is not None:  # that request's view of the client wins
+                    fresh_meta.ip, fresh_meta.location = client.ip, client.location
+                    fresh_meta.user_agent, fresh_meta.device = client.user_agent, client.device
+                    fresh_meta.extra.update(client.extra)
+                _apply_into(pending.changes, data)
             merged.append((fresh_meta, data))
             return self._record(key, fresh_meta, data, current.version + 1)
 
         stored = self.store.update_locked(key, change, now=now)
         if stored is None:
-            logger.info("session %s ended during the request; its changes are dropped", key)
-            session.key = None
-            return
-        self._stored(session, stored, *merged[0])
+            return None
+        return stored, *merged[0]
 
     def _attempts(self) -> Iterator[int]:
         """Attempt numbers for a write that may conflict: retries back off, with jitter,
@@ -502,11 +550,8 @@ class SessionManager:
     @staticmethod
     def _apply(changes: tuple[dict[str, Any], set[str]], fresh: dict[str, Any]) -> dict[str, Any]:
         """Re-apply a request's changes onto the data stored now."""
-        changed, deleted = changes
         merged = dict(fresh)
-        merged.update(changed)
-        for key in deleted:
-            merged.pop(key, None)
+        _apply_into(changes, merged)
         return merged
 
     # -- identity --------------------------------------------------------------

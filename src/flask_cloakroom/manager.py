@@ -485,7 +485,9 @@ class SessionManager:
             session.key = None
             return
         stored, fresh_meta, data = outcome
-        self._stored(session, stored, dataclasses.replace(fresh_meta), dict(data))
+        # Each request of the batch gets its own copies of what was stored.
+        own_meta = dataclasses.replace(fresh_meta, extra=dict(fresh_meta.extra))
+        self._stored(session, stored, own_meta, dict(data))
 
     def _merge_batch(
         self, key: str, batch: list[_Pending]

@@ -853,3 +853,47 @@ def test_the_documented_acl_is_enough(controllable_redis: ControllableRedis) -> 
         admin.acl_deluser(user)
         flush_prefix(admin, prefix)
         admin.close()
+
+
+#: What CLOAKROOM_REDIS_CLIENT_CACHE needs on top (docs/redis.md, Security notes).
+ACL_CACHE = "+client|id +client|tracking +subscribe &__redis__:invalidate"
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_documented_acl_is_enough_for_the_client_cache(
+    controllable_redis: ControllableRedis, protocol: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin: Any = controllable_redis.client()
+    user, password = "cr-" + secrets.token_hex(3), secrets.token_hex(12)
+    prefix = unique_prefix("acl-cache:")
+    rules = [f"~{prefix}*", *ACL_COMMANDS.split()]
+    admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", *rules)
+    url = f"redis://{user}:{password}@{controllable_redis.host}:{controllable_redis.port}/0"
+
+    def cached() -> RedisStore:
+        client = redis.Redis.from_url(url, protocol=protocol, socket_timeout=1)
+        return RedisStore(client, prefix=prefix, client_cache=10)
+
+    try:
+        record = rec(user="pia")
+        # Without the extra permissions: no cache (logged), reads still work.
+        store = cached()
+        assert store.save(record, expected=None, now=NOW)
+        with caplog.at_level(logging.WARNING, logger="flask_cloakroom"):
+            assert store.load(record.key) == record
+            assert store.load(record.key) == record
+        assert "client-side cache off" in caplog.text
+        assert store.cache_stats() == {"hits": 0, "misses": 2, "invalidations": 0, "records": 0}
+        store.close()
+        # With them: cached reads.
+        admin.execute_command("ACL", "SETUSER", user, *ACL_CACHE.split())
+        store = cached()
+        assert store.load(record.key) == record
+        assert store.load(record.key) == record
+        stats = store.cache_stats()
+        assert stats is not None and stats["hits"] == 1
+        store.close()
+    finally:
+        admin.acl_deluser(user)
+        flush_prefix(admin, prefix)
+        admin.close()

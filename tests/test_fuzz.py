@@ -85,7 +85,9 @@ def build_app(store: Store, **config: Any) -> tuple[Flask, Cloakroom, Instrument
 
     @app.get("/state")
     def state() -> Any:
-        return {"handle": cloak.handle, "x": session.get("x")}
+        # repr: a readable record may hold any tagged type (bytes, a tuple...), which
+        # this JSON answer could not carry as it is.
+        return {"handle": cloak.handle, "x": repr(session.get("x"))}
 
     return app, cloak, counting
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,125 +18,81 @@ from flask_cloakroom.errors import StoreUnavailable
 from flask_cloakroom.merges import MergeQueue
 
 
-def line_up(
-    queue: MergeQueue[str, Any], key: str, names: list[str], merge: Any, timeout: float = 5.0
-) -> dict[str, Any]:
-    """Start a thread per name, in order, each merging its name; return name -> result."""
-    results: dict[str, Any] = {}
+class Held:
+    """A session's line whose first batch (``"a"``) is held open until :meth:`release`,
+    so that others can line up behind it; ``then`` answers every batch."""
 
-    def run(name: str) -> None:
+    def __init__(self, then: Callable[[list[str]], Any]) -> None:
+        self.queue: MergeQueue[str, Any] = MergeQueue()
+        self.batches: list[list[str]] = []
+        self.results: dict[str, Any] = {}
+        running, self._release = threading.Event(), threading.Event()
+
+        def merge(batch: list[str]) -> Any:
+            self.batches.append(batch)
+            if batch == ["a"]:
+                running.set()
+                self._release.wait(5)
+            return then(batch)
+
+        self.merge = merge
+        self._first = threading.Thread(target=self._run, args=("a", 5.0))
+        self._first.start()
+        assert running.wait(5)
+
+    def _run(self, name: str, timeout: float) -> None:
         try:
-            results[name] = queue.merge(key, name, merge, timeout=timeout)
+            self.results[name] = self.queue.merge("k", name, self.merge, timeout=timeout)
         except Exception as error:
-            results[name] = error
+            self.results[name] = error
 
-    threads = []
-    for name in names:
-        thread = threading.Thread(target=run, args=(name,))
-        thread.start()
-        threads.append(thread)
-        time.sleep(0.02)  # arrive in this order
-    for thread in threads:
-        thread.join(10)
-    return results
+    def line_up(self, *names: str) -> list[threading.Thread]:
+        """Start a request per name, arriving in this order, behind the held one."""
+        threads = []
+        for name in names:
+            thread = threading.Thread(target=self._run, args=(name, 5.0))
+            thread.start()
+            threads.append(thread)
+            time.sleep(0.02)
+        return threads
+
+    def release(self, *waiting: threading.Thread) -> None:
+        self._release.set()
+        for thread in (self._first, *waiting):
+            thread.join(10)
 
 
 def test_requests_queued_behind_a_merge_go_as_one_batch_in_arrival_order() -> None:
-    queue: MergeQueue[str, Any] = MergeQueue()
-    batches: list[list[str]] = []
-    first_running = threading.Event()
-    release = threading.Event()
-
-    def merge(batch: list[str]) -> tuple[str, ...]:
-        batches.append(batch)
-        if batch == ["a"]:
-            first_running.set()
-            release.wait(5)  # hold the first batch while b, c, d line up
-        return tuple(batch)
-
-    results: dict[str, Any] = {}
-    first = threading.Thread(
-        target=lambda: results.update(a=queue.merge("k", "a", merge, timeout=5))
-    )
-    first.start()
-    first_running.wait(5)
-    waiting = threading.Thread(
-        target=lambda: results.update(line_up(queue, "k", ["b", "c", "d"], merge))
-    )
-    waiting.start()
-    time.sleep(0.2)
-    release.set()
-    first.join(5)
-    waiting.join(10)
-    assert batches == [["a"], ["b", "c", "d"]]
-    assert results == {
-        "a": ("a",),
-        "b": ("b", "c", "d"),
-        "c": ("b", "c", "d"),
-        "d": ("b", "c", "d"),
-    }
+    held = Held(tuple)
+    held.release(*held.line_up("b", "c", "d"))
+    assert held.batches == [["a"], ["b", "c", "d"]]
+    together = ("b", "c", "d")
+    assert held.results == {"a": ("a",), "b": together, "c": together, "d": together}
     # Another session's line is separate, and an idle queue keeps nothing.
-    assert queue.merge("other", "x", lambda batch: tuple(batch), timeout=1) == ("x",)
-    assert queue._lines == {}
+    assert held.queue.merge("other", "x", tuple, timeout=1) == ("x",)
+    assert held.queue._lines == {}
 
 
 def test_a_failed_batch_fails_each_of_its_requests_and_the_line_goes_on() -> None:
-    queue: MergeQueue[str, Any] = MergeQueue()
-    first_running = threading.Event()
-    release = threading.Event()
-    calls: list[list[str]] = []
-
-    def merge(batch: list[str]) -> str:
-        calls.append(batch)
-        if batch == ["a"]:
-            first_running.set()
-            release.wait(5)
-            return "a done"
+    def then(batch: list[str]) -> str:
         if "b" in batch:
             raise StoreUnavailable("the store went away")
         return "fine"
 
-    results: dict[str, Any] = {}
-    first = threading.Thread(
-        target=lambda: results.update(a=queue.merge("k", "a", merge, timeout=5))
-    )
-    first.start()
-    first_running.wait(5)
-    waiting = threading.Thread(
-        target=lambda: results.update(line_up(queue, "k", ["b", "c"], merge))
-    )
-    waiting.start()
-    time.sleep(0.15)
-    release.set()
-    first.join(5)
-    waiting.join(10)
-    assert results["a"] == "a done"
-    assert isinstance(results["b"], StoreUnavailable) and isinstance(results["c"], StoreUnavailable)
-    assert queue.merge("k", "e", merge, timeout=1) == "fine"  # the line was handed on
-    assert queue._lines == {}
+    held = Held(then)
+    held.release(*held.line_up("b", "c"))
+    assert held.results["a"] == "fine"
+    assert all(isinstance(held.results[name], StoreUnavailable) for name in "bc")
+    assert held.queue.merge("k", "e", held.merge, timeout=1) == "fine"  # handed on
+    assert held.queue._lines == {}
 
 
 def test_a_request_that_waits_too_long_leaves_the_line() -> None:
-    queue: MergeQueue[str, Any] = MergeQueue()
-    first_running = threading.Event()
-    release = threading.Event()
-    batches: list[list[str]] = []
-
-    def merge(batch: list[str]) -> str:
-        batches.append(batch)
-        if batch == ["a"]:
-            first_running.set()
-            release.wait(5)
-        return "ok"
-
-    first = threading.Thread(target=lambda: queue.merge("k", "a", merge, timeout=5))
-    first.start()
-    first_running.wait(5)
+    held = Held(lambda batch: "ok")
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match=r"took more than 0\.2 s"):
-        queue.merge("k", "late", merge, timeout=0.2)
+        held.queue.merge("k", "late", held.merge, timeout=0.2)
     assert 0.15 <= time.monotonic() - started < 2.0
-    release.set()
-    first.join(5)
-    assert batches == [["a"]]  # the request that gave up was not merged afterwards
-    assert queue._lines == {}
+    held.release()
+    assert held.batches == [["a"]]  # the request that gave up was not merged afterwards
+    assert held.queue._lines == {}

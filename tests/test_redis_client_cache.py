@@ -28,6 +28,7 @@ from redis.retry import Retry
 from flask_cloakroom import Cloakroom, ConfigError, StoreUnavailable
 from flask_cloakroom.stores import Record, open_store
 from flask_cloakroom.stores.redis import RedisStore
+from flask_cloakroom.stores.redis_cache import RecordCache
 
 from .conftest import add_views
 from .servers import ControllableRedis, RedisServer, flush_prefix
@@ -83,13 +84,18 @@ def settle() -> None:
     time.sleep(0.02)
 
 
+def saved(store: RedisStore) -> tuple[Record, RecordCache]:
+    """A new record, saved through ``store``; and the store's cache."""
+    record = rec()
+    assert store.save(record, expected=None, now=NOW)
+    assert store._cache is not None
+    return record, store._cache
+
+
 def test_repeated_reads_cost_no_command_until_the_record_changes(
     cached: RedisStore, other: redis.Redis
 ) -> None:
-    record = rec()
-    assert cached.save(record, expected=None, now=NOW)
-    cache = cached._cache
-    assert cache is not None
+    record, cache = saved(cached)
     for _ in range(20):
         assert cached.load(record.key) == record
     assert (cache.misses, cache.hits) == (1, 19)  # one GET, then the cache
@@ -113,10 +119,7 @@ def test_a_read_racing_a_write_does_not_cache_the_old_value(
     cached: RedisStore, other: redis.Redis
 ) -> None:
     """The write lands after the miss's GET was answered but before its value is kept."""
-    record = rec()
-    assert cached.save(record, expected=None, now=NOW)
-    cache = cached._cache
-    assert cache is not None
+    record, cache = saved(cached)
     newer = rec(record.key, version=2, payload=b'{"v":2}')
     name = record_name(cached, record.key)
 

@@ -181,15 +181,29 @@ class Store(abc.ABC):
         override it; this default retries optimistic writes, backing off.
         """
         for attempt in range(64):
-            current = self.load(key)
-            new = change(current)
-            if new is None:
-                return None
-            expected = None if current is None else current.version
-            if self.save(new, expected=expected, now=now):
-                return new
+            settled, stored = self._change_once(self.load(key), change, now=now)
+            if settled:
+                return stored
             time.sleep(random.random() * min(0.02, 0.0005 * (1 << min(attempt, 10))))
         raise StoreUnavailable(f"record {key}: too many concurrent writes", store=self.name)
+
+    def _change_once(
+        self,
+        current: Record | None,
+        change: Callable[[Record | None], Record | None],
+        *,
+        now: float,
+    ) -> tuple[bool, Record | None]:
+        """Apply ``change`` to ``current`` and write the result if nothing else has
+        been written since: ``(True, stored or None)``, or ``(False, None)`` when
+        another write came in between (read again and retry)."""
+        new = change(current)
+        if new is None:
+            return True, None
+        expected = None if current is None else current.version
+        if self.save(new, expected=expected, now=now):
+            return True, new
+        return False, None
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete several records; return how many existed."""

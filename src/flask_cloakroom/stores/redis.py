@@ -794,12 +794,9 @@ class RedisStore(Store):
         try:
             current = self._decode(key, reply[1] if len(reply) > 1 else None)
             while True:
-                new = change(current)
-                if new is None:
-                    return None
-                expected = None if current is None else current.version
-                if self.save(new, expected=expected, now=now):
-                    return new
+                settled, stored = self._change_once(current, change, now=now)
+                if settled:
+                    return stored
                 if time.monotonic() >= deadline:
                     raise StoreUnavailable(
                         f"record {key}: kept changing under its lock for {self._lock_timeout:g} s",

@@ -478,7 +478,9 @@ class SessionManager:
             key,
             pending,
             lambda batch: self._merge_batch(key, batch),
-            timeout=self.settings.store_timeout,
+            # The batch ahead is one locked update: its wait for the store's lock and
+            # its store calls are each bounded by the store timeout.
+            timeout=2 * self.settings.store_timeout,
         )
         if outcome is None:
             logger.info("session %s ended during the request; its changes are dropped", key)

@@ -210,6 +210,15 @@ def _shut_down(fd: int) -> None:
 
 _WATCHDOG = _Watchdog()
 
+#: SQLite's busy timeout on the request path's connections (milliseconds); the store
+#: then tries again every millisecond until the store timeout (SQLStore._sqlite_polling).
+_SQLITE_BUSY_MS: Final = 5
+
+
+class _SQLiteBusy(Exception):
+    """SQLite's lock is taken (by another process); the statement did not run."""
+
+
 #: The deadline (seconds) of the operations that scan the table: counts and purge
 #: batches.  Long enough for a big table, short enough that a frozen server does
 #: not hang a command or a metrics scrape forever.
@@ -322,6 +331,11 @@ class _Connections:
         assert conn is not None
         proxied.detach()
         self._engine.dialect.set_isolation_level(conn, "AUTOCOMMIT")
+        if self._engine.dialect.name == "sqlite":
+            # SQLite's own busy handler sleeps longer and longer (up to 100 ms) between
+            # tries, so a writer of another process could keep missing the lock until
+            # its timeout; the store polls every millisecond itself (_sqlite_polling).
+            conn.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
         return _Conn(conn)
 
     def flush(self) -> None:
@@ -499,12 +513,28 @@ class SQLStore(Store):
             return cursor.fetchall() if many else cursor.fetchone()
 
         try:
-            if fetch or self._sqlite_writer is None:
+            if self._sqlite_writer is None:
                 return self._with_cursor(run)
+            if fetch:
+                return self._sqlite_polling(run)
             with self._write_turn():
-                return self._with_cursor(run)
+                return self._sqlite_polling(run)
         except self._dbapi.IntegrityError:
             return -1
+
+    def _sqlite_polling(self, work: Callable[[Any], _T]) -> _T:
+        """Run ``work`` on SQLite, trying again every millisecond while another process
+        holds the database's lock, until the store timeout."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                return self._with_cursor(work)
+            except _SQLiteBusy as busy:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"{busy} (for {self._timeout:g} s)", store=self.name
+                    ) from busy
+            time.sleep(0.001)
 
     def _with_cursor(self, work: Callable[[Any], _T]) -> _T:
         """Run ``work`` on a cursor of a raw autocommit connection, mapping errors.
@@ -547,6 +577,13 @@ class SQLStore(Store):
                 self._release(conn, late)  # a unique key was violated; the connection is fine
                 raise
             except dbapi.Error as error:
+                if (
+                    self._sqlite_writer is not None
+                    and isinstance(error, dbapi.OperationalError)
+                    and "locked" in str(error)
+                ):
+                    self._release(conn, late)  # the database was busy; the connection is fine
+                    raise _SQLiteBusy(_first_line(error)) from error
                 self._connections.discard(conn)
                 broken = isinstance(error, dbapi.OperationalError | dbapi.InterfaceError)
                 if late:
@@ -709,7 +746,7 @@ class SQLStore(Store):
         if self._sqlite_writer is None:
             return self._with_cursor(run)
         with self._write_turn():
-            return self._with_cursor(run)
+            return self._sqlite_polling(run)
 
     @contextmanager
     def _write_turn(self) -> Iterator[None]:

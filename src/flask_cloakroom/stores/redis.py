@@ -37,7 +37,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
@@ -95,6 +95,7 @@ _UNAVAILABLE_REPLIES: Final = (
     "WRONGPASS",
 )
 _NEVER_DECODE: Final = {"NEVER_DECODE": True}
+_NO_CACHE: Final = nullcontext()
 # redis-py leaves these untyped.
 _Sentinel: Any = Sentinel
 _ClusterNode: Any = ClusterNode
@@ -662,14 +663,19 @@ class RedisStore(Store):
             "records": len(cache),
         }
 
-    @contextmanager
-    def _writing(self, *names: str) -> Iterator[None]:
+    def _writing(self, *names: str) -> AbstractContextManager[None]:
         """Drop the records a write touches from this process's cache, once it is sent."""
+        if self._cache is None:
+            return _NO_CACHE  # nothing to drop: no generator on every write
+        return self._forgetting(self._cache, names)
+
+    @staticmethod
+    @contextmanager
+    def _forgetting(cache: RecordCache, names: tuple[str, ...]) -> Iterator[None]:
         try:
             yield
         finally:
-            if self._cache is not None:
-                self._cache.forget(names)
+            cache.forget(names)
 
     def save(self, record: Record, *, expected: int | None, now: float) -> bool:
         key = self._key(record.key)

@@ -219,6 +219,12 @@ class _SQLiteBusy(Exception):
     """SQLite's lock is taken (by another process); the statement did not run."""
 
 
+def _sqlite_busy(error: BaseException) -> bool:
+    """Whether a sqlite3 error is SQLITE_BUSY or SQLITE_LOCKED (extended codes too)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (5, 6)
+
+
 #: The deadline (seconds) of the operations that scan the table: counts and purge
 #: batches.  Long enough for a big table, short enough that a frozen server does
 #: not hang a command or a metrics scrape forever.
@@ -476,9 +482,9 @@ class SQLStore(Store):
         # SQLite has no lock queue: a writer that finds the database locked polls it,
         # sleeping in between, and under contention some pollers keep missing their
         # turn until their busy timeout runs out.  The writes of one process queue
-        # on this lock instead, in arrival order, so that each starts as soon as
-        # the writers ahead of it are done;
-        # SQLite's busy timeout is left to arbitrate between processes.
+        # on this lock instead, in arrival order, so that each starts as soon as the
+        # writers ahead of it are done; between processes, _sqlite_polling tries the
+        # database's lock every millisecond.
         self._sqlite_writer = Turns() if self.name == "sqlite" else None
         self._dbapi: Any = engine.dialect.loaded_dbapi
 
@@ -577,11 +583,7 @@ class SQLStore(Store):
                 self._release(conn, late)  # a unique key was violated; the connection is fine
                 raise
             except dbapi.Error as error:
-                if (
-                    self._sqlite_writer is not None
-                    and isinstance(error, dbapi.OperationalError)
-                    and "locked" in str(error)
-                ):
+                if self._sqlite_writer is not None and _sqlite_busy(error):
                     self._release(conn, late)  # the database was busy; the connection is fine
                     raise _SQLiteBusy(_first_line(error)) from error
                 self._connections.discard(conn)

@@ -535,7 +535,9 @@ def _traffic_target(scenario: str) -> Target:
             if v.spec.layer != "cloakroom" or not figures:
                 continue
             trips = figures.get("round_trips", figures["loads"] + figures["writes"])
-            fine = (figures["loads"], figures["writes"], trips) == wanted
+            # At most what the target allows: the client cache makes fewer trips.
+            got = (figures["loads"], figures["writes"], trips)
+            fine = all(g <= w for g, w in zip(got, wanted, strict=True))
             ok = fine if ok is None else ok and fine
             worst = trips if worst is None else max(worst, trips)
         return worst, ok

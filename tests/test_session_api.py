@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import flash, get_flashed_messages, jsonify, session
+from flask import flash, get_flashed_messages, jsonify, make_response, session
 from markupsafe import Markup
 
 from .conftest import AppFactory
@@ -157,6 +157,25 @@ def test_vary_cookie_only_when_the_session_was_used(make_app: AppFactory) -> Non
     client.post("/set/x", json=1)
     assert "Cookie" in client.get("/get/x").headers.get("Vary", "")
     assert "Cookie" not in client.get("/nothing").headers.get("Vary", "")
+
+
+def test_vary_keeps_the_views_own_values_and_names_cookie_once(make_app: AppFactory) -> None:
+    app, _, _ = make_app()
+
+    @app.get("/vary/<value>")
+    def vary(value: str) -> Any:
+        session.get("x")
+        response = make_response("ok")
+        response.headers["Vary"] = value
+        return response
+
+    client = app.test_client()
+    client.post("/set/x", json=1)
+    assert client.get("/vary/Accept-Encoding").headers.getlist("Vary") == [
+        "Accept-Encoding",
+        "Cookie",
+    ]
+    assert client.get("/vary/Accept, cookie").headers.getlist("Vary") == ["Accept, cookie"]
 
 
 def test_anonymous_visitor_with_empty_session_gets_no_cookie_and_no_record(

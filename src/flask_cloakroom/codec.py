@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from flask.json.tag import TaggedJSONSerializer
+from flask.json.tag import PassDict, PassList, TagDict, TaggedJSONSerializer, TagTuple
 
 from .crypto import SEALED, Keyring
 from .errors import RecordDecodeError, RecordTooLarge, SessionNotSerializable
@@ -36,7 +36,15 @@ from .session import Meta
 FORMAT_VERSION = 1
 _SEALED_BYTE = bytes((SEALED,))
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
+#: The first tags of Flask's serializer, in order: while they come first, a
+#: plain list or dict (not a one-key dict named like a tag) is tagged item by item.
+_DEFAULT_CONTAINER_TAGS = [TagDict, PassDict, TagTuple, PassList]
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.JSONDecoder().decode
+#: Types a stored time may have (``bool`` is not one).  Times are range-checked
+#: rather than tested with math.isfinite(), which raises OverflowError on a huge
+#: int; a time past year 9999 would break datetime conversions later on.
+_NUMBER = (float, int)
 #: The last second of year 9999, the largest time a ``datetime`` can hold.
 _MAX_TIME = 253_402_300_799
 #: A JSON escape of a UTF-16 surrogate, which might be a lone one.
@@ -60,7 +68,14 @@ class Codec:
     plaintext payloads are refused unless ``accept_plaintext`` is set.
     """
 
-    __slots__ = ("_serializer", "accept_plaintext", "keyring", "max_size")
+    __slots__ = (
+        "_fast_containers",
+        "_order_seen",
+        "_serializer",
+        "accept_plaintext",
+        "keyring",
+        "max_size",
+    )
 
     def __init__(
         self,
@@ -74,6 +89,8 @@ class Codec:
         self.max_size = max_size
         self.keyring = keyring
         self.accept_plaintext = accept_plaintext
+        self._order_seen = -1
+        self._fast_containers = False
 
     @property
     def serializer(self) -> TaggedJSONSerializer:
@@ -84,15 +101,44 @@ class Codec:
 
     def tag(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """Return the tagged (JSON-ready) form of the session data, key by key."""
-        tag = self._serializer.tag
+        tag = self._tag_value if self._default_containers() else self._serializer.tag
+        plain = _PLAIN_TYPES
         out: dict[str, Any] = {}
         for key, value in data.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise SessionNotSerializable(
                     str(key), f"session keys must be strings, got {type(key).__name__}"
                 )
-            out[key] = value if type(value) in _PLAIN_TYPES else tag(value)
+            out[key] = value if type(value) in plain else tag(value)
         return out
+
+    def _default_containers(self) -> bool:
+        """Whether plain lists and dicts are tagged as Flask's own tags do it.
+
+        True unless an app registered a tag of its own ahead of Flask's list tag
+        (which could claim lists or dicts).  Re-checked when the tags change.
+        """
+        order = self._serializer.order
+        if len(order) != self._order_seen:
+            self._order_seen = len(order)
+            self._fast_containers = [type(t) for t in order[:4]] == _DEFAULT_CONTAINER_TAGS
+        return self._fast_containers
+
+    def _tag_value(self, value: Any) -> Any:
+        """Flask's ``tag()`` for one value, with plain lists and dicts walked here.
+
+        The serializer tries its tags one by one on every value, nested ones
+        included; this gives the same JSON for much less on the usual session
+        data (lists and dicts of strings and numbers).
+        """
+        kind = type(value)
+        if kind in _PLAIN_TYPES:
+            return value
+        if kind is list:
+            return [self._tag_value(item) for item in value]
+        if kind is dict and (len(value) != 1 or next(iter(value)) not in self._serializer.tags):
+            return {k: self._tag_value(v) for k, v in value.items()}
+        return self._serializer.tag(value)
 
     def untag(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """Return the Python values of tagged data (new containers, ``raw`` untouched).
@@ -101,8 +147,11 @@ class Codec:
         ``{" u": "not-a-uuid"}``, say) or nested too deeply to rebuild.
         """
         scan = self._untag_scan
+        plain = _PLAIN_TYPES
         try:
-            return {key: scan(value) for key, value in raw.items()}
+            return {
+                key: value if type(value) in plain else scan(value) for key, value in raw.items()
+            }
         except Exception as error:  # Flask's tags trust their input: any error is a bad record
             raise RecordDecodeError(f"a tagged value is malformed: {error!r}") from error
 
@@ -111,7 +160,8 @@ class Codec:
         if kind is dict:
             return self._serializer.untag({k: self._untag_scan(v) for k, v in value.items()})
         if kind is list:
-            return [self._untag_scan(v) for v in value]
+            plain = _PLAIN_TYPES
+            return [v if type(v) in plain else self._untag_scan(v) for v in value]
         return value
 
     # -- payloads --------------------------------------------------------------
@@ -200,7 +250,7 @@ class Codec:
                 )
             current = False
         try:
-            doc = json.loads(payload)
+            doc = _loads(payload.decode("utf-8"))
         except (ValueError, TypeError, RecursionError) as error:
             raise RecordDecodeError(f"not valid JSON: {error!r}") from error
         if type(doc) is not dict:
@@ -219,56 +269,65 @@ class Codec:
             raise RecordDecodeError(f"unknown format version {version!r}")
         try:
             created, seen, data = doc["c"], doc["s"], doc["d"]
-            auth_at = doc.get("a")
-            if _is_time(created) and _is_time(seen):
-                seen = created + seen
-                if auth_at is not None and _is_time(auth_at):
-                    auth_at = created + auth_at
-            user_id = doc.get("u")
-            extra = doc.get("x", {})
-            meta = Meta(
-                created_at=created,
-                last_seen_at=seen,
-                auth_at=auth_at,
-                user_id=user_id,
-                remember=doc.get("r", False),
-                ip=doc.get("ip"),
-                user_agent=doc.get("ua"),
-                login_ip=doc.get("lip", doc.get("ip") if auth_at is not None else None),
-                device=doc.get("dev"),
-                location=doc.get("loc"),
-                extra=extra,
-            )
         except KeyError as error:
             raise RecordDecodeError(f"missing field {error}") from error
+        # One pass of plain checks: this runs on every request.  "s" and "a" are
+        # offsets from "c"; every time must lie between 0 and the year 9999.
+        get = doc.get
+        auth_at = get("a")
+        user_id = get("u")
+        remember = get("r", False)
+        ip = get("ip")
+        user_agent = get("ua")
+        login_ip = get("lip", ip if auth_at is not None else None)
+        device = get("dev")
+        location = get("loc")
+        extra = get("x", {})
         if not (
-            _is_time(created)
-            and _is_time(seen)
-            and (auth_at is None or _is_time(auth_at))
+            type(created) in _NUMBER
+            and type(seen) in _NUMBER
+            and 0 <= created <= _MAX_TIME
+            and seen >= 0
+            and created + seen <= _MAX_TIME
+            and (
+                auth_at is None
+                or (type(auth_at) in _NUMBER and auth_at >= 0 and created + auth_at <= _MAX_TIME)
+            )
             and (user_id is None or type(user_id) is str)
-            and type(meta.remember) is bool
-            and _optional_str(meta.ip)
-            and _optional_str(meta.user_agent)
-            and _optional_str(meta.login_ip)
-            and _optional_str(meta.device)
-            and _optional_str(meta.location)
+            and type(remember) is bool
+            and (ip is None or type(ip) is str)
+            and (user_agent is None or type(user_agent) is str)
+            and (login_ip is None or type(login_ip) is str)
+            and (device is None or type(device) is str)
+            and (location is None or type(location) is str)
             and type(extra) is dict
             and type(data) is dict
         ):
             raise RecordDecodeError("a field has the wrong type")
+        meta = Meta(
+            created_at=created,
+            last_seen_at=created + seen,
+            auth_at=None if auth_at is None else created + auth_at,
+            user_id=user_id,
+            remember=remember,
+            ip=ip,
+            user_agent=user_agent,
+            login_ip=login_ip,
+            device=device,
+            location=location,
+            extra=extra,
+        )
         return Decoded(meta, data, current)
 
 
 def _offset(moment: float, base: float) -> float | int:
-    """``moment - base`` to a tenth of a second, written as briefly as JSON allows."""
-    tenths = round((moment - base) * 10)
+    """``moment - base`` to a tenth of a second, written as briefly as JSON allows.
+
+    Never negative: with app servers whose clocks disagree, a session may be
+    touched "before" it was created, and such a record must stay readable.
+    """
+    tenths = max(0, round((moment - base) * 10))
     return tenths // 10 if tenths % 10 == 0 else tenths / 10
-
-
-def _is_time(value: Any) -> bool:
-    # A range check, not math.isfinite(): that raises OverflowError on a huge int,
-    # and a time past year 9999 would break datetime conversions later on.
-    return type(value) in (float, int) and 0 <= value <= _MAX_TIME
 
 
 def _encodable(doc: Any) -> bool:
@@ -277,7 +336,3 @@ def _encodable(doc: Any) -> bool:
     except (UnicodeError, RecursionError):
         return False
     return True
-
-
-def _optional_str(value: Any) -> bool:
-    return value is None or type(value) is str

@@ -33,12 +33,14 @@ class CloakroomSessionInterface(SessionInterface):
 
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
+        self._cookie_name = manager.settings.cookie.name
+        self._trusted_proxies = manager.settings.trusted_proxies
 
     # -- Flask's hooks ---------------------------------------------------------
 
     def open_session(self, app: Flask, request: Request) -> SessionMixin:
         manager = self.manager
-        values = cookie_values(request.environ.get("HTTP_COOKIE"), manager.settings.cookie.name)
+        values = cookie_values(request.environ.get("HTTP_COOKIE"), self._cookie_name)
         client = self.client(request)
         try:
             session = manager.open(values, manager.now(), client)
@@ -50,11 +52,14 @@ class CloakroomSessionInterface(SessionInterface):
 
     def client(self, request: Request) -> Client:
         """The request's client: its IP (behind trusted proxies only) and User-Agent."""
-        trusted = self.manager.settings.trusted_proxies
-        forwarded = request.headers.get("X-Forwarded-For") if trusted else None
-        agent = request.headers.get("User-Agent")
+        # Straight from the WSGI environ: what request.headers would return, for less.
+        environ = request.environ
+        trusted = self._trusted_proxies
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR") if trusted else None
+        agent = environ.get("HTTP_USER_AGENT")
         return Client(
-            client_ip(request.remote_addr, forwarded, trusted), agent[:512] if agent else None
+            client_ip(environ.get("REMOTE_ADDR"), forwarded, trusted),
+            agent[:512] if agent else None,
         )
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
@@ -158,12 +163,16 @@ def cookie_values(header: str | None, name: str) -> list[str]:
 
 
 def _vary_on_cookie(response: BaseResponse) -> None:
-    """Add ``Cookie`` to ``Vary`` without parsing the header into a set."""
-    existing = response.headers.get("Vary")
-    if not existing:
-        response.headers["Vary"] = "Cookie"
-    elif "cookie" not in existing.lower():
-        response.headers["Vary"] = f"{existing}, Cookie"
+    """Add ``Cookie`` to ``Vary``, unless some ``Vary`` header already names it.
+
+    ``getlist`` rather than ``get``: Werkzeug's ``get`` raises and catches a
+    KeyError when the header is absent, the usual case.  A second ``Vary`` line
+    means the same as a comma-separated list (RFC 9110, section 5.3).
+    """
+    headers = response.headers
+    existing = headers.getlist("Vary")
+    if not existing or not any("cookie" in value.lower() for value in existing):
+        headers.add("Vary", "Cookie")
 
 
 def refuse(manager: SessionManager, error: Exception, *, anonymous_ok: bool = False) -> bool:

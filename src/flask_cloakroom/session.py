@@ -14,7 +14,7 @@ from typing import Any
 
 from flask.sessions import SessionMixin
 
-from .activity import NO_CLIENT
+from .activity import NO_CLIENT, Client
 
 _MISSING: Any = object()
 
@@ -69,8 +69,35 @@ class ServerSession(dict[str, Any], SessionMixin):
     into a new session with a new id.
     """
 
+    # Every request makes one of these, so the attributes whose start value is
+    # shared (immutable) are class attributes, and __init__ sets only the rest.
+
     #: Stored sessions are never "new"; a session with no record yet is.
-    new: bool
+    new: bool = True
+    modified: bool = False
+    accessed: bool = False
+    #: The store key (the public handle) of the loaded record, or None.
+    key: str | None = None
+    #: The version of the loaded record, for the conditional write.
+    version: int | None = None
+    #: Server-side facts about the session; None until it is first stored.
+    meta: Meta | None = None
+    #: Set by login()/rotate(): give the session a new id when it is saved.
+    rotate_requested: bool = False
+    #: Meta changed (client IP or browser, a rule's flag): write even if the data did not.
+    meta_changed: bool = False
+    #: The request's client (IP, User-Agent), set by the interface.
+    client: Client = NO_CLIENT
+    #: The secret session id behind ``key``, when known (never stored or logged).
+    session_id: bytes | None = None
+    #: Set while saving when the browser needs the cookie again (a new id, say).
+    reissue: bool = False
+    #: The cookie value to send with the response, decided when the session is saved.
+    cookie: str | None = None
+    #: Whether the request carried a session cookie (valid or not).
+    had_cookie: bool = False
+    #: Whether that cookie was signed with a SECRET_KEY_FALLBACKS key.
+    stale_signature: bool = False
 
     def __init__(
         self,
@@ -81,40 +108,22 @@ class ServerSession(dict[str, Any], SessionMixin):
         meta: Meta | None = None,
         raw: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(data or {})
-        self.modified = False
-        self.accessed = False
-        #: The store key (the public handle) of the loaded record, or None.
-        self.key = key
-        #: The version of the loaded record, for the conditional write.
-        self.version = version
-        #: Server-side facts about the session; None until it is first stored.
-        self.meta = meta
+        dict.__init__(self, data or ())
+        if key is not None:
+            self.key = key
+            self.new = False
+        if version is not None:
+            self.version = version
+        if meta is not None:
+            self.meta = meta
         #: The tagged JSON form of the data as loaded (to merge concurrent writes).
         self.raw: dict[str, Any] = raw if raw is not None else {}
-        self.new = key is None
-        #: Set by login()/rotate(): give the session a new id when it is saved.
-        self.rotate_requested = False
         #: Stored records (key, meta) to delete when the session is saved (clear()).
         self.discard: list[tuple[str, Meta | None]] = []
-        #: Meta changed (client IP or browser, a rule's flag): write even if the data did not.
-        self.meta_changed = False
-        #: The request's client (IP, User-Agent), set by the interface.
-        self.client = NO_CLIENT
         #: Events to send once the session is written: (kind, details).
         self.pending: list[tuple[str, dict[str, Any]]] = []
-        #: The secret session id behind ``key``, when known (never stored or logged).
-        self.session_id: bytes | None = None
-        #: Set while saving when the browser needs the cookie again (a new id, say).
-        self.reissue = False
-        #: The cookie value to send with the response, decided when the session is saved.
-        self.cookie: str | None = None
-        #: Whether the request carried a session cookie (valid or not).
-        self.had_cookie = False
-        #: Whether that cookie was signed with a SECRET_KEY_FALLBACKS key.
-        self.stale_signature = False
         #: The loaded value of session.permanent, to notice a change.
-        self.loaded_permanent = bool(self.get_raw("_permanent", False))
+        self.loaded_permanent = bool(dict.get(self, "_permanent", False))
 
     # -- state changes ---------------------------------------------------------
 

@@ -1,0 +1,197 @@
+"""The codec's and the cookie signer's shortcuts give exactly what the long way gives.
+
+The request path tags plain lists and dicts itself instead of asking Flask's
+serializer to try every tag on every nested value, and remembers cookies that
+verified.  These tests hold the shortcuts to the long way's results.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from flask.json.tag import JSONTag, TaggedJSONSerializer
+from flask.sessions import session_json_serializer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from markupsafe import Markup
+
+from flask_cloakroom import RecordDecodeError
+from flask_cloakroom.codec import Codec
+from flask_cloakroom.session import Meta
+from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id
+
+_TAG_KEYS = sorted(session_json_serializer.tags)
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    st.uuids(),
+    st.builds(Markup, st.text(max_size=8)),
+    st.datetimes(timezones=st.just(UTC)).map(lambda d: d.replace(microsecond=0)),
+)
+_keys = st.one_of(st.text(max_size=6), st.sampled_from(_TAG_KEYS))
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(_keys, inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+def _flask_tagged(data: dict[str, Any], serializer: TaggedJSONSerializer) -> dict[str, Any]:
+    return {key: serializer.tag(value) for key, value in data.items()}
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.dictionaries(st.text(max_size=6), _values, max_size=4))
+def test_tagging_matches_flasks_serializer(data: dict[str, Any]) -> None:
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    tagged = codec.tag(data)
+    assert codec._fast_containers, "the shortcut must be on with Flask's own tags"
+    assert json.dumps(tagged) == json.dumps(_flask_tagged(data, session_json_serializer))
+    assert codec.untag(json.loads(json.dumps(tagged))) == codec.untag(
+        json.loads(json.dumps(_flask_tagged(data, session_json_serializer)))
+    )
+
+
+class _Point:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Point) and other.x == self.x
+
+    def __hash__(self) -> int:
+        return self.x
+
+
+class _TagPoint(JSONTag):
+    key = " pt"
+
+    def check(self, value: Any) -> bool:
+        return isinstance(value, _Point)
+
+    def to_json(self, value: Any) -> Any:
+        return value.x
+
+    def to_python(self, value: Any) -> Any:
+        return _Point(value)
+
+
+class _TagPairList(JSONTag):
+    """Claims two-item lists: only correct if it runs before Flask's list tag."""
+
+    key = " pair"
+
+    def check(self, value: Any) -> bool:
+        return type(value) is list and len(value) == 2
+
+    def to_json(self, value: Any) -> Any:
+        return f"{value[0]}|{value[1]}"
+
+    def to_python(self, value: Any) -> Any:
+        first, second = value.split("|")
+        return [first, second]
+
+
+def test_an_apps_own_tags_are_used_inside_lists_and_dicts() -> None:
+    serializer = TaggedJSONSerializer()
+    serializer.register(_TagPoint)  # after Flask's tags: the shortcut stays on
+    codec = Codec(serializer, max_size=1 << 20)
+    data = {"points": [_Point(1), {"p": _Point(2)}], "n": 3}
+    tagged = codec.tag(data)
+    assert codec._fast_containers
+    assert tagged == {"points": [{" pt": 1}, {"p": {" pt": 2}}], "n": 3}
+    assert codec.untag(tagged) == data
+
+
+def test_a_tag_registered_ahead_of_flasks_list_tag_turns_the_shortcut_off() -> None:
+    serializer = TaggedJSONSerializer()
+    codec = Codec(serializer, max_size=1 << 20)
+    assert codec.tag({"l": ["a", "b"]}) == {"l": ["a", "b"]}
+    assert codec._fast_containers
+    serializer.register(_TagPairList, index=0)  # registered after the codec was made
+    tagged = codec.tag({"l": ["a", "b"], "nested": {"x": ["c", "d"]}})
+    assert not codec._fast_containers
+    assert tagged == {"l": {" pair": "a|b"}, "nested": {"x": {" pair": "c|d"}}}
+    assert codec.untag(tagged) == {"l": ["a", "b"], "nested": {"x": ["c", "d"]}}
+
+
+def test_everyday_values_round_trip() -> None:
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    when = datetime(2026, 11, 26, 1, 2, 3, tzinfo=UTC)
+    ident = uuid.uuid4()
+    data = {
+        "cart": ["tea", 2, 3.5, None, True],
+        "prefs": {"theme": "dark", " t": "a key named like a tag"},
+        "escaped": {" t": [1, 2]},  # a one-key dict named like a tag is escaped
+        "pair": (1, "x"),
+        "raw": b"\x00\xff",
+        "html": Markup("<b>hi</b>"),
+        "when": when,
+        "id": ident,
+    }
+    meta = Meta(created_at=1_795_000_000.0, last_seen_at=1_795_000_000.0)
+    payload = codec.encode(meta, codec.tag(data), b"aad")
+    decoded = codec.decode(payload, b"aad")
+    assert codec.untag(decoded.raw) == data
+
+
+def test_a_session_touched_before_it_was_created_stays_readable() -> None:
+    """App servers whose clocks disagree: the touch time is written as no earlier
+    than creation, not as a negative offset (which would make the record unreadable)."""
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    meta = Meta(created_at=1_795_000_010.0, last_seen_at=1_795_000_008.5, auth_at=1_795_000_009.0)
+    decoded = codec.decode(codec.encode(meta, {}, b"k"), b"k")
+    assert decoded.meta.created_at == 1_795_000_010.0
+    assert decoded.meta.last_seen_at == 1_795_000_010.0
+    assert decoded.meta.auth_at == 1_795_000_010.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("s", -1), ("a", -0.5), ("s", 10**12), ("c", True), ("c", "1"), ("s", float("nan"))],
+)
+def test_stored_times_out_of_range_are_refused(field: str, value: Any) -> None:
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    doc: dict[str, Any] = {"v": 1, "c": 1_795_000_000, "s": 1, "a": 0, "d": {}}
+    doc[field] = value
+    with pytest.raises(RecordDecodeError, match="wrong type"):
+        codec.decode(json.dumps(doc).encode(), b"k")
+
+
+def test_verified_cookies_are_remembered_and_forged_ones_are_not() -> None:
+    signer = CookieSigner(["k" * 32, "old" * 11])
+    old_signer = CookieSigner(["old" * 11])
+    session_id = new_session_id()
+    value = signer.sign(session_id)
+    first = signer.unsign(value)
+    assert first is not None and first.session_id == session_id and not first.stale_key
+    assert signer.unsign(value) is first  # from the cache
+    stale = old_signer.sign(session_id)
+    assert signer.unsign(stale) == (session_id, True)
+    assert signer.unsign(stale) == (session_id, True)  # cached, still marked stale
+    forged = value[:-1] + ("A" if value[-1] != "A" else "B")
+    for _ in range(3):
+        assert signer.unsign(forged) is None
+    assert forged not in signer._verified
+    # A signer under other keys never accepts it, whatever another signer remembered.
+    assert CookieSigner(["z" * 32]).unsign(value) is None
+
+
+def test_the_verified_cookie_cache_is_bounded() -> None:
+    signer = CookieSigner(["k" * 32])
+    for _ in range(VERIFIED_CACHE_SIZE + 10):
+        assert signer.unsign(signer.sign(new_session_id())) is not None
+    assert 0 < len(signer._verified) <= VERIFIED_CACHE_SIZE

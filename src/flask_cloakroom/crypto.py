@@ -94,7 +94,8 @@ class Keyring:
             raise ValueError("two keys have the same id")
         self._keys = {kid.encode("ascii"): AESGCM(key) for kid, key in keys}
         first = keys[0][0].encode("ascii")
-        self._current = (first, self._keys[first])
+        # The header of every payload sealed now: marker, key id length, key id.
+        self._current = (first, self._keys[first], bytes((SEALED, len(first))) + first)
 
     @classmethod
     def from_config(cls, texts: Sequence[str]) -> Keyring:
@@ -107,9 +108,9 @@ class Keyring:
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         """Encrypt and authenticate ``plaintext`` under the current key."""
-        kid, aead = self._current
+        _, aead, header = self._current
         nonce = os.urandom(_NONCE)
-        return bytes((SEALED, len(kid))) + kid + nonce + aead.encrypt(nonce, plaintext, aad)
+        return b"".join((header, nonce, aead.encrypt(nonce, plaintext, aad)))
 
     def open(self, sealed: bytes, aad: bytes) -> Opened:
         """Decrypt a sealed payload; raise :class:`RecordDecodeError` if that fails."""

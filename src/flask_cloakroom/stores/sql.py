@@ -808,8 +808,25 @@ class SQLStore(Store):
         progress: Callable[[int], None] | None = None,
     ) -> int:
         t = self.table.c
-        find = select(t.key).where(t.expires_at <= now).limit(batch_size)
+        expired = t.expires_at <= now
+        find = select(t.key).where(expired).limit(batch_size)
         total = 0
+        if self.name in ("postgresql", "sqlite"):
+            # One statement per batch: the keys never travel to Python and back, which
+            # on a busy app server is most of a purge's CPU.  The outer expiry test is
+            # checked again on a row renewed meanwhile (PostgreSQL re-evaluates it on
+            # the row's new version), so a renewed session is never deleted.  MySQL and
+            # MariaDB refuse LIMIT in such a subquery: they take the two-step path.
+            gone = delete(self.table).where(t.key.in_(find), expired)
+            while True:
+                deleted = int(
+                    self._run(lambda conn: conn.execute(gone).rowcount, write=True, bulk=True)
+                )
+                if not deleted:
+                    return total
+                total += deleted
+                if progress is not None:
+                    progress(deleted)
         while True:
 
             def batch(conn: Connection) -> tuple[int, int]:
@@ -817,7 +834,7 @@ class SQLStore(Store):
                 if not keys:
                     return 0, 0
                 # Re-check the expiry: a record may have been renewed since the select.
-                gone = delete(self.table).where(t.key.in_(keys), t.expires_at <= now)
+                gone = delete(self.table).where(t.key.in_(keys), expired)
                 return len(keys), conn.execute(gone).rowcount
 
             found, deleted = self._run(batch, write=True, bulk=True)

@@ -224,6 +224,7 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
         assert loaded is not None
         response = app.response_class("x")
         meta = decoded.meta
+
         def first_unsign() -> Any:
             manager.signer._verified.clear()  # forget it: the full check
             return manager.signer.unsign(cookie)

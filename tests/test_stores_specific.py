@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from flask import Flask
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from flask_cloakroom import Cloakroom, StoreError
 from flask_cloakroom.stores import Record
 from flask_cloakroom.stores.files import FileStore
 from flask_cloakroom.stores.sql import SQLStore
 
-from .conftest import add_views
+from .conftest import add_views, build_store
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,45 @@ def test_sql_store_creates_its_table_with_indexes(tmp_path: Path) -> None:
     assert inspector.get_pk_constraint("my_sessions")["constrained_columns"] == ["key"]
     indexed = {tuple(i["column_names"]) for i in inspector.get_indexes("my_sessions")}
     assert {("user_id",), ("expires_at",)} <= indexed
+
+
+def test_postgres_purge_keeps_a_session_renewed_while_it_runs(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A purge batch is one statement that picks its rows itself; a session renewed
+    between that pick and the delete (its row locked by the renewing request) survives."""
+    store = build_store("postgres", request, tmp_path)
+    assert isinstance(store, SQLStore)
+    now = 1_800_000_000.0
+    keys = [f"{n:032x}" for n in range(1, 4)]
+    for key in keys:
+        assert store.save(Record(key, "u", now - 10, 1, b"old"), expected=None, now=now - 100)
+    renewed = keys[1]
+    table = store.table
+    with store.engine.connect() as renewing:
+        renewing.execute(
+            table.update()
+            .where(table.c.key == renewed)
+            .values(expires_at=now + 3600, version=2, payload=b"renewed")
+        )  # not committed yet: the row stays locked
+        outcome: dict[str, int] = {}
+        purge = threading.Thread(target=lambda: outcome.update(n=store.purge_expired(now=now)))
+        purge.start()
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM%'"
+        )
+        with store.engine.connect() as watcher:
+            deadline = time.monotonic() + 10
+            while not watcher.execute(waiting).scalar_one() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert watcher.execute(waiting).scalar_one(), "the purge never waited for the row"
+        renewing.commit()
+        purge.join(timeout=30)
+    assert outcome == {"n": 2}
+    kept = store.load(renewed)
+    assert kept is not None and kept.payload == b"renewed" and kept.version == 2
+    assert store.load(keys[0]) is None and store.load(keys[2]) is None
 
 
 def test_an_engine_can_be_the_store(tmp_path: Path) -> None:

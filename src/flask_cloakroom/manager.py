@@ -447,7 +447,9 @@ class SessionManager:
                 self._create(session, meta, tagged, now)
                 return
             version, _, fresh_raw = fresh
-            tagged = self._apply(self._changes(session.raw, tagged), fresh_raw)
+            changes = self._changes(session.raw, tagged)
+            tagged = dict(fresh_raw)
+            _apply_into(changes, tagged)
             session.raw, session.version = fresh_raw, version
         raise StoreUnavailable(
             f"session {old_key}: gave up rotating after conflicts for "
@@ -550,13 +552,6 @@ class SessionManager:
             key: value for key, value in after.items() if key not in before or before[key] != value
         }
         return changed, before.keys() - after.keys()
-
-    @staticmethod
-    def _apply(changes: tuple[dict[str, Any], set[str]], fresh: dict[str, Any]) -> dict[str, Any]:
-        """Re-apply a request's changes onto the data stored now."""
-        merged = dict(fresh)
-        _apply_into(changes, merged)
-        return merged
 
     # -- identity --------------------------------------------------------------
 

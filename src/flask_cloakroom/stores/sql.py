@@ -485,7 +485,8 @@ class SQLStore(Store):
         # on this lock instead, in arrival order, so that each starts as soon as the
         # writers ahead of it are done; between processes, _sqlite_polling tries the
         # database's lock every millisecond.
-        self._sqlite_writer = Turns() if self.name == "sqlite" else None
+        self._sqlite_writer = Turns()  # used by SQLite only
+        self._sqlite = self.name == "sqlite"
         self._dbapi: Any = engine.dialect.loaded_dbapi
 
     def describe(self) -> str:
@@ -519,7 +520,7 @@ class SQLStore(Store):
             return cursor.fetchall() if many else cursor.fetchone()
 
         try:
-            if self._sqlite_writer is None:
+            if not self._sqlite:
                 return self._with_cursor(run)
             if fetch:
                 return self._sqlite_polling(run)
@@ -583,7 +584,7 @@ class SQLStore(Store):
                 self._release(conn, late)  # a unique key was violated; the connection is fine
                 raise
             except dbapi.Error as error:
-                if self._sqlite_writer is not None and _sqlite_busy(error):
+                if self._sqlite and _sqlite_busy(error):
                     self._release(conn, late)  # the database was busy; the connection is fine
                     raise _SQLiteBusy(_first_line(error)) from error
                 self._connections.discard(conn)
@@ -745,7 +746,7 @@ class SQLStore(Store):
                     cursor.execute("ROLLBACK")
                 raise
 
-        if self._sqlite_writer is None:
+        if not self._sqlite:
             return self._with_cursor(run)
         with self._write_turn():
             return self._sqlite_polling(run)
@@ -753,7 +754,6 @@ class SQLStore(Store):
     @contextmanager
     def _write_turn(self) -> Iterator[None]:
         """Wait for this process's turn to write to the SQLite database (bounded)."""
-        assert self._sqlite_writer is not None
         if not self._sqlite_writer.acquire(timeout=self._timeout):
             raise StoreUnavailable(
                 f"the database stayed locked by this process's other writes for "

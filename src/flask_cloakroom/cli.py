@@ -44,6 +44,7 @@ from .crypto import generate_key, parse_key
 from .errors import CloakroomError, NotSupported, StoreError, StoreUnavailable
 from .manager import RekeyReport, SessionInfo, SessionManager
 from .stores import Store
+from .stores.base import PURGE_BATCH_SIZE
 from .tokens import is_store_key
 
 _P = ParamSpec("_P")
@@ -434,7 +435,7 @@ def _purge_showing_progress(store: Store, now: float, batch_size: int) -> int:
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 100_000),
-    default=1000,
+    default=PURGE_BATCH_SIZE,
     show_default=True,
     help="Records deleted per transaction (SQL) or pipeline (Redis).",
 )

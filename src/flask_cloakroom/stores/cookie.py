@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from ..errors import NotSupported
-from .base import Record, Store
+from .base import PURGE_BATCH_SIZE, Record, Store
 
 _WHY = (
     "cookie:// keeps each session in its browser's cookie, so the server has no list of "
@@ -50,7 +50,7 @@ class CookieStore(Store):
         self,
         *,
         now: float,
-        batch_size: int = 1000,
+        batch_size: int = PURGE_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         return 0  # expired cookies are refused on sight; there is nothing to purge

@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager, suppress
 
 from ..errors import StoreError, StoreUnavailable
 from ..tokens import is_store_key
-from .base import EventRecord, Record, Store, filter_events
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, filter_events
 
 logger = logging.getLogger("flask_cloakroom")
 
@@ -267,7 +267,7 @@ class FileStore(Store):
         self,
         *,
         now: float,
-        batch_size: int = 1000,
+        batch_size: int = PURGE_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Delete expired record files one by one (each under its own lock).

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from .base import EventRecord, Record, Store
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
 
 _T = TypeVar("_T")
 
@@ -95,7 +95,7 @@ class InstrumentedStore(Store):
         self,
         *,
         now: float,
-        batch_size: int = 1000,
+        batch_size: int = PURGE_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         return self._op(

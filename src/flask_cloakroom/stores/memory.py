@@ -10,7 +10,7 @@ import bisect
 import threading
 from collections.abc import Callable, Sequence
 
-from .base import EventRecord, Record, Store, filter_events
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, filter_events
 
 
 class MemoryStore(Store):
@@ -79,7 +79,7 @@ class MemoryStore(Store):
         self,
         *,
         now: float,
-        batch_size: int = 1000,
+        batch_size: int = PURGE_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Delete expired records, taking the lock once per batch of ``batch_size``."""

@@ -63,7 +63,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
-from .base import EventRecord, Record, Store
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
 from .redis_cache import RecordCache
 from .turns import Turns
 
@@ -921,7 +921,7 @@ class RedisStore(Store):
         self,
         *,
         now: float,
-        batch_size: int = 1000,
+        batch_size: int = PURGE_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         """Delete records that have expired by ``now``; prune the user indexes.

@@ -65,7 +65,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreError, StoreUnavailable
-from .base import EventRecord, Record, Store
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
 from .turns import Turns
 
 _T = TypeVar("_T")
@@ -804,7 +804,7 @@ class SQLStore(Store):
         self,
         *,
         now: float,
-        batch_size: int = 1000,
+        batch_size: int = PURGE_BATCH_SIZE,
         progress: Callable[[int], None] | None = None,
     ) -> int:
         t = self.table.c

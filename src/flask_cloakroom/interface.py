@@ -170,8 +170,7 @@ def _vary_on_cookie(response: BaseResponse) -> None:
     means the same as a comma-separated list (RFC 9110, section 5.3).
     """
     headers = response.headers
-    existing = headers.getlist("Vary")
-    if not existing or not any("cookie" in value.lower() for value in existing):
+    if not any("cookie" in value.lower() for value in headers.getlist("Vary")):
         headers.add("Vary", "Cookie")
 
 

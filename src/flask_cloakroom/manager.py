@@ -332,7 +332,7 @@ class SessionManager:
             and (
                 session.reissue
                 or session.stale_signature
-                or bool(dict.get(session, "_permanent", False)) != session.loaded_permanent
+                or bool(session.get_raw("_permanent", False)) != session.loaded_permanent
             )
         ):
             session.cookie = self.signer.sign(session.session_id)

@@ -78,7 +78,7 @@ class _Pending:
 
     changes: tuple[dict[str, Any], set[str]]
     #: The request's view of the client, if it changed it (it wins over the stored one).
-    client: Meta | None
+    meta: Meta | None
     now: float
 
 
@@ -510,11 +510,11 @@ class SessionManager:
             fresh_meta.last_seen_at = max(fresh_meta.last_seen_at, now)
             data = dict(decoded.raw)
             for pending in batch:
-                client = pending.client
-                if client is not None:  # that request's view of the client wins
-                    fresh_meta.ip, fresh_meta.location = client.ip, client.location
-                    fresh_meta.user_agent, fresh_meta.device = client.user_agent, client.device
-                    fresh_meta.extra.update(client.extra)
+                seen = pending.meta
+                if seen is not None:  # that request's view of the client wins
+                    fresh_meta.ip, fresh_meta.location = seen.ip, seen.location
+                    fresh_meta.user_agent, fresh_meta.device = seen.user_agent, seen.device
+                    fresh_meta.extra.update(seen.extra)
                 _apply_into(pending.changes, data)
             merged.append((fresh_meta, data))
             return self._record(key, fresh_meta, data, current.version + 1)

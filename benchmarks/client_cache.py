@@ -58,15 +58,16 @@ from _apps import (
     wait_ready,
 )
 
+from flask_cloakroom.stores.redis import RedisStore
 from flask_cloakroom.tokens import CookieSigner, store_key
 
 
-def record_key(prefix: str, cookie: str) -> str:
+def record_key(admin: redis.Redis, prefix: str, cookie: str) -> str:
     """The Redis key of the session a cookie names."""
     unsigned = CookieSigner([SECRET]).unsign(cookie)
     if unsigned is None:
         raise ValueError("not a cookie of the bench app")
-    return f"{prefix}s:{{{store_key(unsigned.session_id)}}}"
+    return RedisStore(admin, prefix=prefix).record_name(store_key(unsigned.session_id))
 
 
 # -- 1. in process: the staleness window ------------------------------------------------
@@ -119,7 +120,7 @@ def staleness(url: str, trials: int) -> dict[str, Any]:
         for trial in range(trials):
             browser = Browser(writer_app)
             browser.login(f"trial{trial}")
-            key = record_key(prefix, browser.cookie)
+            key = record_key(admin, prefix, browser.cookie)
             parent.send(browser.cookie)
             if parent.recv() != "ready":
                 raise RuntimeError("the reader did not get ready")
@@ -204,7 +205,7 @@ def under_load(url: str, trials: int, seconds: float, scratch: Path) -> dict[str
             _, body, _ = http_request(server.port, "GET", "/read", cookie)
             changed_seen += "n=1" in body
             # A revocation made elsewhere.
-            admin.delete(record_key(prefix, cookie))
+            admin.delete(record_key(admin, prefix, cookie))
             acked = time.monotonic()
             _, body, _ = http_request(server.port, "GET", "/read", cookie)
             revoke_delays.append((time.monotonic() - acked) * 1e3)

@@ -139,23 +139,11 @@ def records(
 
 def redis_writer(store: Any) -> Any:
     """Write a batch of records to a RedisStore in one pipeline of its own write script."""
-    from flask_cloakroom.stores import redis as module
 
     def write(batch: list[Record], now: float) -> None:
         ops = []
         for record in batch:
-            keys = [store._key(record.key)]
-            if record.user_id is not None:
-                keys.append(store.index_key(record.user_id))
-            args = [
-                "",
-                store._encode(record),
-                store._ttl(record, now),
-                record.key,
-                int(record.expires_at) + 1,
-                repr(now),
-            ]
-            ops.append(module._script(module._SAVE_SCRIPT, keys, args))
+            ops.extend(store._save_ops(record, expected=None, now=now))
         results = store._pipeline(ops)
         if not all(results):
             raise RuntimeError("a record could not be written")
@@ -309,7 +297,7 @@ def redis_memory(client: Any, prefix: str, count: int, before: int) -> dict[str,
     index_keys: list[Any] = []
     cursor = 0
     while len(index_keys) < 200:
-        cursor, keys = client.scan(cursor, match=f"{prefix}u:*", count=1000)
+        cursor, keys = client.scan(cursor, match=f"{prefix}i:*", count=1000)
         index_keys.extend(keys)
         if cursor == 0:
             break

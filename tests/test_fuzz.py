@@ -514,8 +514,8 @@ def _corrupt(store: Store, key: str, junk: bytes) -> None:
     from flask_cloakroom.stores.redis import RedisStore
 
     assert isinstance(store, RedisStore)
-    assert store.client.exists(f"{store.prefix}s:{{{key}}}")
-    store.client.set(f"{store.prefix}s:{{{key}}}", junk)
+    assert store.client.exists(store.record_name(key))
+    store.client.set(store.record_name(key), junk)
 
 
 @pytest.fixture(params=[k for k in STORE_KINDS if k == "files" or k.startswith("redis")])

@@ -75,10 +75,6 @@ def other(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def record_name(store: RedisStore, key: str) -> str:
-    return f"{store.prefix}s:{{{key}}}"
-
-
 def settle() -> None:
     """Long enough for a message on loopback (the tests below assert no more than that)."""
     time.sleep(0.02)
@@ -109,7 +105,7 @@ def test_repeated_reads_cost_no_command_until_the_record_changes(
     assert cached.save(newest, expected=2, now=NOW)
     assert cached.load(record.key) == newest
     # A revocation from elsewhere (a plain DEL) ends it.
-    other.delete(record_name(cached, record.key))
+    other.delete(cached.record_name(record.key))
     settle()
     assert cached.load(record.key) is None
     assert cached._cache is not None and cached._cache.invalidations >= 2
@@ -121,7 +117,7 @@ def test_a_read_racing_a_write_does_not_cache_the_old_value(
     """The write lands after the miss's GET was answered but before its value is kept."""
     record, cache = saved(cached)
     newer = rec(record.key, version=2, payload=b'{"v":2}')
-    name = record_name(cached, record.key)
+    name = cached.record_name(record.key)
 
     def fetch_then_write() -> bytes | None:
         value = other.get(name)
@@ -252,7 +248,7 @@ def test_a_forked_process_has_a_cache_and_a_connection_of_its_own(
     assert cache.hits == hits and cache._tracker is not tracker
     tracker.close()
     # The parent's tracking connection is still its own and still works.
-    other.delete(record_name(cached, record.key))
+    other.delete(cached.record_name(record.key))
     settle()
     assert cached.load(record.key) is None
 

@@ -233,7 +233,7 @@ def test_wait_for_replicas(
         for _ in range(20):
             record = Record(secrets.token_hex(16), "u", NOW + 60, 1, b"x")
             assert one.save(record, expected=None, now=NOW)
-            assert replica.exists(f"{prefix}s:{{{record.key}}}") == 1
+            assert replica.exists(one.record_name(record.key)) == 1
         assert not caplog.records
         record = Record(secrets.token_hex(16), "u", NOW + 60, 1, b"x")
         started = time.monotonic()
@@ -315,7 +315,7 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
         for i in range(24):
             web = app.test_client()
             web.post("/set/x", json=i)
-            on_dead = node_of(f"{prefix}s:{{{session_key(web)}}}") == dead_name
+            on_dead = node_of(store.record_name(session_key(web))) == dead_name
             visitors.append((web, i, on_dead))
         assert any(on_dead for _, _, on_dead in visitors)
         assert not all(on_dead for _, _, on_dead in visitors)
@@ -339,7 +339,7 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
         key = next(
             k
             for k in (secrets.token_hex(16) for _ in range(1000))
-            if node_of(f"{prefix}s:{{{k}}}") != dead_name
+            if node_of(store.record_name(k)) != dead_name
         )
         with pytest.raises(StoreUnavailable):
             store.save(Record(key, user, time.time() + 60, 1, b"x"), expected=None, now=time.time())

@@ -2,12 +2,15 @@
 
 Key layout (``prefix`` is ``CLOAKROOM_REDIS_PREFIX``, ``cloakroom:`` by default)::
 
-    {prefix}s:{<key>}      one string per session, with a TTL; <key> is the record key
-                           (a hash of the session id), in braces: its own Cluster slot
-    {prefix}l:{<key>}      a record's short-lived write lock (only while a busy session's
+    {prefix}s:{<name>}     one string per session, with a TTL; <name> is the record key
+                           (a hash of the session id: 32 hex digits) as 22 characters of
+                           base64url, in braces: its own Cluster slot
+    {prefix}l:{<name>}     a record's short-lived write lock (only while a busy session's
                            conflicting writes are merged: see update_locked)
-    {prefix}u:{<hash>}     one sorted set per user: member = record key, score = expiry;
-                           <hash> is a SHA-256 of the user id, never the id itself
+    {prefix}i:{<bucket>}   the user index: 16,384 shared sorted sets ("buckets", 4 hex
+                           digits), picked by a SHA-256 of the user id.  Member = 6 more
+                           bytes of that hash + the 16 bytes of the record key, score =
+                           the record's expiry; never the user id itself
     {prefix}e:{<YYYYMMDD>} the activity log: one sorted set per UTC day, and
     {prefix}e:days         the list of days that have events
 
@@ -19,15 +22,20 @@ records by itself.  On a single node the same script updates the user's index;
 on a Cluster the index update goes in the same pipeline (one round trip, at
 most two nodes).  Every script declares every key it touches.
 
-The user index is a hint: :meth:`RedisStore.user_records` loads what it lists,
-keeps only live records of that user, and removes the entries it finds stale;
-each write prunes its user's expired entries, and an index key expires with
-its longest-lived session.  See docs/redis.md for round trips, failure
+The user index is a hint: :meth:`RedisStore.user_records` reads the user's
+entries from their bucket (a lexicographic range: the members start with the
+user's hash), loads what they name, keeps only live records of that user, and
+removes the entries it finds stale; each write prunes its bucket's expired
+entries, and a bucket expires with its longest-lived session.  Buckets rather
+than one sorted set per user keep the index at about 35 bytes a session: a
+small sorted set is a compact listpack, but each key costs about 150 bytes of
+its own, which a user with one session would pay alone.  See docs/redis.md for round trips, failure
 behaviour, Sentinel/``WAIT`` guarantees and memory use.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import math
@@ -81,6 +89,14 @@ _SCAN_CALLS_PER_PAGE: Final = 10
 _HEALTH_CHECK_INTERVAL: Final = 30
 #: Domain separation of the user index hash.
 _USER_HASH_TAG: Final = b"flask-cloakroom/redis-user/v1:"
+#: How many sorted sets ("buckets") hold the user index.  Each stays a compact
+#: listpack while it holds at most ``zset-max-listpack-entries`` (128 by default)
+#: entries: up to about 1.5 million sessions per prefix (docs/redis.md).
+INDEX_BUCKETS: Final = 16384
+#: Bytes of the user hash that start each index member (after the bucket's own bits).
+_USER_TAG_BYTES: Final = 6
+#: The highest record key, to close a user's lexicographic range in their bucket.
+_LAST_RECORD_KEY: Final = b"\xff" * 16
 #: Replies that mean "the store cannot serve this now" rather than "this is wrong".
 _UNAVAILABLE_REPLIES: Final = (
     "READONLY",
@@ -406,7 +422,7 @@ class RedisStore(Store):
         self._where = where
         self._record_prefix = f"{prefix}s:"
         self._record_pattern = _glob_escape(prefix) + "s:*"
-        self._index_pattern = _glob_escape(prefix) + "u:*"
+        self._index_pattern = _glob_escape(prefix) + "i:*"
 
     def describe(self) -> str:
         return f"{self.name} ({self._where}, prefix {self.prefix!r})"
@@ -450,17 +466,38 @@ class RedisStore(Store):
         cls = StoreUnavailable if unavailable else StoreError
         return cls(message, store=self.name)
 
-    def _key(self, key: str) -> str:
-        return f"{self._record_prefix}{{{key}}}"
+    def record_name(self, key: str) -> str:
+        """The Redis key of the record under ``key`` (32 hex digits, as
+        :func:`~flask_cloakroom.tokens.store_key` makes them)."""
+        return f"{self._record_prefix}{{{_short(key)}}}"
 
-    def _member(self, redis_key: Any) -> str:
-        text = redis_key.decode() if isinstance(redis_key, bytes) else str(redis_key)
-        return text[len(self._record_prefix) + 1 : -1]
+    def _lock_name(self, key: str) -> str:
+        return f"{self.prefix}l:{{{_short(key)}}}"
+
+    def _key_of(self, name: Any) -> str | None:
+        """The record key back from a record's Redis key (``None`` if it is not one)."""
+        text = name.decode() if isinstance(name, bytes) else str(name)
+        braced = text[len(self._record_prefix) :]
+        if len(braced) != 24 or braced[0] != "{" or braced[-1] != "}":
+            return None
+        try:
+            return base64.urlsafe_b64decode(braced[1:-1] + "==").hex()
+        except ValueError:  # binascii.Error
+            return None
 
     def index_key(self, user_id: str) -> str:
-        """The Redis key of a user's index: a hash of the user id, never the id."""
-        digest = hashlib.sha256(_USER_HASH_TAG + user_id.encode("utf-8")).hexdigest()[:32]
-        return f"{self.prefix}u:{{{digest}}}"
+        """The Redis key of the index bucket that holds ``user_id``'s entries.
+
+        The bucket is picked by a hash of the user id, never the id itself; it
+        holds other users' entries too.
+        """
+        return self._index_entry(user_id)[0]
+
+    def _index_entry(self, user_id: str) -> tuple[str, bytes]:
+        """(bucket, tag): the user's index bucket, and the bytes that start their members."""
+        digest = hashlib.sha256(_USER_HASH_TAG + user_id.encode("utf-8")).digest()
+        bucket = int.from_bytes(digest[:4], "big") % INDEX_BUCKETS
+        return f"{self.prefix}i:{{{bucket:04x}}}", digest[4 : 4 + _USER_TAG_BYTES]
 
     def _run(self, op: _Op) -> Any:
         """One command: one round trip (two only the first time a script is seen)."""
@@ -628,7 +665,7 @@ class RedisStore(Store):
             logger.warning(
                 "%s: the value under %s is not a session record and is ignored: %s",
                 self.name,
-                self._key(key),
+                self.record_name(key),
                 error,
             )
             return None
@@ -640,7 +677,7 @@ class RedisStore(Store):
     # -- the contract ----------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
-        name = self._key(key)
+        name = self.record_name(key)
         with self._errors():
             if self._cache is None:
                 value = self._command(name, "GET", name, **_NEVER_DECODE)
@@ -678,27 +715,41 @@ class RedisStore(Store):
             cache.forget(names)
 
     def save(self, record: Record, *, expected: int | None, now: float) -> bool:
-        key = self._key(record.key)
+        key = self.record_name(record.key)
+        ops = self._save_ops(record, expected=expected, now=now)
+        with self._errors(), self._writing(key):
+            if not self.cluster:
+                (written,) = self._pipeline(ops, wait_keys=[key])
+                return bool(written)
+            return self._cluster_write(ops, key, created=expected is None)
+
+    def _save_ops(self, record: Record, *, expected: int | None, now: float) -> list[_Op]:
+        """The commands of :meth:`save`: one script on a single node; on a Cluster, the
+        record's script and the index update (their keys live in different slots)."""
+        key = self.record_name(record.key)
         expected_arg = "" if expected is None else str(expected)
         value = self._encode(record)
         ttl = self._ttl(record, now)
-        score = math.ceil(record.expires_at)
-        index = None if record.user_id is None else self.index_key(record.user_id)
-        with self._errors(), self._writing(key):
-            if not self.cluster:
-                keys = [key] if index is None else [key, index]
-                args = [expected_arg, value, ttl, record.key, score, repr(now)]
-                (written,) = self._pipeline([_script(_SAVE_SCRIPT, keys, args)], wait_keys=[key])
-                return bool(written)
-            ops = [_script(_SAVE_SCRIPT, [key], [expected_arg, value, ttl])]
-            if index is not None:
-                ops.append(self._index_op(index, record, ttl, now, old_member=""))
-            return self._cluster_write(ops, key, created=expected is None)
+        if record.user_id is None:
+            return [_script(_SAVE_SCRIPT, [key], [expected_arg, value, ttl])]
+        index, user = self._index_entry(record.user_id)
+        member = user + bytes.fromhex(record.key)
+        if not self.cluster:
+            score = math.ceil(record.expires_at)
+            args = [expected_arg, value, ttl, member, score, repr(now)]
+            return [_script(_SAVE_SCRIPT, [key, index], args)]
+        return [
+            _script(_SAVE_SCRIPT, [key], [expected_arg, value, ttl]),
+            self._index_op(index, member, record, ttl, now, old_member=b""),
+        ]
 
-    def _index_op(self, index: str, record: Record, ttl: int, now: float, old_member: str) -> _Op:
+    @staticmethod
+    def _index_op(
+        index: str, member: bytes, record: Record, ttl: int, now: float, old_member: bytes
+    ) -> _Op:
         if ttl <= 0:
-            return _call("ZREM", index, record.key)
-        args = [record.key, math.ceil(record.expires_at), repr(now), ttl, old_member]
+            return _call("ZREM", index, member)
+        args = [member, math.ceil(record.expires_at), repr(now), ttl, old_member]
         return _script(_INDEX_SCRIPT, [index], args)
 
     def _cluster_write(self, ops: list[_Op], key: str, *, created: bool) -> bool:
@@ -723,16 +774,18 @@ class RedisStore(Store):
             logger.warning("%s: could not undo a half-made session %s: %s", self.name, key, error)
 
     def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
-        old = self._key(old_key)
-        new = self._key(record.key)
+        old = self.record_name(old_key)
+        new = self.record_name(record.key)
         value = self._encode(record)
         ttl = self._ttl(record, now)
         score = math.ceil(record.expires_at)
-        index = None if record.user_id is None else self.index_key(record.user_id)
+        index, user = (None, b"") if record.user_id is None else self._index_entry(record.user_id)
+        member = user + bytes.fromhex(record.key)
+        old_member = user + bytes.fromhex(old_key)
         with self._errors(), self._writing(old, new):
             if not self.cluster:
                 keys = [old, new] if index is None else [old, new, index]
-                args = [str(expected), value, ttl, record.key, score, repr(now), old_key]
+                args = [str(expected), value, ttl, member, score, repr(now), old_member]
                 (moved,) = self._pipeline([_script(_ROTATE_SCRIPT, keys, args)], wait_keys=[new])
                 return bool(moved)
             # Two slots: claim the old record first, then create the new one. A crash
@@ -741,7 +794,7 @@ class RedisStore(Store):
                 return False
             ops = [_script(_SAVE_SCRIPT, [new], ["", value, ttl])]
             if index is not None:
-                ops.append(self._index_op(index, record, ttl, now, old_member=old_key))
+                ops.append(self._index_op(index, member, record, ttl, now, old_member))
             return self._cluster_write(ops, new, created=True)
 
     def update_locked(
@@ -780,8 +833,8 @@ class RedisStore(Store):
         now: float,
         deadline: float,
     ) -> Record | None:
-        name = self._key(key)
-        lock = f"{self.prefix}l:{{{key}}}"
+        name = self.record_name(key)
+        lock = self._lock_name(key)
         token = secrets.token_hex(8)
         ttl = max(1, round(self._lock_timeout * 1000))
         attempt = 0
@@ -820,13 +873,13 @@ class RedisStore(Store):
         # The user's index entry is left to heal itself (see user_records): finding
         # the user would cost a second round trip, or a script touching a key it
         # did not declare.
-        name = self._key(key)
+        name = self.record_name(key)
         with self._errors(), self._writing(name):
             (deleted,) = self._pipeline([_call("DEL", name)], wait_keys=[name])
         return bool(deleted)
 
     def delete_many(self, keys: Iterable[str]) -> int:
-        names = [self._key(key) for key in keys]
+        names = [self.record_name(key) for key in keys]
         deleted = 0
         with self._errors(), self._writing(*names):
             for start in range(0, len(names), _CHUNK):
@@ -839,22 +892,30 @@ class RedisStore(Store):
         return deleted
 
     def user_records(self, user_id: str, *, now: float) -> list[Record]:
-        index = self.index_key(user_id)
+        entry = self._index_entry(user_id)
+        index, user = entry
         with self._errors():
             pipe = self.client.pipeline(transaction=False)
             pipe.execute_command("ZREMRANGEBYSCORE", index, "-inf", repr(now))
-            pipe.execute_command("ZRANGE", index, 0, -1)
+            pipe.execute_command(
+                "ZRANGEBYLEX", index, b"[" + user, b"[" + user + _LAST_RECORD_KEY, **_NEVER_DECODE
+            )
             _, members = pipe.execute()
-            keys = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
-            values = self._get_many([self._key(k) for k in keys]) if keys else []
+            members = [m for m in members if len(m) == len(user) + 16]
+            keys = [m[len(user) :].hex() for m in members]
+            values = self._get_many([self.record_name(k) for k in keys]) if keys else []
             live: list[Record] = []
-            stale: list[str] = []
-            for key, value in zip(keys, values, strict=True):
+            stale: list[bytes] = []
+            for member, key, value in zip(members, keys, values, strict=True):
                 record = self._decode(key, value)
-                if record is None or record.user_id != user_id:
-                    stale.append(key)
-                elif record.expires_at > now:
-                    live.append(record)
+                if record is not None and record.user_id == user_id:
+                    if record.expires_at > now:
+                        live.append(record)
+                elif record is None or record.user_id is None:
+                    stale.append(member)
+                elif self._index_entry(record.user_id) != entry:
+                    stale.append(member)  # the record has another user now
+                # else: another user whose hash starts the same way; their entry
             if stale:
                 self.client.execute_command("ZREM", index, *stale)
         return live
@@ -879,8 +940,8 @@ class RedisStore(Store):
                         break
                 if len(names) >= limit:
                     break
-            keys = [self._member(name) for name in names]
-            values = self._get_many([self._key(k) for k in keys]) if keys else []
+            keys = [key for key in map(self._key_of, names) if key is not None]
+            values = self._get_many([self.record_name(k) for k in keys]) if keys else []
         records = [r for r in (self._decode(k, v) for k, v in zip(keys, values, strict=True)) if r]
         if node >= len(nodes):
             return records, None
@@ -1185,6 +1246,15 @@ def _score_pairs(reply: Any) -> list[tuple[bytes, Any]]:
     if items and isinstance(items[0], list | tuple):
         return [(item[0], item[1]) for item in items]
     return list(zip(items[::2], items[1::2], strict=True))
+
+
+def _short(key: str) -> str:
+    """A record key (32 hex digits) as 22 characters of base64url: shorter names use
+    a smaller allocation in Redis (docs/redis.md, memory)."""
+    raw = bytes.fromhex(key)
+    if len(raw) != 16 or len(key) != 32:
+        raise ValueError(f"a record key is 32 hex digits, got {key!r}")
+    return base64.urlsafe_b64encode(raw)[:22].decode()
 
 
 def _glob_escape(text: str) -> str:

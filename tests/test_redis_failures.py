@@ -223,6 +223,7 @@ def test_wait_for_replicas(
     replica = redis.Redis(host=replica_address[0], port=replica_address[1])
     one = open_redis_store(group.url, prefix=prefix, timeout=1.0, wait_replicas=1)
     two = open_redis_store(group.url, prefix=prefix, timeout=0.4, wait_replicas=2)
+    assert isinstance(one, RedisStore)
     warm: Any = group.master_client()
     try:
         # A replica that has just synced acknowledges its first offset only after a

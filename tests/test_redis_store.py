@@ -584,6 +584,7 @@ def test_unix_socket_url(spawn_redis: Callable[..., None], tmp_path: Path) -> No
     spawn_redis("--port", "0", "--unixsocket", str(socket_path), ready=probe.ping)
     probe.close()
     store = open_redis_store(f"unix://{socket_path}?db=2", prefix="p:", timeout=1, wait_replicas=0)
+    assert isinstance(store, RedisStore)
     try:
         record = rec(user="mo")
         assert store.save(record, expected=None, now=NOW)
@@ -736,6 +737,7 @@ def test_sentinel_url_with_a_database(
     prefix = unique_prefix(controllable_redis_sentinel.prefix)
     url = controllable_redis_sentinel.url + "?db=3&client_name=cloakroom-test"
     store = open_redis_store(url, prefix=prefix, timeout=1, wait_replicas=0)
+    assert isinstance(store, RedisStore)
     master = controllable_redis_sentinel.master_client(db=3)
     try:
         record = rec()

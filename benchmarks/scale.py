@@ -18,7 +18,8 @@ the test suite's harness) and measures:
 4. **Redis memory per session**: ``used_memory`` growth over the fill divided by the
    number of sessions (record, TTL, user index entries), and ``MEMORY USAGE`` of one
    record plus its share of its user's index; for the bench session and for a small
-   one.  Target: <= 300 bytes for a small session.
+   one (100,000 and ``--sessions`` of them, one and four per user, plain and
+   encrypted).  Target: <= 300 bytes for a small session.
 5. **Purging expired PostgreSQL rows under load**: ``--sessions`` expired rows are
    added beside the live ones; gunicorn (1 sync worker) serves a 9:1 read/write mix
    under wrk (8 connections) before and while ``purge_expired()`` deletes them in
@@ -28,6 +29,7 @@ the test suite's harness) and measures:
     /tmp/perf-venv/bin/python benchmarks/scale.py --sessions 20000     # a smoke run, ~1 min
     /tmp/perf-venv/bin/python benchmarks/scale.py                      # the report, ~15 min
     /tmp/perf-venv/bin/python benchmarks/scale.py --purge-only         # step 5 alone, ~3 min
+    /tmp/perf-venv/bin/python benchmarks/scale.py --memory-only        # small sessions, ~5 min
 """
 
 from __future__ import annotations
@@ -314,6 +316,32 @@ def redis_memory(client: Any, prefix: str, count: int, before: int) -> dict[str,
     }
 
 
+def small_session_memory(server: Any, sessions: int) -> dict[str, Any]:
+    """Bytes per small session at 100,000 sessions and at ``sessions``: one and four
+    sessions per user, plain and encrypted, each on ``server`` emptied first, with the
+    default key prefix."""
+    client = server.client(decode_responses=False)
+    out: dict[str, Any] = {}
+    for count in sorted({min(100_000, sessions), sessions}):
+        for per_user in (1, PER_USER):
+            for encrypted in (False, True):
+                client.flushall()
+                before = int(client.info("memory")["used_memory"])
+                app = dataset_app(server.url, prefix="cloakroom:", table="t", encrypted=encrypted)
+                small = Dataset("redis-small-session", app)
+                writer = redis_writer(small.manager.store)
+                fill([(small, writer)], count, sample=0, small=True, heavy=False, per_user=per_user)
+                memory = redis_memory(client, "cloakroom:", count, before)
+                memory["met"] = memory["used_memory_delta_per_session"] <= 300
+                name = f"{count:,} sessions, {per_user} per user" + (
+                    ", encrypted" if encrypted else ""
+                )
+                out[name] = memory
+                print(f"  Redis memory, small session, {name}: {json.dumps(memory)}")
+    client.flushall()
+    return out
+
+
 def purge_under_load(
     dataset: Dataset, writer: Any, count: int, scratch: Path, slice_seconds: int
 ) -> dict[str, Any]:
@@ -409,6 +437,11 @@ def main() -> int:
         action="store_true",
         help="fill PostgreSQL and measure the purge under load, nothing else",
     )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure Redis memory per small session (step 4's second part), nothing else",
+    )
     args = parser.parse_args()
     info = machine()
     print(
@@ -425,6 +458,9 @@ def main() -> int:
     }
     try:
         small_redis = servers.extra_redis()
+        if args.memory_only:
+            report["redis_memory_small_session"] = small_session_memory(small_redis, args.sessions)
+            return _save(report)
         big_url = servers.create_database("cloakroom_scale")
         big_redis = servers.redis.client(decode_responses=False)
         memory_before = int(big_redis.info("memory")["used_memory"])
@@ -477,26 +513,7 @@ def main() -> int:
         )
         print("sessions(user):")
         report["sessions_of_user"] = {d.name: sessions_of_user(d, 500) for d in (redis_big, pg_big)}
-        # Memory of a small session, on the small server emptied first, with the
-        # default key prefix: one session per user (each has its own index) and four.
-        client = small_redis.client(decode_responses=False)
-        report["redis_memory_small_session"] = {}
-        for per_user in (1, PER_USER):
-            for encrypted in (False, True):
-                client.flushall()
-                before = int(client.info("memory")["used_memory"])
-                count = min(100_000, args.sessions)
-                app = dataset_app(
-                    small_redis.url, prefix="cloakroom:", table="t", encrypted=encrypted
-                )
-                plain = Dataset("redis-small-session", app)
-                writer = redis_writer(plain.manager.store)
-                fill([(plain, writer)], count, sample=0, small=True, heavy=False, per_user=per_user)
-                memory = redis_memory(client, "cloakroom:", count, before)
-                memory["met"] = memory["used_memory_delta_per_session"] <= 300
-                name = f"{per_user} per user" + (", encrypted" if encrypted else "")
-                report["redis_memory_small_session"][name] = memory
-                print(f"  Redis memory, small session, {name}: {json.dumps(memory)}")
+        report["redis_memory_small_session"] = small_session_memory(small_redis, args.sessions)
         if not args.skip_purge:
             measure_purge()
     finally:

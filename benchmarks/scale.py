@@ -296,16 +296,14 @@ def redis_memory(client: Any, prefix: str, count: int, before: int) -> dict[str,
         if cursor == 0:
             break
     record_usage = [client.memory_usage(key, samples=0) for key in sample_records[:200]]
-    index_keys: list[Any] = []
-    cursor = 0
-    while len(index_keys) < 200:
-        cursor, keys = client.scan(cursor, match=f"{prefix}i:*", count=1000)
-        index_keys.extend(keys)
-        if cursor == 0:
-            break
+    index_keys = list(client.scan_iter(match=f"{prefix}i:*", count=1000))
     per_index = [
         client.memory_usage(k, samples=0) / max(1, client.zcard(k)) for k in index_keys[:200]
     ]
+    pipe = client.pipeline(transaction=False)
+    for key in index_keys:
+        pipe.object("encoding", key)
+    encodings = pipe.execute()
     value_sizes = [client.strlen(k) for k in sample_records[:200]]
     return {
         "sessions": count,
@@ -313,6 +311,9 @@ def redis_memory(client: Any, prefix: str, count: int, before: int) -> dict[str,
         "memory_usage_record": statistics.median(record_usage),
         "memory_usage_index_share": statistics.median(per_index),
         "value_bytes": statistics.median(value_sizes),
+        "index_buckets": len(index_keys),
+        # A bucket past zset-max-listpack-entries turns into a skip list (docs/redis.md).
+        "index_buckets_not_listpack": sum(e not in (b"listpack", b"ziplist") for e in encodings),
     }
 
 

@@ -855,6 +855,7 @@ def test_memory_per_session(
     web.post("/set/cart", json=["book"])
     (anonymous,) = [n for n in raw_dump(store) if b":s:" in n]
     anonymous_bytes = client.memory_usage(anonymous, samples=0)
+    anonymous_value = client.strlen(anonymous)
     web.post("/login/alice")
     (logged_in,) = [n for n in raw_dump(store) if b":s:" in n]
     record_bytes = client.memory_usage(logged_in, samples=0)
@@ -868,7 +869,8 @@ def test_memory_per_session(
     assert client.zcard(index) == 10
     per_entry = (client.memory_usage(index, samples=0) - one_entry) / 9
     print(  # shown with pytest -s; quoted in docs/redis.md
-        f"\nanonymous record {anonymous_bytes} B, logged-in record {record_bytes} B, "
+        f"\nvalues {anonymous_value} B and {client.strlen(logged_in)} B; "
+        f"anonymous record {anonymous_bytes} B, logged-in record {record_bytes} B, "
         f"index key with one entry {one_entry} B, each further entry {per_entry:.0f} B"
     )
     assert anonymous_bytes <= 300

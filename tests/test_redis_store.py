@@ -426,6 +426,40 @@ def test_scan_cursors_are_opaque_and_checked(rstore: RedisStore) -> None:
         rstore.scan(cursor="99:0")
 
 
+def test_keys_under_the_record_prefix_that_are_not_record_names_are_passed_over(
+    rstore: RedisStore,
+) -> None:
+    """Junk planted under ``{prefix}s:`` (or a name of the earlier 32-hex layout) is not a
+    record: scan, count and purge go past it and leave it alone."""
+    record = rec(user="olga")
+    assert rstore.save(record, expected=None, now=NOW)
+    planted = {
+        f"{rstore.prefix}s:{{{record.key}}}": rstore._encode(record),  # the earlier layout
+        f"{rstore.prefix}s:{{not base64url!!!!!!!}}": b"1:9999999999999:-:x",
+        f"{rstore.prefix}s:{{AAAAAAAAAAAAAAAAAAAAA}}": b"junk",  # 21 characters
+        f"{rstore.prefix}s:": b"junk",
+    }
+    for name, value in planted.items():
+        rstore.client.set(name, value)
+    records, cursor = rstore.scan(limit=100)
+    while cursor is not None:
+        more, cursor = rstore.scan(cursor=cursor, limit=100)
+        records += more
+    assert records == [record]
+    assert rstore.count(now=NOW) == 1
+    assert rstore.purge_expired(now=NOW + 10**9) == 1
+    assert rstore.load(record.key) is None
+    for name, value in planted.items():
+        assert rstore.client.get(name) == value
+
+
+def test_a_record_key_must_be_32_hex_digits(rstore: RedisStore) -> None:
+    for bad in ("", "abc", "g" * 32, "0" * 31, "0" * 33, "00 " * 10 + "00"):
+        with pytest.raises(ValueError, match="32 hex digits"):
+            rstore.load(bad)
+    assert rstore.load("0" * 32) is None
+
+
 def test_prefixes_keep_apps_apart(redis_server: RedisServer) -> None:
     base = unique_prefix(redis_server.prefix)
     shop = open_redis_store(

@@ -967,6 +967,14 @@ class RedisStore(Store):
             if for_node:
                 yield for_node
 
+    def _record_names(self, count: int) -> Iterator[list[str]]:
+        """Every record's Redis key, in batches of about ``count``: keys under the record
+        prefix that are not record names (planted, or of another layout) are left out."""
+        for names in self._scan_all(self._record_pattern, count):
+            records = [name for name in names if self._key_of(name) is not None]
+            if records:
+                yield records
+
     def _expiries(self, names: Sequence[str]) -> list[int | None]:
         """Each record's expiry in ms from the head of its value (``None`` if gone)."""
         pipe = self.client.pipeline(transaction=False)
@@ -998,7 +1006,7 @@ class RedisStore(Store):
         deleted = 0
         batch_size = max(1, batch_size)
         with self._errors():
-            for names in self._scan_all(self._record_pattern, batch_size):
+            for names in self._record_names(batch_size):
                 expired = [
                     name
                     for name, expires in zip(names, self._expiries(names), strict=True)
@@ -1026,7 +1034,7 @@ class RedisStore(Store):
         deadline = round(now * 1000)
         live = 0
         with self._errors():
-            for names in self._scan_all(self._record_pattern, 1000):
+            for names in self._record_names(1000):
                 live += sum(
                     1
                     for expires in self._expiries(names)
@@ -1251,7 +1259,10 @@ def _score_pairs(reply: Any) -> list[tuple[bytes, Any]]:
 def _short(key: str) -> str:
     """A record key (32 hex digits) as 22 characters of base64url: shorter names use
     a smaller allocation in Redis (docs/redis.md, memory)."""
-    raw = bytes.fromhex(key)
+    try:
+        raw = bytes.fromhex(key)
+    except ValueError:
+        raw = b""
     if len(raw) != 16 or len(key) != 32:
         raise ValueError(f"a record key is 32 hex digits, got {key!r}")
     return base64.urlsafe_b64encode(raw)[:22].decode()

@@ -29,8 +29,8 @@ removes the entries it finds stale; each write prunes its bucket's expired
 entries, and a bucket expires with its longest-lived session.  Buckets rather
 than one sorted set per user keep the index at about 35 bytes a session: a
 small sorted set is a compact listpack, but each key costs about 150 bytes of
-its own, which a user with one session would pay alone.  See docs/redis.md for round trips, failure
-behaviour, Sentinel/``WAIT`` guarantees and memory use.
+its own, which a user with one session would pay alone.  See docs/redis.md for
+round trips, failure behaviour, Sentinel/``WAIT`` guarantees and memory use.
 """
 
 from __future__ import annotations
@@ -715,8 +715,8 @@ class RedisStore(Store):
             cache.forget(names)
 
     def save(self, record: Record, *, expected: int | None, now: float) -> bool:
-        key = self.record_name(record.key)
         ops = self._save_ops(record, expected=expected, now=now)
+        key = ops[0].key  # the record's name
         with self._errors(), self._writing(key):
             if not self.cluster:
                 (written,) = self._pipeline(ops, wait_keys=[key])
@@ -915,7 +915,7 @@ class RedisStore(Store):
                     stale.append(member)
                 elif self._index_entry(record.user_id) != entry:
                     stale.append(member)  # the record has another user now
-                # else: another user whose hash starts the same way; their entry
+                # else: the entry of another user whose hash starts the same way: kept
             if stale:
                 self.client.execute_command("ZREM", index, *stale)
         return live

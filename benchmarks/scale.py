@@ -29,7 +29,7 @@ the test suite's harness) and measures:
     /tmp/perf-venv/bin/python benchmarks/scale.py --sessions 20000     # a smoke run, ~1 min
     /tmp/perf-venv/bin/python benchmarks/scale.py                      # the report, ~15 min
     /tmp/perf-venv/bin/python benchmarks/scale.py --purge-only         # step 5 alone, ~3 min
-    /tmp/perf-venv/bin/python benchmarks/scale.py --memory-only        # small sessions, ~5 min
+    /tmp/perf-venv/bin/python benchmarks/scale.py --memory-only        # small sessions, ~7 min
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -43,9 +44,12 @@ def store_key(session_id: bytes) -> str:
     return hashlib.sha256(_HASH_CONTEXT + session_id).hexdigest()[:32]
 
 
+_STORE_KEY = re.compile(r"[0-9a-f]{32}")
+
+
 def is_store_key(value: str) -> bool:
     """Whether ``value`` has the shape of a store key / handle (32 lowercase hex)."""
-    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return _STORE_KEY.fullmatch(value) is not None
 
 
 def _b64(data: bytes) -> str:

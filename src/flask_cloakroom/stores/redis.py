@@ -71,6 +71,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
+from ..tokens import is_store_key
 from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
 from .redis_cache import RecordCache
 from .turns import Turns
@@ -1259,13 +1260,9 @@ def _score_pairs(reply: Any) -> list[tuple[bytes, Any]]:
 def _short(key: str) -> str:
     """A record key (32 hex digits) as 22 characters of base64url: shorter names use
     a smaller allocation in Redis (docs/redis.md, memory)."""
-    try:
-        raw = bytes.fromhex(key)
-    except ValueError:
-        raw = b""
-    if len(raw) != 16 or len(key) != 32:
+    if not is_store_key(key):
         raise ValueError(f"a record key is 32 hex digits, got {key!r}")
-    return base64.urlsafe_b64encode(raw)[:22].decode()
+    return base64.urlsafe_b64encode(bytes.fromhex(key))[:22].decode()
 
 
 def _glob_escape(text: str) -> str:

@@ -96,6 +96,11 @@ def counting_connection(traffic: Traffic) -> type[Connection]:
             base: Any = super()  # redis-py leaves these untyped
             base.send_command(*args, **kwargs)
 
+        def pack_command(self, *args: Any) -> Any:  # the store's lane packs one by one
+            traffic.command(str(args[0]))
+            base: Any = super()
+            return base.pack_command(*args)
+
         def pack_commands(self, commands: Any) -> Any:
             commands = list(commands)
             for command in commands:

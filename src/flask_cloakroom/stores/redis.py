@@ -44,6 +44,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..tokens import is_store_key
 from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
 from .redis_cache import RecordCache
+from .redis_lane import Lane, lane_for
 from .turns import Turns
 
 __all__ = ["RedisStore", "open_redis_store"]
@@ -324,6 +326,7 @@ class RedisStore(Store):
     """
 
     _cache: RecordCache | None
+    _lane: Lane | None
 
     def __init__(
         self,
@@ -343,11 +346,13 @@ class RedisStore(Store):
             cluster=isinstance(client, RedisCluster),
             where=_where(client),
         )
-        if not self.cluster and not isinstance(client, redis.Redis):
-            raise TypeError(
-                f"RedisStore needs a redis.Redis or redis.cluster.RedisCluster client, "
-                f"got {type(client).__name__}"
-            )
+        if not self.cluster:
+            if not isinstance(client, redis.Redis):
+                raise TypeError(
+                    f"RedisStore needs a redis.Redis or redis.cluster.RedisCluster client, "
+                    f"got {type(client).__name__}"
+                )
+            self._lane = lane_for(client)
         if not isinstance(client_cache, int) or client_cache < 0:
             raise ConfigError(_CACHE_KEY, f"expected 0 (off) or more, got {client_cache!r}")
         if client_cache:
@@ -418,6 +423,9 @@ class RedisStore(Store):
         self.wait_millis = max(1, int(wait_timeout * 500))
         self._lock_timeout = wait_timeout
         self._cache = None
+        self._lane = None
+        # A Cluster's lanes, one per node client (dropped with a node that left).
+        self._node_lanes: weakref.WeakKeyDictionary[Any, Lane] = weakref.WeakKeyDictionary()
         self._turns = [Turns() for _ in range(_LOCAL_STRIPES)]
         self.name = "redis-cluster" if cluster else _standalone_name(client)
         self._where = where
@@ -502,29 +510,37 @@ class RedisStore(Store):
 
     def _run(self, op: _Op) -> Any:
         """One command: one round trip (two only the first time a script is seen)."""
-        options = {} if op.script is None else _NEVER_DECODE
+        raw = op.script is not None
         try:
-            return self._command(op.key, *op.command(), **options)
+            return self._command(op.key, *op.command(), raw=raw)
         except NoScriptError:
-            return self._command(op.key, *op.command(by_sha=False), **options)
+            return self._command(op.key, *op.command(by_sha=False), raw=raw)
 
-    def _command(self, key: str, *args: Any, **options: Any) -> Any:
-        """Send one command about ``key``.
+    def _command(self, key: str, *args: Any, raw: bool = False) -> Any:
+        """Send one command about ``key``; with ``raw``, its reply is never decoded.
 
-        On a Cluster it goes straight to the node that serves the key's slot, by
-        redis-py's slot table: half the client-side cost of the Cluster client's
-        routing, on every request.  A redirection (the slots moved) is handed to
-        the Cluster client, which follows it and updates the table; a node that
+        A raw command goes through a :class:`~.redis_lane.Lane`: the client's own
+        connections with a fraction of the Python of ``execute_command`` (the hot
+        path of every request).  On a Cluster it goes straight to the node that
+        serves the key's slot, by redis-py's slot table: half the client-side cost
+        of the Cluster client's routing.  A redirection (the slots moved) is handed
+        to the Cluster client, which follows it and updates the table; a node that
         cannot be reached makes the client re-read the topology for next time.
         """
         client = self.client
+        options = _NEVER_DECODE if raw else {}
         if not self.cluster:
+            lane = self._lane
+            if raw and lane is not None:
+                return lane.execute(*args)
             return client.execute_command(*args, **options)
         node = client.get_node_from_key(key)
         connection = node.redis_connection
         if connection is None:
             return client.execute_command(*args, **options)
         try:
+            if raw:
+                return self._node_lane(connection).execute(*args)
             return connection.execute_command(*args, **options)
         except (MovedError, AskError, TryAgainError):
             return client.execute_command(*args, **options)
@@ -536,6 +552,12 @@ class RedisStore(Store):
         except (RedisTimeoutError, ClusterDownError):
             self._refresh_topology(client, node.name)
             raise
+
+    def _node_lane(self, node_client: Any) -> Lane:
+        lane = self._node_lanes.get(node_client)
+        if lane is None:
+            lane = self._node_lanes.setdefault(node_client, Lane(node_client.connection_pool))
+        return lane
 
     def _refresh_topology(self, client: Any, failed: str) -> None:
         """Have the Cluster client re-read the slot table (after a failover, say)."""
@@ -681,11 +703,9 @@ class RedisStore(Store):
         name = self.record_name(key)
         with self._errors():
             if self._cache is None:
-                value = self._command(name, "GET", name, **_NEVER_DECODE)
+                value = self._command(name, "GET", name, raw=True)
             else:
-                value = self._cache.get(
-                    name, lambda: self._command(name, "GET", name, **_NEVER_DECODE)
-                )
+                value = self._cache.get(name, lambda: self._command(name, "GET", name, raw=True))
         return self._decode(key, value)
 
     def cache_stats(self) -> dict[str, int] | None:
@@ -1061,6 +1081,9 @@ class RedisStore(Store):
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
+        for lane in [self._lane, *self._node_lanes.values()]:
+            if lane is not None:
+                lane.close()
         if not self._owns_client:
             return
         client = self._client

@@ -1,0 +1,113 @@
+"""One Redis command at a time with little Python around it: the Redis store's hot path.
+
+A session request sends the store one command: a ``GET``, or a write script.  redis-py's
+``Redis.execute_command`` wraps every command in connection-pool bookkeeping, metrics
+hooks, event dispatch and retry closures.  With redis-py 8 that costs more Python than
+the loopback round trip itself takes (``benchmarks/redis_round_trips.py`` prints both).
+A :class:`Lane` does the part of that work a single command needs, with the client's
+own connection objects:
+
+* Its connections are made by the client's pool (``make_connection``).  So they have
+  the client's address, credentials, TLS, protocol, timeouts, health checks and retry
+  policy, count against the pool's ``max_connections``, and on Sentinel they find the
+  master the way the client's own connections do.
+* A command is packed, sent and its reply read under the connection's retry policy.
+  The connection is disconnected before a retry, as redis-py does.
+* A connection goes back on the lane's stack only in step: after its reply was read
+  in full (a value or an error reply), or disconnected.  No later command can read a
+  reply meant for an earlier one.
+* The stack belongs to one process.  A forked child starts with none and never uses
+  the parent's sockets.
+
+A lane holds as many connections as the process ever had commands in flight on it
+at once: one per thread that uses the store at the same moment.  :meth:`Lane.close`
+disconnects them; the client's own ``close()`` does not know about them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+__all__ = ["Lane", "lane_for"]
+
+
+class Lane:
+    """Single commands on a stack of connections from ``pool``, replies never decoded."""
+
+    __slots__ = ("_idle", "_pid", "_pool", "_reconnect")
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._idle: list[Any] = []
+        self._pid = os.getpid()
+        # redis-py 8 asks for a reconnect after a server's maintenance notice.
+        self._reconnect = hasattr(pool.connection_class, "should_reconnect")
+
+    def execute(self, *args: Any) -> Any:
+        """Send one command and return its reply (bytes as they came).
+
+        Raises what redis-py raises: a ``ResponseError`` for an error reply, a
+        ``ConnectionError`` or ``TimeoutError`` when the retry policy gives up.
+        """
+        if self._pid != os.getpid():
+            self._idle = []  # the parent's connections: not ours to use or close
+            self._pid = os.getpid()
+        try:
+            connection = self._idle.pop()  # atomic: no lock needed between threads
+        except IndexError:
+            connection = self._pool.make_connection()
+        in_step = False
+        try:
+            packed = connection.pack_command(*args)
+            reply = connection.retry.call_with_retry(
+                lambda: self._round_trip(connection, packed),
+                lambda _error: connection.disconnect(),
+            )
+            in_step = True
+            if self._reconnect and connection.should_reconnect():
+                connection.disconnect()
+            return reply
+        except ResponseError:
+            in_step = True  # an error reply, read in full
+            raise
+        finally:
+            if not in_step:
+                connection.disconnect()
+            self._idle.append(connection)
+
+    @staticmethod
+    def _round_trip(connection: Any, packed: Any) -> Any:
+        # connect() returns at once when connected.  Called here, not left to the
+        # send: on Sentinel only connect() asks the sentinels for the master.
+        connection.connect()
+        connection.send_packed_command(packed)
+        return connection.read_response(disable_decoding=True)
+
+    def close(self) -> None:
+        """Disconnect the lane's connections (a later command connects again)."""
+        idle, self._idle = self._idle, []
+        if self._pid == os.getpid():
+            for connection in idle:
+                connection.disconnect()
+
+    def __len__(self) -> int:
+        """Connections waiting on the stack."""
+        return len(self._idle)
+
+
+def lane_for(client: Any) -> Lane | None:
+    """A lane for a ``redis.Redis`` client, or ``None`` where one must not be used.
+
+    Not for a client pinned to one connection (``single_connection_client``), nor
+    for one using redis-py's own client-side cache, whose connections must see
+    every command.
+    """
+    if getattr(client, "connection", None) is not None:
+        return None
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or getattr(pool, "cache", None) is not None:
+        return None
+    return Lane(pool)

@@ -1,0 +1,223 @@
+"""The Redis store's lane (its hot path for single commands), on real servers.
+
+What must hold: replies are never read by the wrong command (after an error reply, a
+timeout, a connection killed by the server), a forked child never uses its parent's
+sockets, threads share the lane safely, Sentinel commands go to the master, and
+clients that must see every command (one connection, redis-py's own cache) get no lane.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from flask_cloakroom.stores.base import Record
+from flask_cloakroom.stores.redis import RedisStore, open_redis_store
+from flask_cloakroom.stores.redis_lane import Lane, lane_for
+
+from .servers import RedisServer, flush_prefix
+
+NOW = 1_900_000_000.0
+
+
+@dataclass
+class Target:
+    """A client to make lanes from, a prefix for its keys, and an admin connection."""
+
+    client: redis.Redis
+    prefix: str
+    admin: redis.Redis
+
+    def lane(self) -> Lane:
+        lane = lane_for(self.client)
+        assert lane is not None
+        return lane
+
+
+#: The socket timeout of the clients below (seconds).
+TIMEOUT = 0.5
+
+
+@pytest.fixture(params=["redis_server", "redis_sentinel"])
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    """A standalone client set up as open_redis_store sets up its own (one retry of a
+    dropped connection, none of a timeout), or the client of a Sentinel store, whose
+    connections do not disconnect by themselves when a read fails."""
+    server = request.getfixturevalue(request.param)
+    prefix = f"{server.prefix}lane:{secrets.token_hex(4)}:"
+    store = open_redis_store(
+        server.url, prefix=prefix, timeout=TIMEOUT, wait_replicas=0, client_cache=0
+    )
+    assert isinstance(store, RedisStore)
+    client = store.client
+    if request.param == "redis_sentinel":
+        host, port = client.connection_pool.get_master_address()
+    else:
+        host, port = server.host, server.port
+    admin = redis.Redis(host=host, port=port)
+    try:
+        yield Target(client, prefix, admin)
+    finally:
+        store.close()
+        admin.close()
+        flush_prefix(server.url, prefix)
+
+
+def connection_id(lane: Lane) -> int:
+    reply = lane.execute("CLIENT", "ID")
+    assert isinstance(reply, int)
+    return reply
+
+
+def test_replies_come_back_raw_on_one_reused_connection(target: Target) -> None:
+    lane = target.lane()
+    key = f"{target.prefix}a"
+    try:
+        assert lane.execute("SET", key, "é") == b"OK"
+        first = connection_id(lane)
+        assert lane.execute("GET", key) == "é".encode()
+        assert lane.execute("GET", f"{target.prefix}missing") is None
+        assert connection_id(lane) == first
+        assert target.admin.client_kill_filter(_id=str(first)) == 1  # it is on the master
+        assert lane.execute("GET", key) == "é".encode()
+        assert len(lane) == 1
+    finally:
+        lane.close()
+
+
+def test_an_error_reply_leaves_the_connection_in_step(target: Target) -> None:
+    lane = target.lane()
+    key = f"{target.prefix}a"
+    try:
+        lane.execute("SET", key, "value")
+        before = connection_id(lane)
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            lane.execute("HGET", key, "field")
+        assert lane.execute("GET", key) == b"value"
+        assert connection_id(lane) == before  # kept: the error reply was read in full
+    finally:
+        lane.close()
+
+
+def test_a_timed_out_reply_is_never_read_by_the_next_command(target: Target) -> None:
+    """The server answers the BLPOP after the client gave up; were the connection
+    used again, the next GET would read that late nil instead of its own reply."""
+    lane = target.lane()
+    key = f"{target.prefix}a"
+    try:
+        lane.execute("SET", key, "value")
+        before = connection_id(lane)
+        with pytest.raises(RedisTimeoutError):
+            lane.execute("BLPOP", f"{target.prefix}empty", TIMEOUT * 2)
+        time.sleep(TIMEOUT * 2)  # the late reply has been sent by now
+        assert lane.execute("GET", key) == b"value"
+        assert connection_id(lane) != before
+    finally:
+        lane.close()
+
+
+def test_a_connection_killed_by_the_server_is_replaced_once(target: Target) -> None:
+    lane = target.lane()
+    key = f"{target.prefix}a"
+    try:
+        lane.execute("SET", key, "value")
+        killed = connection_id(lane)
+        assert target.admin.client_kill_filter(_id=str(killed)) == 1
+        assert lane.execute("GET", key) == b"value"  # retried on a new connection
+        assert connection_id(lane) != killed
+    finally:
+        lane.close()
+
+
+def test_a_forked_child_never_uses_the_parents_connection(target: Target) -> None:
+    lane = target.lane()
+    key = f"{target.prefix}a"
+    try:
+        lane.execute("SET", key, "value")
+        parent = connection_id(lane)
+        context = multiprocessing.get_context("fork")
+        out = context.Queue()
+
+        def child() -> None:
+            out.put((connection_id(lane), lane.execute("GET", key), len(lane)))
+            lane.close()
+
+        process = context.Process(target=child)
+        process.start()
+        process.join(20)
+        assert process.exitcode == 0
+        child_id, value, idle = out.get(timeout=5)
+        assert child_id != parent and value == b"value" and idle == 1
+        # The parent's connection is still open, still its own and still in step.
+        assert connection_id(lane) == parent
+        assert lane.execute("GET", key) == b"value"
+    finally:
+        lane.close()
+
+
+def test_threads_share_a_lane(target: Target) -> None:
+    lane = target.lane()
+    threads = 8
+    for n in range(threads):
+        lane.execute("SET", f"{target.prefix}{n}", str(n))
+    wrong: list[tuple[int, object]] = []
+    start = threading.Barrier(threads)
+
+    def work(n: int) -> None:
+        start.wait()
+        for _ in range(300):
+            value = lane.execute("GET", f"{target.prefix}{n}")
+            if value != str(n).encode():
+                wrong.append((n, value))
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+        assert wrong == []
+        assert 1 <= len(lane) <= threads  # a connection per command in flight at most
+    finally:
+        lane.close()
+
+
+def test_close_disconnects_and_a_later_command_connects_again(target: Target) -> None:
+    lane = target.lane()
+    key = f"{target.prefix}a"
+    try:
+        closed = connection_id(lane)
+        lane.close()
+        assert len(lane) == 0
+        time.sleep(0.1)
+        assert closed not in {int(c["id"]) for c in target.admin.client_list()}
+        lane.execute("SET", key, "value")
+        assert lane.execute("GET", key) == b"value"
+    finally:
+        lane.close()
+
+
+def test_clients_that_must_see_every_command_get_no_lane(redis_server: RedisServer) -> None:
+    """A single-connection client keeps its one connection; the store still works."""
+    prefix = f"{redis_server.prefix}lane:{secrets.token_hex(4)}:"
+    client = redis.Redis.from_url(redis_server.url, single_connection_client=True)
+    try:
+        assert lane_for(client) is None
+        store = RedisStore(client, prefix=prefix)
+        assert store._lane is None
+        record = Record(secrets.token_hex(16), "alice", NOW + 60, 1, b"{}")
+        assert store.save(record, expected=None, now=NOW)
+        assert store.load(record.key) == record
+        store.close()
+    finally:
+        client.close()
+        flush_prefix(redis_server.url, prefix)

@@ -52,6 +52,7 @@ from werkzeug.test import EnvironBuilder
 
 from flask_cloakroom import Cloakroom
 from flask_cloakroom.stores.redis import RedisStore
+from flask_cloakroom.stores.redis_lane import lane_for
 
 SECRET = "benchmark-secret-" + "x" * 24
 LOOPBACK = "127.0.0.1"
@@ -191,6 +192,12 @@ def counting_connection(traffic: Traffic) -> type[Connection]:
             base: Any = super()
             base.send_command(*args, **kwargs)
 
+        def pack_command(self, *args: Any) -> Any:  # the store's lane packs one by one
+            if not traffic.quiet:
+                traffic.commands += 1
+            base: Any = super()
+            return base.pack_command(*args)
+
         def pack_commands(self, commands: Any) -> Any:
             commands = list(commands)
             if not traffic.quiet:
@@ -285,9 +292,26 @@ def call(app: Flask, method: str, path: str, cookie: str) -> str:
     return cookie
 
 
-def cloakroom_variant(deployment: str, client: Any, traffic: Traffic, *, login: bool) -> Variant:
+class _NoLane:
+    """What the store did before it had lanes: redis-py's ``execute_command``."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def execute(self, *args: Any) -> Any:
+        return self.client.execute_command(*args, NEVER_DECODE=True)
+
+
+def cloakroom_variant(
+    deployment: str, client: Any, traffic: Traffic, *, login: bool, lane: bool = True
+) -> Variant:
     store = RedisStore(client, prefix=f"bench-cloakroom:{secrets.token_hex(3)}:")
     store.preload_scripts()
+    if not lane:
+        if store.cluster:
+            setattr(store, "_node_lane", _NoLane)  # noqa: B010 - a benchmark's A/B switch
+        else:
+            store._lane = _NoLane(client)  # type: ignore[assignment]
 
     cloak = Cloakroom(store=store)
     app = build_app(cloak.init_app)
@@ -298,6 +322,8 @@ def cloakroom_variant(deployment: str, client: Any, traffic: Traffic, *, login: 
         return "ok"
 
     name = "cloakroom, logged in" if login else "cloakroom"
+    if not lane:
+        name += ", no lane"
     return Variant(deployment, name, app, traffic, login=login)
 
 
@@ -341,9 +367,51 @@ def variants(servers: Servers) -> Iterator[Variant]:
             )
         yield cloakroom_variant(deployment, client, traffic, login=False)
         yield cloakroom_variant(deployment, client, traffic, login=True)
+        yield cloakroom_variant(deployment, client, traffic, login=True, lane=False)
         other = flask_session_variant(deployment, client, traffic)
         if other is not None:
             yield other
+
+
+def command_costs(port: int, *, rounds: int, per_round: int) -> dict[str, float]:
+    """µs per GET of a 150-byte value, interleaved in rounds: a raw socket (the floor),
+    the store's lane, and redis-py's ``execute_command`` (what the store used before)."""
+    client: Any = redis.Redis(host=LOOPBACK, port=port)  # redis-py leaves it untyped
+    key = f"bench-get:{secrets.token_hex(3)}"
+    client.set(key, b"x" * 150)
+    sock = socket.create_connection((LOOPBACK, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    packed = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
+    reply_size = len(b"$150\r\n") + 150 + 2
+
+    def raw() -> None:
+        sock.sendall(packed)
+        got = 0
+        while got < reply_size:
+            got += len(sock.recv(4096))
+
+    lane = lane_for(client)
+    assert lane is not None
+
+    ways: dict[str, Callable[[], Any]] = {
+        "raw socket": raw,
+        "the store's lane": lambda: lane.execute("GET", key),
+        "redis-py execute_command": lambda: client.execute_command("GET", key, NEVER_DECODE=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    try:
+        for _ in range(rounds):
+            for name, way in ways.items():
+                started = time.perf_counter()
+                for _ in range(per_round):
+                    way()
+                times[name].append((time.perf_counter() - started) / per_round * 1e6)
+    finally:
+        client.delete(key)
+        sock.close()
+        lane.close()
+        client.close()
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(chosen: list[Variant], *, rounds: int, per_round: int) -> None:
@@ -373,14 +441,14 @@ def report(chosen: list[Variant]) -> None:
     base = chosen[0]
     med = {(id(v), s): statistics.median(v.times[s]) for v in chosen for s in ("read", "write")}
     print(
-        f"{'deployment':11} {'session layer':22} | {'read-only request':^29} | "
+        f"{'deployment':11} {'session layer':30} | {'read-only request':^29} | "
         f"{'modifying request':^29}"
     )
     print(
-        f"{'':11} {'':22} | {'cmds':>5} {'trips':>5} {'µs':>8} {'ratio':>6} "
+        f"{'':11} {'':30} | {'cmds':>5} {'trips':>5} {'µs':>8} {'ratio':>6} "
         f"| {'cmds':>5} {'trips':>5} {'µs':>8} {'ratio':>6}"
     )
-    print("-" * 100)
+    print("-" * 108)
     for v in chosen:
         cells = []
         for s in ("read", "write"):
@@ -388,7 +456,7 @@ def report(chosen: list[Variant]) -> None:
             mine = med[(id(v), s)]
             ratio = mine / med[(id(base), s)]
             cells.append(f"{commands:5.2f} {trips:5.2f} {mine * 1e6:8.1f} {ratio:6.2f}")
-        print(f"{v.deployment:11} {v.name:22} | {cells[0]} | {cells[1]}")
+        print(f"{v.deployment:11} {v.name:30} | {cells[0]} | {cells[1]}")
     print(
         "\ncmds, trips: Redis commands and round trips per request (a Cluster pipeline to "
         "two nodes at once is one round trip).\nµs: median time per request over the "
@@ -414,6 +482,11 @@ def main() -> None:
             f"{rounds} rounds x {per_round} requests per variant and scenario\n"
         )
         report(chosen)
+        costs = command_costs(_first_port(servers), rounds=rounds, per_round=per_round * 2)
+        floor = costs["raw socket"]
+        print("\nOne GET, µs (median over the rounds; the same server, interleaved):")
+        for name, cost in costs.items():
+            print(f"  {name:26} {cost:7.1f}   Python over the raw socket: {cost - floor:6.1f}")
     finally:
         servers.close()
 

@@ -108,6 +108,23 @@ def test_an_error_reply_leaves_the_connection_in_step(target: Target) -> None:
         lane.close()
 
 
+def test_commands_sent_together_get_their_own_replies_in_order(target: Target) -> None:
+    lane = target.lane()
+    key = f"{target.prefix}a"
+    try:
+        before = connection_id(lane)
+        replies = lane.execute_many(
+            [("SET", key, "value"), ("HGET", key, "field"), ("GET", key), ("INCR", key)]
+        )
+        assert replies[0] == b"OK" and replies[2] == b"value"
+        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+        assert isinstance(replies[3], ResponseError) and "not an integer" in str(replies[3])
+        assert lane.execute("GET", key) == b"value"
+        assert connection_id(lane) == before
+    finally:
+        lane.close()
+
+
 def test_a_timed_out_reply_is_never_read_by_the_next_command(target: Target) -> None:
     """The server answers the BLPOP after the client gave up; were the connection
     used again, the next GET would read that late nil instead of its own reply."""

@@ -613,6 +613,22 @@ class RedisStore(Store):
         ops_results: list[Any] = results[: len(ops)]
         return ops_results
 
+    def _together(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Commands about keys of one slot, in one round trip; their raw replies.
+        Raises the first error."""
+        lane = self._lane
+        if lane is not None:
+            replies = lane.execute_many(commands)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command, **_NEVER_DECODE)
+            replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return list(replies)
+
     def _wait_targets(self, client: Any, keys: Iterable[str]) -> list[Any]:
         if not self.wait_replicas:
             return []
@@ -630,6 +646,11 @@ class RedisStore(Store):
     def _send(
         self, client: Any, ops: Sequence[_Op], waits: Sequence[Any], *, by_sha: bool = True
     ) -> Any:
+        lane = self._lane
+        if lane is not None:
+            commands = [op.command(by_sha=by_sha) for op in ops]
+            commands.extend(("WAIT", self.wait_replicas, self.wait_millis) for _ in waits)
+            return lane.execute_many(commands)
         pipe = client.pipeline(transaction=False)
         for op in ops:
             options: dict[str, Any] = dict(_NEVER_DECODE)
@@ -658,7 +679,7 @@ class RedisStore(Store):
                     pipe.execute_command("GET", key, **_NEVER_DECODE)
                 replies = pipe.execute()
             else:
-                replies = client.execute_command("MGET", *chunk, **_NEVER_DECODE)
+                replies = self._command(chunk[0], "MGET", *chunk, raw=True)
             values.extend(replies)
         return values
 
@@ -916,12 +937,12 @@ class RedisStore(Store):
         entry = self._index_entry(user_id)
         index, user = entry
         with self._errors():
-            pipe = self.client.pipeline(transaction=False)
-            pipe.execute_command("ZREMRANGEBYSCORE", index, "-inf", repr(now))
-            pipe.execute_command(
-                "ZRANGEBYLEX", index, b"[" + user, b"[" + user + _LAST_RECORD_KEY, **_NEVER_DECODE
+            _, members = self._together(
+                [
+                    ("ZREMRANGEBYSCORE", index, "-inf", repr(now)),
+                    ("ZRANGEBYLEX", index, b"[" + user, b"[" + user + _LAST_RECORD_KEY),
+                ]
             )
-            _, members = pipe.execute()
             members = [m for m in members if len(m) == len(user) + 16]
             keys = [m[len(user) :].hex() for m in members]
             values = self._get_many([self.record_name(k) for k in keys]) if keys else []

@@ -323,6 +323,10 @@ class RedisStore(Store):
     ``client_cache`` > 0 keeps up to that many records in the process, invalidated
     by Redis (server-assisted client-side caching, standalone Redis only: see
     :mod:`~flask_cloakroom.stores.redis_cache`).
+
+    Single commands and one-node pipelines go through a lane
+    (:mod:`~flask_cloakroom.stores.redis_lane`): connections made by the client's pool,
+    one per thread using the store at once, closed by :meth:`close`.
     """
 
     _cache: RecordCache | None

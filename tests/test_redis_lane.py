@@ -224,17 +224,27 @@ def test_close_disconnects_and_a_later_command_connects_again(target: Target) ->
 
 
 def test_clients_that_must_see_every_command_get_no_lane(redis_server: RedisServer) -> None:
-    """A single-connection client keeps its one connection; the store still works."""
+    """A single-connection client keeps its one connection, and a blocking pool its cap
+    on connections; the store still works with both."""
     prefix = f"{redis_server.prefix}lane:{secrets.token_hex(4)}:"
-    client = redis.Redis.from_url(redis_server.url, single_connection_client=True)
+    blocking = redis.BlockingConnectionPool.from_url(redis_server.url, max_connections=1)
+    clients = [
+        redis.Redis.from_url(redis_server.url, single_connection_client=True),
+        redis.Redis(connection_pool=blocking),
+    ]
     try:
-        assert lane_for(client) is None
-        store = RedisStore(client, prefix=prefix)
-        assert store._lane is None
-        record = Record(secrets.token_hex(16), "alice", NOW + 60, 1, b"{}")
-        assert store.save(record, expected=None, now=NOW)
-        assert store.load(record.key) == record
-        store.close()
+        for client in clients:
+            assert lane_for(client) is None
+            store = RedisStore(client, prefix=prefix)
+            assert store._lane is None
+            record = Record(secrets.token_hex(16), "alice", NOW + 60, 1, b"{}")
+            assert store.save(record, expected=None, now=NOW)
+            assert store.load(record.key) == record
+            assert [r.key for r in store.user_records("alice", now=NOW)] != []
+            store.close()
+        assert len(blocking._connections) == 1  # the cap held
     finally:
-        client.close()
+        for client in clients:
+            client.close()
+        blocking.disconnect()
         flush_prefix(redis_server.url, prefix)

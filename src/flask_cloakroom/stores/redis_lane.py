@@ -32,6 +32,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from redis.connection import BlockingConnectionPool
 from redis.exceptions import ResponseError
 
 __all__ = ["Lane", "lane_for"]
@@ -124,11 +125,14 @@ def lane_for(client: Any) -> Lane | None:
 
     Not for a client pinned to one connection (``single_connection_client``), nor
     for one using redis-py's own client-side cache, whose connections must see
-    every command.
+    every command, nor for a ``BlockingConnectionPool``, whose cap on connections
+    counts only those it hands out itself.
     """
     if getattr(client, "connection", None) is not None:
         return None
     pool = getattr(client, "connection_pool", None)
     if pool is None or getattr(pool, "cache", None) is not None:
+        return None
+    if isinstance(pool, BlockingConnectionPool):
         return None
     return Lane(pool)

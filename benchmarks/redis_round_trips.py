@@ -186,6 +186,14 @@ def counting_connection(traffic: Traffic) -> type[Connection]:
             finally:
                 traffic.quiet -= 1
 
+        def on_connect(self) -> None:  # redis-py 5 sets connections up here
+            traffic.quiet += 1
+            try:
+                base: Any = super()  # redis-py leaves it untyped
+                base.on_connect()
+            finally:
+                traffic.quiet -= 1
+
         def send_command(self, *args: Any, **kwargs: Any) -> None:
             if not traffic.quiet:
                 traffic.commands += 1

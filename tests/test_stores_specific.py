@@ -77,24 +77,32 @@ def test_postgres_purge_keeps_a_session_renewed_while_it_runs(
         assert store.save(Record(key, "u", now - 10, 1, b"old"), expected=None, now=now - 100)
     renewed = keys[1]
     table = store.table
-    with store.engine.connect() as renewing:
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM%'"
+    )
+    # Both connections are open before the purge starts: on a busy machine, opening the
+    # watcher's afterwards could take longer than the purge's statement timeout.
+    with store.engine.connect() as renewing, store.engine.connect() as watcher:
         renewing.execute(
             table.update()
             .where(table.c.key == renewed)
             .values(expires_at=now + 3600, version=2, payload=b"renewed")
         )  # not committed yet: the row stays locked
+
+        def purge_waits() -> bool:
+            found = bool(watcher.execute(waiting).scalar_one())
+            watcher.rollback()  # a transaction sees one snapshot of pg_stat_activity
+            return found
+
+        purge_waits()
         outcome: dict[str, int] = {}
         purge = threading.Thread(target=lambda: outcome.update(n=store.purge_expired(now=now)))
         purge.start()
-        waiting = text(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM%'"
-        )
-        with store.engine.connect() as watcher:
-            deadline = time.monotonic() + 10
-            while not watcher.execute(waiting).scalar_one() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert watcher.execute(waiting).scalar_one(), "the purge never waited for the row"
+        deadline = time.monotonic() + 10
+        while not purge_waits() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert purge_waits(), "the purge never waited for the row"
         renewing.commit()
         purge.join(timeout=30)
     assert outcome == {"n": 2}

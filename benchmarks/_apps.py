@@ -89,7 +89,9 @@ class AppSpec:
     ``redis://`` or SQLAlchemy URL) or ``cloakroom`` (on ``store``, any
     ``CLOAKROOM_STORE`` URL).  ``activity=False`` turns the unusual-activity rules
     and the activity log off.  ``client_cache`` (Redis only) turns on
-    ``CLOAKROOM_REDIS_CLIENT_CACHE`` (see ``client_cache.py``).  ``config`` is
+    ``CLOAKROOM_REDIS_CLIENT_CACHE`` (see ``client_cache.py``).  ``redis_lane=False``
+    (standalone Redis only) sends the store's commands through redis-py's own
+    ``execute_command`` and pipelines, as before the store had its lane.  ``config`` is
     added to the app's configuration (``CLOAKROOM_IDLE_TIMEOUT``, say).
     """
 
@@ -100,6 +102,7 @@ class AppSpec:
     prefix: str = "cloakroom-perf:"
     table: str = "cloakroom_perf"
     client_cache: bool = False
+    redis_lane: bool = True
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -203,8 +206,14 @@ def _cloakroom(app: Flask, spec: AppSpec, store: Store | None) -> Cloakroom:
         app.config["CLOAKROOM_REDIS_CLIENT_CACHE"] = CLIENT_CACHE
     if store is None:
         app.config["CLOAKROOM_STORE"] = spec.store
-        return Cloakroom(app)
-    return Cloakroom(app, store=store)
+    cloak = Cloakroom(app) if store is None else Cloakroom(app, store=store)
+    if not spec.redis_lane:
+        from flask_cloakroom.stores.redis import RedisStore
+
+        redis_store = app.extensions["cloakroom"].store
+        assert isinstance(redis_store, RedisStore) and not redis_store.cluster
+        redis_store._lane = None
+    return cloak
 
 
 def _flask_session(app: Flask, spec: AppSpec, redis_client: Any) -> None:

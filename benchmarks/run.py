@@ -199,6 +199,15 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
         )
     if "redis" in urls:
         cloakroom("redis", "Redis", "redis", urls["redis"])
+        spec = AppSpec(
+            "cloakroom",
+            urls["redis"],
+            encrypted=True,
+            prefix=f"cloakroom-perf:{token()}:",
+            redis_lane=False,
+        )
+        label = "Cloakroom Redis + encryption, no lane (redis-py's execute_command)"
+        out.append(Variant("redis-nolane", label, spec, "redis"))
     if "redis_cluster" in urls:
         cloakroom("cluster", "Redis Cluster", "redis-cluster", urls["redis_cluster"])
     if client_cache and "redis" in urls:

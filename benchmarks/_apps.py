@@ -211,6 +211,7 @@ def _cloakroom(app: Flask, spec: AppSpec, store: Store | None) -> Cloakroom:
         from flask_cloakroom.stores.redis import RedisStore
 
         redis_store = app.extensions["cloakroom"].store
+        redis_store = getattr(redis_store, "inner", redis_store)  # an InstrumentedStore's
         assert isinstance(redis_store, RedisStore) and not redis_store.cluster
         redis_store._lane = None
     return cloak

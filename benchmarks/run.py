@@ -197,30 +197,25 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
             urls["postgres_async"],
             shapes=("enc",),
         )
-    if "redis" in urls:
-        cloakroom("redis", "Redis", "redis", urls["redis"])
+
+    def redis_encrypted(key: str, label: str, **options: Any) -> None:
+        """A variant of Cloakroom on standalone Redis with encryption, and ``options``."""
         spec = AppSpec(
             "cloakroom",
             urls["redis"],
             encrypted=True,
             prefix=f"cloakroom-perf:{token()}:",
-            redis_lane=False,
+            **options,
         )
-        label = "Cloakroom Redis + encryption, no lane (redis-py's execute_command)"
-        out.append(Variant("redis-nolane", label, spec, "redis"))
+        out.append(Variant(key, f"Cloakroom Redis + encryption{label}", spec, "redis"))
+
+    if "redis" in urls:
+        cloakroom("redis", "Redis", "redis", urls["redis"])
+        redis_encrypted("redis-nolane", ", no lane (redis-py's execute_command)", redis_lane=False)
     if "redis_cluster" in urls:
         cloakroom("cluster", "Redis Cluster", "redis-cluster", urls["redis_cluster"])
     if client_cache and "redis" in urls:
-        spec = AppSpec(
-            "cloakroom",
-            urls["redis"],
-            encrypted=True,
-            prefix=f"cloakroom-perf:{token()}:",
-            client_cache=True,
-        )
-        out.append(
-            Variant("redis-cache", "Cloakroom Redis + encryption + client cache", spec, "redis")
-        )
+        redis_encrypted("redis-cache", " + client cache", client_cache=True)
     twins = []
     for v in out:
         if v.key in (BASELINE, "sqlite-enc", "postgres-enc", "redis-enc"):

@@ -72,117 +72,99 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         flush_prefix(server.url, prefix)
 
 
+@pytest.fixture
+def lane(target: Target) -> Iterator[Lane]:
+    made = target.lane()
+    yield made
+    made.close()
+
+
 def connection_id(lane: Lane) -> int:
     reply = lane.execute("CLIENT", "ID")
     assert isinstance(reply, int)
     return reply
 
 
-def test_replies_come_back_raw_on_one_reused_connection(target: Target) -> None:
-    lane = target.lane()
+def test_replies_come_back_raw_on_one_reused_connection(target: Target, lane: Lane) -> None:
     key = f"{target.prefix}a"
-    try:
-        assert lane.execute("SET", key, "é") == b"OK"
-        first = connection_id(lane)
-        assert lane.execute("GET", key) == "é".encode()
-        assert lane.execute("GET", f"{target.prefix}missing") is None
-        assert connection_id(lane) == first
-        assert target.admin.client_kill_filter(_id=str(first)) == 1  # it is on the master
-        assert lane.execute("GET", key) == "é".encode()
-        assert len(lane) == 1
-    finally:
-        lane.close()
+    assert lane.execute("SET", key, "é") == b"OK"
+    first = connection_id(lane)
+    assert lane.execute("GET", key) == "é".encode()
+    assert lane.execute("GET", f"{target.prefix}missing") is None
+    assert connection_id(lane) == first
+    assert target.admin.client_kill_filter(_id=str(first)) == 1  # it is on the master
+    assert lane.execute("GET", key) == "é".encode()
+    assert len(lane) == 1
 
 
-def test_an_error_reply_leaves_the_connection_in_step(target: Target) -> None:
-    lane = target.lane()
+def test_an_error_reply_leaves_the_connection_in_step(target: Target, lane: Lane) -> None:
     key = f"{target.prefix}a"
-    try:
-        lane.execute("SET", key, "value")
-        before = connection_id(lane)
-        with pytest.raises(ResponseError, match="WRONGTYPE"):
-            lane.execute("HGET", key, "field")
-        assert lane.execute("GET", key) == b"value"
-        assert connection_id(lane) == before  # kept: the error reply was read in full
-    finally:
-        lane.close()
+    lane.execute("SET", key, "value")
+    before = connection_id(lane)
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        lane.execute("HGET", key, "field")
+    assert lane.execute("GET", key) == b"value"
+    assert connection_id(lane) == before  # kept: the error reply was read in full
 
 
-def test_commands_sent_together_get_their_own_replies_in_order(target: Target) -> None:
-    lane = target.lane()
+def test_commands_sent_together_get_their_own_replies_in_order(target: Target, lane: Lane) -> None:
     key = f"{target.prefix}a"
-    try:
-        before = connection_id(lane)
-        replies = lane.execute_many(
-            [("SET", key, "value"), ("HGET", key, "field"), ("GET", key), ("INCR", key)]
-        )
-        assert replies[0] == b"OK" and replies[2] == b"value"
-        assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
-        assert isinstance(replies[3], ResponseError) and "not an integer" in str(replies[3])
-        assert lane.execute("GET", key) == b"value"
-        assert connection_id(lane) == before
-    finally:
-        lane.close()
+    before = connection_id(lane)
+    replies = lane.execute_many(
+        [("SET", key, "value"), ("HGET", key, "field"), ("GET", key), ("INCR", key)]
+    )
+    assert replies[0] == b"OK" and replies[2] == b"value"
+    assert isinstance(replies[1], ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert isinstance(replies[3], ResponseError) and "not an integer" in str(replies[3])
+    assert lane.execute("GET", key) == b"value"
+    assert connection_id(lane) == before
 
 
-def test_a_timed_out_reply_is_never_read_by_the_next_command(target: Target) -> None:
+def test_a_timed_out_reply_is_never_read_by_the_next_command(target: Target, lane: Lane) -> None:
     """The server answers the BLPOP after the client gave up; were the connection
     used again, the next GET would read that late nil instead of its own reply."""
-    lane = target.lane()
     key = f"{target.prefix}a"
-    try:
-        lane.execute("SET", key, "value")
-        before = connection_id(lane)
-        with pytest.raises(RedisTimeoutError):
-            lane.execute("BLPOP", f"{target.prefix}empty", TIMEOUT * 2)
-        time.sleep(TIMEOUT * 2)  # the late reply has been sent by now
-        assert lane.execute("GET", key) == b"value"
-        assert connection_id(lane) != before
-    finally:
+    lane.execute("SET", key, "value")
+    before = connection_id(lane)
+    with pytest.raises(RedisTimeoutError):
+        lane.execute("BLPOP", f"{target.prefix}empty", TIMEOUT * 2)
+    time.sleep(TIMEOUT * 2)  # the late reply has been sent by now
+    assert lane.execute("GET", key) == b"value"
+    assert connection_id(lane) != before
+
+
+def test_a_connection_killed_by_the_server_is_replaced_once(target: Target, lane: Lane) -> None:
+    key = f"{target.prefix}a"
+    lane.execute("SET", key, "value")
+    killed = connection_id(lane)
+    assert target.admin.client_kill_filter(_id=str(killed)) == 1
+    assert lane.execute("GET", key) == b"value"  # retried on a new connection
+    assert connection_id(lane) != killed
+
+
+def test_a_forked_child_never_uses_the_parents_connection(target: Target, lane: Lane) -> None:
+    key = f"{target.prefix}a"
+    lane.execute("SET", key, "value")
+    parent = connection_id(lane)
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+
+    def child() -> None:
+        out.put((connection_id(lane), lane.execute("GET", key), len(lane)))
         lane.close()
 
-
-def test_a_connection_killed_by_the_server_is_replaced_once(target: Target) -> None:
-    lane = target.lane()
-    key = f"{target.prefix}a"
-    try:
-        lane.execute("SET", key, "value")
-        killed = connection_id(lane)
-        assert target.admin.client_kill_filter(_id=str(killed)) == 1
-        assert lane.execute("GET", key) == b"value"  # retried on a new connection
-        assert connection_id(lane) != killed
-    finally:
-        lane.close()
+    process = context.Process(target=child)
+    process.start()
+    process.join(20)
+    assert process.exitcode == 0
+    child_id, value, idle = out.get(timeout=5)
+    assert child_id != parent and value == b"value" and idle == 1
+    # The parent's connection is still open, still its own and still in step.
+    assert connection_id(lane) == parent
+    assert lane.execute("GET", key) == b"value"
 
 
-def test_a_forked_child_never_uses_the_parents_connection(target: Target) -> None:
-    lane = target.lane()
-    key = f"{target.prefix}a"
-    try:
-        lane.execute("SET", key, "value")
-        parent = connection_id(lane)
-        context = multiprocessing.get_context("fork")
-        out = context.Queue()
-
-        def child() -> None:
-            out.put((connection_id(lane), lane.execute("GET", key), len(lane)))
-            lane.close()
-
-        process = context.Process(target=child)
-        process.start()
-        process.join(20)
-        assert process.exitcode == 0
-        child_id, value, idle = out.get(timeout=5)
-        assert child_id != parent and value == b"value" and idle == 1
-        # The parent's connection is still open, still its own and still in step.
-        assert connection_id(lane) == parent
-        assert lane.execute("GET", key) == b"value"
-    finally:
-        lane.close()
-
-
-def test_threads_share_a_lane(target: Target) -> None:
-    lane = target.lane()
+def test_threads_share_a_lane(target: Target, lane: Lane) -> None:
     threads = 8
     for n in range(threads):
         lane.execute("SET", f"{target.prefix}{n}", str(n))
@@ -197,30 +179,23 @@ def test_threads_share_a_lane(target: Target) -> None:
                 wrong.append((n, value))
 
     workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(30)
-        assert wrong == []
-        assert 1 <= len(lane) <= threads  # a connection per command in flight at most
-    finally:
-        lane.close()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert wrong == []
+    assert 1 <= len(lane) <= threads  # a connection per command in flight at most
 
 
-def test_close_disconnects_and_a_later_command_connects_again(target: Target) -> None:
-    lane = target.lane()
+def test_close_disconnects_and_a_later_command_connects_again(target: Target, lane: Lane) -> None:
     key = f"{target.prefix}a"
-    try:
-        closed = connection_id(lane)
-        lane.close()
-        assert len(lane) == 0
-        time.sleep(0.1)
-        assert closed not in {int(c["id"]) for c in target.admin.client_list()}
-        lane.execute("SET", key, "value")
-        assert lane.execute("GET", key) == b"value"
-    finally:
-        lane.close()
+    closed = connection_id(lane)
+    lane.close()
+    assert len(lane) == 0
+    time.sleep(0.1)
+    assert closed not in {int(c["id"]) for c in target.admin.client_list()}
+    lane.execute("SET", key, "value")
+    assert lane.execute("GET", key) == b"value"
 
 
 def test_clients_that_must_see_every_command_get_no_lane(redis_server: RedisServer) -> None:

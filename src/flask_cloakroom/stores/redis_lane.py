@@ -1,4 +1,4 @@
-"""One Redis command at a time with little Python around it: the Redis store's hot path.
+"""Redis commands with little Python around them: the Redis store's hot path.
 
 A session request sends the store one command: a ``GET``, or a write script.  redis-py's
 ``Redis.execute_command`` wraps every command in connection-pool bookkeeping, metrics

@@ -317,8 +317,9 @@ def cloakroom_variant(
     store = RedisStore(client, prefix=f"bench-cloakroom:{secrets.token_hex(3)}:")
     store.preload_scripts()
     if not lane:
-        if store.cluster:
-            setattr(store, "_node_lane", _NoLane)  # noqa: B010 - a benchmark's A/B switch
+        if store.cluster:  # a benchmark's A/B switch: the store's paths before lanes
+            setattr(store, "_node_lane", _NoLane)  # noqa: B010
+            setattr(store, "_send_on_nodes", store._send_pipeline)  # noqa: B010
         else:
             store._lane = None
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -24,7 +25,7 @@ from flask_cloakroom.stores.base import Record
 from flask_cloakroom.stores.redis import RedisStore, open_redis_store
 from flask_cloakroom.stores.redis_lane import Lane, lane_for
 
-from .servers import RedisServer, flush_prefix
+from .servers import RedisClusterServer, RedisServer, flush_prefix, free_port
 
 NOW = 1_900_000_000.0
 
@@ -38,9 +39,7 @@ class Target:
     admin: redis.Redis
 
     def lane(self) -> Lane:
-        lane = lane_for(self.client)
-        assert lane is not None
-        return lane
+        return make_lane(self.client)
 
 
 #: The socket timeout of the clients below (seconds).
@@ -77,6 +76,12 @@ def lane(target: Target) -> Iterator[Lane]:
     made = target.lane()
     yield made
     made.close()
+
+
+def make_lane(client: redis.Redis) -> Lane:
+    made = lane_for(client)
+    assert made is not None
+    return made
 
 
 def connection_id(lane: Lane) -> int:
@@ -118,6 +123,27 @@ def test_commands_sent_together_get_their_own_replies_in_order(target: Target, l
     assert isinstance(replies[3], ResponseError) and "not an integer" in str(replies[3])
     assert lane.execute("GET", key) == b"value"
     assert connection_id(lane) == before
+
+
+def test_exchanges_on_two_servers_finish_apart(target: Target, lane: Lane) -> None:
+    """start() sends and returns; finish() reads.  A server that cannot be reached
+    fails its own exchange only, and its connection still goes back on the stack."""
+    key = f"{target.prefix}a"
+    lane.execute("SET", key, "value")
+    nowhere = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    dead = make_lane(nowhere)
+    try:
+        good = lane.start([("GET", key), ("HGET", key, "field")])
+        bad = dead.start([("GET", key)])
+        with pytest.raises(RedisConnectionError):
+            bad.finish()
+        value, error = good.finish()
+        assert value == b"value" and isinstance(error, ResponseError)
+        assert len(dead) == 1 and len(lane) == 1
+        assert lane.execute("GET", key) == b"value"
+    finally:
+        dead.close()
+        nowhere.close()
 
 
 def test_a_timed_out_reply_is_never_read_by_the_next_command(target: Target, lane: Lane) -> None:
@@ -223,3 +249,44 @@ def test_clients_that_must_see_every_command_get_no_lane(redis_server: RedisServ
             client.close()
         blocking.disconnect()
         flush_prefix(redis_server.url, prefix)
+
+
+def test_a_cluster_store_with_a_stale_slot_table_still_lands_every_write(
+    redis_cluster: RedisClusterServer,
+) -> None:
+    """Lanes send by redis-py's slot table; when it is wrong (slots moved), the node
+    answers MOVED and the command goes again through the Cluster client, which follows
+    the redirection.  Both halves of a logged-in write (record and index, on two
+    nodes) are sent on the wrong nodes here."""
+    prefix = f"{redis_cluster.prefix}lane:{secrets.token_hex(4)}:"
+    store = open_redis_store(
+        redis_cluster.url, prefix=prefix, timeout=2.0, wait_replicas=0, client_cache=0
+    )
+    assert isinstance(store, RedisStore)
+    try:
+        client = store.client
+        key = secrets.token_hex(16)
+        home = client.get_node_from_key(store.record_name(key)).name
+        user = next(  # a user whose index lives on another node than the record
+            u
+            for u in (f"user{n}" for n in range(1000))
+            if client.get_node_from_key(store.index_key(u)).name != home
+        )
+        record = Record(key, user, NOW + 60, 1, b"{}")
+        names = [store.record_name(record.key), store.index_key(user)]
+        owners = [client.get_node_from_key(name) for name in names]
+        primaries = client.get_primaries()
+        table = client.nodes_manager.slots_cache
+        for name, owner in zip(names, owners, strict=True):
+            wrong = next(p for p in primaries if p.name != owner.name)
+            table[client.keyslot(name)] = [wrong]
+        assert [client.get_node_from_key(n).name for n in names] != [o.name for o in owners]
+
+        assert store.save(record, expected=None, now=NOW)
+        assert store.load(record.key) == record
+        assert [r.key for r in store.user_records(user, now=NOW)] == [record.key]
+        for name, owner in zip(names, owners, strict=True):  # on their real owners
+            assert client.get_redis_connection(owner).exists(name) == 1
+    finally:
+        store.close()
+        flush_prefix(redis_cluster.url, prefix)

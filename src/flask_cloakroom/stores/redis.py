@@ -119,6 +119,9 @@ _NO_CACHE: Final = nullcontext()
 _Sentinel: Any = Sentinel
 _ClusterNode: Any = ClusterNode
 _HEADER: Final = re.compile(rb"^(\d+):(\d+):")
+#: Replies of a Cluster node that the Cluster client knows how to deal with: a
+#: redirection, "try again", or a slot without a master (it re-reads the topology).
+_ELSEWHERE: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
 
 
 # -- Lua ------------------------------------------------------------------------
@@ -655,6 +658,64 @@ class RedisStore(Store):
             commands = [op.command(by_sha=by_sha) for op in ops]
             commands.extend(("WAIT", self.wait_replicas, self.wait_millis) for _ in waits)
             return lane.execute_many(commands)
+        if self.cluster:
+            return self._send_on_nodes(client, ops, waits, by_sha=by_sha)
+        return self._send_pipeline(client, ops, waits, by_sha=by_sha)
+
+    def _send_on_nodes(
+        self, client: Any, ops: Sequence[_Op], waits: Sequence[Any], *, by_sha: bool
+    ) -> list[Any]:
+        """A Cluster's commands on their nodes' lanes: each node's share is sent, then
+        every reply read, so the nodes work at once (one round trip of wall time).
+
+        What a node could not take (its connection failed, or it answered with a
+        redirection: the slots moved) goes once more through the Cluster client's
+        pipeline, which reconnects and follows redirections; every write is safe to
+        send twice.  Timeouts are not sent again.
+        """
+        groups: dict[str, tuple[Lane, list[int], list[tuple[Any, ...]]]] = {}
+        targets = [client.get_node_from_key(op.key) for op in ops] + list(waits)
+        for index, node in enumerate(targets):
+            if node.redis_connection is None:  # a node without a client yet: rare
+                return self._send_pipeline(client, ops, waits, by_sha=by_sha)
+            group = groups.get(node.name)
+            if group is None:
+                group = groups[node.name] = (self._node_lane(node.redis_connection), [], [])
+            group[1].append(index)
+            if index < len(ops):
+                group[2].append(ops[index].command(by_sha=by_sha))
+            else:
+                group[2].append(("WAIT", self.wait_replicas, self.wait_millis))
+        exchanges = [(indexes, lane.start(commands)) for lane, indexes, commands in groups.values()]
+        results: list[Any] = [None] * len(targets)
+        again: list[int] = []
+        waits_again = False
+        for indexes, exchange in exchanges:  # every one finished: its connection goes back
+            try:
+                replies = exchange.finish()
+            except RedisConnectionError:
+                again.extend(i for i in indexes if i < len(ops))
+                waits_again = waits_again or indexes[-1] >= len(ops)
+                replies = [None] * len(indexes)
+            except Exception as error:  # a timeout (never sent again): in its ops' places
+                replies = [error] * len(indexes)
+            for index, reply in zip(indexes, replies, strict=True):
+                results[index] = reply
+                if isinstance(reply, _ELSEWHERE) and index < len(ops):
+                    again.append(index)
+        if again or waits_again:
+            try:
+                resent = self._send_pipeline(client, [ops[i] for i in again], waits, by_sha=by_sha)
+            except (RedisError, RedisClusterException) as error:  # in place, like the rest
+                resent = [error] * (len(again) + len(waits))
+            for index, reply in zip(again, resent, strict=False):
+                results[index] = reply
+            results[len(ops) :] = resent[len(again) :]
+        return results
+
+    def _send_pipeline(
+        self, client: Any, ops: Sequence[_Op], waits: Sequence[Any], *, by_sha: bool
+    ) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         for op in ops:
             options: dict[str, Any] = dict(_NEVER_DECODE)

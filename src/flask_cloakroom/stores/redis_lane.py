@@ -15,6 +15,9 @@ own connection objects:
 * A command, or a few in one round trip, is packed, sent and its replies read under
   the connection's retry policy.  The connection is disconnected before a retry, as
   redis-py does.
+* :meth:`Lane.start` and :meth:`Exchange.finish` split a round trip in two, so that
+  commands for several servers (a Cluster's nodes) are all sent before any reply is
+  read.
 * A connection goes back on the lane's stack only in step: after its reply was read
   in full (a value or an error reply), or disconnected.  No later command can read a
   reply meant for an earlier one.
@@ -35,7 +38,7 @@ from typing import Any
 from redis.connection import BlockingConnectionPool
 from redis.exceptions import ResponseError
 
-__all__ = ["Lane", "lane_for"]
+__all__ = ["Exchange", "Lane", "lane_for"]
 
 
 class Lane:
@@ -68,38 +71,66 @@ class Lane:
         After a dropped connection the retry policy may send them all again, as
         redis-py's own pipelines do.
         """
-        if self._pid != os.getpid():
-            self._idle = []  # the parent's connections: not ours to use or close
-            self._pid = os.getpid()
-        try:
-            connection = self._idle.pop()  # atomic: no lock needed between threads
-        except IndexError:
-            connection = self._pool.make_connection()
+        connection = self._take()
         in_step = False
         try:
-            if len(commands) == 1:
-                packed = connection.pack_command(*commands[0])
-            else:
-                packed = connection.pack_commands(commands)
+            packed = self._pack(connection, commands)
             replies: list[Any] = connection.retry.call_with_retry(
                 lambda: self._round_trip(connection, packed, len(commands)),
                 lambda _error: connection.disconnect(),
             )
             in_step = True
-            if self._reconnect and connection.should_reconnect():
-                connection.disconnect()
             return replies
         finally:
-            if not in_step:
-                connection.disconnect()
-            self._idle.append(connection)
+            self._give_back(connection, in_step)
+
+    def start(self, commands: Sequence[Sequence[Any]]) -> Exchange:
+        """Send ``commands`` and return without waiting; :meth:`Exchange.finish` reads
+        their replies.  For several servers in one round trip of wall time: start on
+        each, then finish each.  No retry here: the caller sends again what failed.
+        ``finish()`` must be called whatever happens, so the connection goes back."""
+        connection = self._take()
+        exchange = Exchange(self, connection, len(commands))
+        try:
+            connection.connect()
+            connection.send_packed_command(self._pack(connection, commands))
+        except Exception as error:  # reported by finish(), with the other servers' replies
+            exchange.error = error
+        except BaseException:
+            self._give_back(connection, in_step=False)
+            raise
+        return exchange
+
+    def _take(self) -> Any:
+        if self._pid != os.getpid():
+            self._idle = []  # the parent's connections: not ours to use or close
+            self._pid = os.getpid()
+        try:
+            return self._idle.pop()  # atomic: no lock needed between threads
+        except IndexError:
+            return self._pool.make_connection()
+
+    def _give_back(self, connection: Any, in_step: bool) -> None:
+        if not in_step or (self._reconnect and connection.should_reconnect()):
+            connection.disconnect()
+        self._idle.append(connection)
 
     @staticmethod
-    def _round_trip(connection: Any, packed: Any, count: int) -> list[Any]:
+    def _pack(connection: Any, commands: Sequence[Sequence[Any]]) -> Any:
+        if len(commands) == 1:
+            return connection.pack_command(*commands[0])
+        return connection.pack_commands(commands)
+
+    @classmethod
+    def _round_trip(cls, connection: Any, packed: Any, count: int) -> list[Any]:
         # connect() returns at once when connected.  Called here, not left to the
         # send: on Sentinel only connect() asks the sentinels for the master.
         connection.connect()
         connection.send_packed_command(packed)
+        return cls._read(connection, count)
+
+    @staticmethod
+    def _read(connection: Any, count: int) -> list[Any]:
         replies = []
         for _ in range(count):
             try:
@@ -118,6 +149,32 @@ class Lane:
     def __len__(self) -> int:
         """Connections waiting on the stack."""
         return len(self._idle)
+
+
+class Exchange:
+    """Commands sent by :meth:`Lane.start`, whose replies :meth:`finish` reads."""
+
+    __slots__ = ("_connection", "_count", "_lane", "error")
+
+    def __init__(self, lane: Lane, connection: Any, count: int) -> None:
+        self._lane = lane
+        self._connection = connection
+        self._count = count
+        #: What went wrong while sending, raised by :meth:`finish`.
+        self.error: Exception | None = None
+
+    def finish(self) -> list[Any]:
+        """The replies, as :meth:`Lane.execute_many` returns them; raises what the
+        send or the read raised (the connection is then disconnected)."""
+        in_step = False
+        try:
+            if self.error is not None:
+                raise self.error
+            replies = Lane._read(self._connection, self._count)
+            in_step = True
+            return replies
+        finally:
+            self._lane._give_back(self._connection, in_step)
 
 
 def lane_for(client: Any) -> Lane | None:

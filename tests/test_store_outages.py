@@ -227,6 +227,23 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every live thread of ``pid`` is stopped (or the process is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state not in ("T", "t", "Z", "X"):  # stopped, or a thread that has ended
+            return False
+    return True
+
+
 def freeze(pid: int) -> Callable[[], None]:
     """SIGSTOP a server and all its processes: it keeps its sockets open but never
     answers.  Returns the function that thaws it."""
@@ -234,6 +251,11 @@ def freeze(pid: int) -> Callable[[], None]:
     for member in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGSTOP)
+    # A signal is delivered when the kernel next schedules the process: on a busy
+    # machine a server may still answer a query sent right after kill() returned.
+    deadline = time.monotonic() + 5
+    while not all(_stopped(member) for member in tree) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
     def thaw() -> None:
         for member in tree:

@@ -47,12 +47,14 @@ from typing import Any
 import redis
 from flask import Flask, session
 from redis.cluster import RedisCluster
-from redis.connection import Connection
 from werkzeug.test import EnvironBuilder
 
 from flask_cloakroom import Cloakroom
 from flask_cloakroom.stores.redis import RedisStore
 from flask_cloakroom.stores.redis_lane import lane_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's tests/
+from tests.support import counting_connection
 
 SECRET = "benchmark-secret-" + "x" * 24
 LOOPBACK = "127.0.0.1"
@@ -165,68 +167,31 @@ class Servers:
 
 
 class Traffic:
-    """Commands and round trips sent by the clients that use the connection class."""
+    """Commands and round trips sent by the clients that use the connection class
+    (:func:`tests.support.counting_connection`, shared with the test suite)."""
 
     def __init__(self) -> None:
         self.commands = 0
         self.round_trips = 0
-        self.sending = False
+        self.sending = False  # the last network action was a write
         self.quiet = 0
+
+    def command(self, name: str) -> None:
+        if not self.quiet:
+            self.commands += 1
+
+    def send(self, port: int) -> None:
+        if not self.quiet:
+            if not self.sending:
+                self.round_trips += 1
+            self.sending = True
+
+    def read(self) -> None:
+        if not self.quiet:
+            self.sending = False
 
     def reset(self) -> None:
         self.commands = self.round_trips = 0
-
-
-def counting_connection(traffic: Traffic) -> type[Connection]:
-    class CountingConnection(Connection):
-        def on_connect_check_health(self, check_health: bool = True) -> None:
-            traffic.quiet += 1  # connection set-up is not per-request traffic
-            try:
-                super().on_connect_check_health(check_health=check_health)
-            finally:
-                traffic.quiet -= 1
-
-        def on_connect(self) -> None:  # redis-py 5 sets connections up here
-            traffic.quiet += 1
-            try:
-                base: Any = super()  # redis-py leaves it untyped
-                base.on_connect()
-            finally:
-                traffic.quiet -= 1
-
-        def send_command(self, *args: Any, **kwargs: Any) -> None:
-            if not traffic.quiet:
-                traffic.commands += 1
-            base: Any = super()
-            base.send_command(*args, **kwargs)
-
-        def pack_command(self, *args: Any) -> Any:  # the store's lane packs one by one
-            if not traffic.quiet:
-                traffic.commands += 1
-            base: Any = super()
-            return base.pack_command(*args)
-
-        def pack_commands(self, commands: Any) -> Any:
-            commands = list(commands)
-            if not traffic.quiet:
-                traffic.commands += len(commands)
-            base: Any = super()
-            return base.pack_commands(commands)
-
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            if not traffic.quiet:
-                if not traffic.sending:
-                    traffic.round_trips += 1
-                traffic.sending = True
-            base: Any = super()
-            base.send_packed_command(command, check_health)
-
-        def read_response(self, *args: Any, **kwargs: Any) -> Any:
-            if not traffic.quiet:
-                traffic.sending = False
-            return super().read_response(*args, **kwargs)
-
-    return CountingConnection
 
 
 # -- the apps ------------------------------------------------------------------------------

@@ -345,7 +345,8 @@ def count_traffic(variants: list[Variant], servers: Servers, scratch: Path, coun
     """
     import redis
     from redis.cluster import RedisCluster
-    from redis_round_trips import Traffic, counting_connection
+    from redis_round_trips import Traffic  # puts the repository on sys.path, for tests/
+    from tests.support import counting_connection
 
     from flask_cloakroom.stores.redis import RedisStore
 

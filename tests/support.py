@@ -1,8 +1,12 @@
-"""Test helpers shared by the test modules: a settable clock and a counting store."""
+"""Test helpers shared by the test modules (and benchmarks/redis_round_trips.py): a
+settable clock, a counting store, and a redis-py connection class that counts traffic."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from redis.connection import Connection
 
 from flask_cloakroom.stores.instrumented import InstrumentedStore
 
@@ -25,3 +29,66 @@ class FakeClock:
 
 #: Counts store operations (one call = one round trip for the built-in stores).
 CountingStore = InstrumentedStore
+
+
+class TrafficSink(Protocol):
+    """What :func:`counting_connection` reports to.  ``quiet`` > 0 while a connection
+    is being set up (HELLO, CLIENT SETINFO): that is not per-request traffic."""
+
+    quiet: int
+
+    def command(self, name: str) -> None: ...
+
+    def send(self, port: int) -> None: ...
+
+    def read(self) -> None: ...
+
+
+def counting_connection(traffic: TrafficSink) -> type[Connection]:
+    """A redis-py connection class that reports every command packed, every write to
+    the network and every read to ``traffic`` (so a round trip is a write after a read:
+    a Cluster pipeline that writes to two nodes before reading either is one)."""
+
+    class CountingConnection(Connection):
+        def on_connect_check_health(self, check_health: bool = True) -> None:
+            traffic.quiet += 1
+            try:
+                super().on_connect_check_health(check_health=check_health)
+            finally:
+                traffic.quiet -= 1
+
+        def on_connect(self) -> None:  # redis-py 5 sets connections up here
+            traffic.quiet += 1
+            try:
+                base: Any = super()  # redis-py leaves it untyped
+                base.on_connect()
+            finally:
+                traffic.quiet -= 1
+
+        def send_command(self, *args: Any, **kwargs: Any) -> None:
+            traffic.command(str(args[0]))
+            base: Any = super()  # redis-py leaves these untyped
+            base.send_command(*args, **kwargs)
+
+        def pack_command(self, *args: Any) -> Any:  # the store's lane packs one by one
+            traffic.command(str(args[0]))
+            base: Any = super()
+            return base.pack_command(*args)
+
+        def pack_commands(self, commands: Any) -> Any:
+            commands = list(commands)
+            for command in commands:
+                traffic.command(str(command[0]))
+            base: Any = super()
+            return base.pack_commands(commands)
+
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            traffic.send(self.port)
+            base: Any = super()
+            base.send_packed_command(command, check_health)
+
+        def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            traffic.read()
+            return super().read_response(*args, **kwargs)
+
+    return CountingConnection

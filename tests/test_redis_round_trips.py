@@ -21,14 +21,13 @@ from typing import Any
 import pytest
 import redis
 from redis.cluster import RedisCluster
-from redis.connection import Connection
 
 from flask_cloakroom.stores.instrumented import InstrumentedStore
 from flask_cloakroom.stores.redis import RedisStore
 
 from .conftest import AppFactory
 from .servers import ControllableRedis, ControllableRedisCluster, flush_prefix
-from .support import FakeClock
+from .support import FakeClock, counting_connection
 
 
 @dataclass
@@ -80,52 +79,6 @@ class Traffic:
         ops, self.ops = self.ops, []
         assert not self.current.commands, f"traffic outside store operations: {self.current}"
         return ops
-
-
-def counting_connection(traffic: Traffic) -> type[Connection]:
-    class CountingConnection(Connection):
-        def on_connect_check_health(self, check_health: bool = True) -> None:
-            traffic.quiet += 1
-            try:
-                super().on_connect_check_health(check_health=check_health)
-            finally:
-                traffic.quiet -= 1
-
-        def on_connect(self) -> None:  # redis-py 5 sets connections up here
-            traffic.quiet += 1
-            try:
-                base: Any = super()  # redis-py leaves it untyped
-                base.on_connect()
-            finally:
-                traffic.quiet -= 1
-
-        def send_command(self, *args: Any, **kwargs: Any) -> None:
-            traffic.command(str(args[0]))
-            base: Any = super()  # redis-py leaves these untyped
-            base.send_command(*args, **kwargs)
-
-        def pack_command(self, *args: Any) -> Any:  # the store's lane packs one by one
-            traffic.command(str(args[0]))
-            base: Any = super()
-            return base.pack_command(*args)
-
-        def pack_commands(self, commands: Any) -> Any:
-            commands = list(commands)
-            for command in commands:
-                traffic.command(str(command[0]))
-            base: Any = super()
-            return base.pack_commands(commands)
-
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            traffic.send(self.port)
-            base: Any = super()
-            base.send_packed_command(command, check_health)
-
-        def read_response(self, *args: Any, **kwargs: Any) -> Any:
-            traffic.read()
-            return super().read_response(*args, **kwargs)
-
-    return CountingConnection
 
 
 @dataclass

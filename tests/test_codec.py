@@ -21,6 +21,7 @@ from markupsafe import Markup
 
 from flask_cloakroom import RecordDecodeError
 from flask_cloakroom.codec import Codec
+from flask_cloakroom.crypto import Keyring, generate_key, parse_key
 from flask_cloakroom.session import Meta
 from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id
 
@@ -169,6 +170,46 @@ def test_stored_times_out_of_range_are_refused(field: str, value: Any) -> None:
     doc[field] = value
     with pytest.raises(RecordDecodeError, match="wrong type"):
         codec.decode(json.dumps(doc).encode(), b"k")
+
+
+def test_the_payload_leaves_out_what_the_record_keeps_beside_it() -> None:
+    """No format version while it is 1, no user id when the caller keeps it (and a
+    record written with "v" and "u" in it still reads)."""
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000, auth_at=1_795_000_000)
+    meta.user_id = "user-42"
+    kept = json.loads(codec.encode(meta, {"theme": "dark"}, b"k"))
+    assert kept == {"c": 1_795_000_000, "s": 0, "a": 0, "u": "user-42", "d": {"theme": "dark"}}
+    left_out = codec.encode(meta, {"theme": "dark"}, b"k", omit_user=True)
+    assert b"user-42" not in left_out and b'"v"' not in left_out
+    assert codec.decode(left_out, b"k").meta.user_id is None
+    assert codec.decode(left_out, b"k", user_id="user-42").meta.user_id == "user-42"
+    # A "u" in the payload comes first (the caller's is an index value then).
+    assert codec.decode(json.dumps(kept).encode(), b"k", user_id="h:1f").meta.user_id == "user-42"
+    older = json.dumps({"v": 1, **kept}).encode()
+    assert codec.decode(older, b"k").meta == codec.decode(json.dumps(kept).encode(), b"k").meta
+    with pytest.raises(RecordDecodeError, match="format 2 by a newer"):
+        codec.decode(json.dumps({"v": 2, **kept}).encode(), b"k")
+
+
+def test_a_sealed_payload_names_no_key_and_opens_under_any_configured_one() -> None:
+    old, new = parse_key(generate_key()), parse_key(generate_key())
+    plaintext = b'{"c":1,"s":0,"d":{}}'
+    sealed = Keyring([old]).seal(plaintext, b"aad")
+    # marker, nonce, ciphertext, tag: nothing else, so no key id in the record
+    assert len(sealed) == 1 + 12 + len(plaintext) + 16
+    assert old[0].encode() not in sealed
+    rotated = Keyring([new, old])
+    assert rotated.open(sealed, b"aad") == (plaintext, False)  # opened by an older key
+    assert rotated.open(rotated.seal(plaintext, b"aad"), b"aad") == (plaintext, True)
+    with pytest.raises(RecordDecodeError, match="does not open under any key"):
+        Keyring([new]).open(sealed, b"aad")  # its key was dropped
+    with pytest.raises(RecordDecodeError, match="does not open under any key"):
+        rotated.open(sealed[:-1] + bytes([sealed[-1] ^ 1]), b"aad")
+    with pytest.raises(RecordDecodeError, match="does not open under any key"):
+        rotated.open(sealed, b"other aad")
+    with pytest.raises(RecordDecodeError, match="truncated"):
+        rotated.open(sealed[:28], b"aad")
 
 
 def test_verified_cookies_are_remembered_and_forged_ones_are_not() -> None:

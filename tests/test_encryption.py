@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 
 from flask_cloakroom import Cloakroom, ConfigError, generate_key
 from flask_cloakroom.crypto import Keyring, key_id, parse_key
+from flask_cloakroom.errors import RecordDecodeError
 from flask_cloakroom.stores import Record, Store
 from flask_cloakroom.stores.files import FileStore
 from flask_cloakroom.stores.sql import SQLStore
@@ -91,7 +92,7 @@ def test_without_keys_the_same_dump_is_readable(make_app: AppFactory, tmp_path: 
 
 @pytest.mark.parametrize(
     "damage",
-    ["swap", "flip", "truncate", "unknown-key", "drop-tag"],
+    ["swap", "swap-with-user", "other-user", "flip", "truncate", "unknown-key", "drop-tag"],
 )
 def test_tampered_records_are_absent_and_logged(
     make_app: AppFactory, damage: str, caplog: pytest.LogCaptureFixture
@@ -103,19 +104,23 @@ def test_tampered_records_are_absent_and_logged(
     own = store.inner.load(key_of(attacker))
     assert victim_record is not None
     assert own is not None
-    payload = own.payload
+    payload, user = own.payload, own.user_id
     if damage == "swap":  # the victim's ciphertext copied onto the attacker's session
         payload = victim_record.payload
+    elif damage == "swap-with-user":  # ... together with the victim's user id beside it
+        payload, user = victim_record.payload, victim_record.user_id
+    elif damage == "other-user":  # the attacker's record relabelled as the victim's
+        user = victim_record.user_id
     elif damage == "flip":
         payload = payload[:-20] + bytes([payload[-20] ^ 1]) + payload[-19:]
     elif damage == "truncate":
         payload = payload[: len(payload) // 2]
     elif damage == "unknown-key":
-        payload = Keyring([parse_key(KEY_B)]).seal(b'{"v":1}', own.key.encode())
+        payload = Keyring([parse_key(KEY_B)]).seal(b'{"c":1,"s":1,"d":{}}', own.key.encode())
     elif damage == "drop-tag":
         payload = payload[:-16]
     store.inner.save(
-        Record(own.key, own.user_id, own.expires_at, own.version + 1, payload),
+        Record(own.key, user, own.expires_at, own.version + 1, payload),
         expected=own.version,
         now=0,
     )
@@ -142,9 +147,22 @@ def test_key_rotation_end_to_end(make_app: AppFactory, tmp_path: Path, clock: Fa
             moved.append(client)
         return app, cloak, moved
 
+    rings = {name: Keyring([parse_key(key)]) for name, key in (("a", KEY_A), ("b", KEY_B))}
+
     def key_ids() -> list[str]:
+        """Which key opens each record (the payload does not name its key)."""
         page, _ = shared.scan(limit=100)
-        return sorted(r.payload[2 : 2 + r.payload[1]].decode() for r in page)
+        names = []
+        for record in page:
+            assert record.user_id is not None
+            aad = record.key.encode() + b"\0" + record.user_id.encode()
+            for name, ring in rings.items():
+                try:
+                    ring.open(record.payload, aad)
+                except RecordDecodeError:
+                    continue
+                names.append(name)
+        return sorted(names)
 
     assert key_ids() == ["a", "a", "a", "a"]
     app, cloak, moved = reopen([f"b:{KEY_B}", f"a:{KEY_A}"])
@@ -172,7 +190,10 @@ def test_dropping_a_key_too_early_logs_out_without_errors(
     response = client.get("/whoami")
     assert response.status_code == 200
     assert response.get_json() == {"user": None}
-    assert any("not in CLOAKROOM_ENCRYPTION_KEYS" in r.getMessage() for r in caplog.records)
+    assert any(
+        "does not open under any key in CLOAKROOM_ENCRYPTION_KEYS" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_turning_encryption_on_for_an_existing_store(make_app: AppFactory, tmp_path: Path) -> None:
@@ -221,6 +242,35 @@ def test_hashed_user_ids_follow_secret_key_rotation(make_app: AppFactory, tmp_pa
         assert cloak.rekey().rewritten == 1  # moved to the current key's index
         assert len(cloak.sessions("carol")) == 1
         assert cloak.revoke_user("carol") == 1
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_turning_user_id_hashing_on_and_off_keeps_everyone_logged_in(
+    make_app: AppFactory, tmp_path: Path, encrypted: bool
+) -> None:
+    """Unhashed, a record's user id is kept only beside its payload; hashed, only
+    inside it.  Either kind reads under the other setting, and rekey() moves it."""
+    shared = FileStore(str(tmp_path / "toggle"))
+    keys = {"CLOAKROOM_ENCRYPTION_KEYS": [KEY_A]} if encrypted else {}
+    app, _, _ = make_app(shared, **keys)
+    client = login_with_secret(app, "dave")
+    (record,) = shared.scan()[0]
+    assert record.user_id == "dave"
+    if not encrypted:
+        assert b"dave" not in record.payload  # beside the payload, not in it too
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    for hashed in (True, False):
+        app, cloak, _ = make_app(shared, CLOAKROOM_HASH_USER_IDS=hashed, **keys)
+        reader = app.test_client()
+        reader.set_cookie("session", cookie.value)
+        assert reader.get("/whoami").get_json() == {"user": "dave"}
+        with app.test_request_context():
+            assert cloak.rekey().rewritten == 1
+            assert [s.user_id for s in cloak.sessions("dave")] == ["dave"]
+        (record,) = shared.scan()[0]
+        assert (record.user_id != "dave") is hashed
+        assert reader.get("/get/secret").get_json() == {"value": MARKER}
 
 
 def test_encryption_adds_no_store_round_trip(make_app: AppFactory) -> None:

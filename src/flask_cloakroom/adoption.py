@@ -33,7 +33,6 @@ from itsdangerous import BadSignature, Signer, URLSafeTimedSerializer
 
 from .errors import ConfigError
 from .session import Meta, ServerSession
-from .stores.base import Record
 from .tokens import store_key
 
 if TYPE_CHECKING:
@@ -275,13 +274,7 @@ def import_flask_session(
             continue
         meta = adoption.new_meta(data, now, None)
         key = store_key(flask_session_id(sid))
-        record = Record(
-            key,
-            None if meta.user_id is None else manager.user_index(meta.user_id),
-            manager.policy.expires_at(meta),
-            1,
-            manager.codec.encode(meta, manager.codec.tag(data), key.encode("ascii")),
-        )
+        record = manager._record(key, meta, manager.codec.tag(data), 1)
         if manager.store.save(record, expected=None, now=now):
             report.imported += 1
         else:

@@ -7,17 +7,21 @@ and datetime, and any tag an app registered on that serializer.  Anything
 else fails at the write with :class:`~flask_cloakroom.errors.SessionNotSerializable`
 naming the key.
 
-A stored payload is one compact JSON document (format version 1)::
+A stored payload is one compact JSON document::
 
-    {"v": 1, "c": created, "s": last seen - c, "a": login time - c, "u": user id,
+    {"c": created, "s": last seen - c, "a": login time - c, "u": user id,
      "r": remember, "ip": ..., "ua": ..., "lip": login IP if not "ip",
      "dev": device, "loc": location, "x": {extra}, "d": {data}}
 
-with times to a tenth of a second.
+with times to a tenth of a second, where ``d`` maps each session key to its
+tagged value.  Keys are tagged one by one (the top-level dict is never itself
+tagged), which is what lets concurrent writes be merged key by key.
 
-where ``d`` maps each session key to its tagged value.  Keys are tagged one by
-one (the top-level dict is never itself tagged), which is what lets
-concurrent writes be merged key by key.
+The format version is ``"v"``, left out while it is 1 (every byte of a small
+record counts in Redis: docs/redis.md).  ``"u"`` is left out when the caller
+keeps the user id beside the payload (a store record's own user id, bound into
+the associated data when the payload is sealed) and gives it back to
+:meth:`Codec.decode`.
 """
 
 from __future__ import annotations
@@ -166,8 +170,14 @@ class Codec:
 
     # -- payloads --------------------------------------------------------------
 
-    def encode(self, meta: Meta, tagged: dict[str, Any], aad: bytes) -> bytes:
+    def encode(
+        self, meta: Meta, tagged: dict[str, Any], aad: bytes, *, omit_user: bool = False
+    ) -> bytes:
         """Return the payload for ``meta`` and tagged data (sealed if there are keys).
+
+        With ``omit_user`` the payload leaves out ``meta.user_id``: the caller
+        stores it beside the payload (and binds it into ``aad``) and passes it
+        back to :meth:`decode`.
 
         Raises :class:`SessionNotSerializable` naming the first key whose value
         is not serializable, and :class:`RecordTooLarge` past ``max_size``.
@@ -175,14 +185,10 @@ class Codec:
         # Times are kept to a tenth of a second, "s" and "a" as offsets from "c":
         # plenty for timeouts, and every byte of a record counts in Redis.
         created = round(meta.created_at, 1)
-        doc: dict[str, Any] = {
-            "v": FORMAT_VERSION,
-            "c": created,
-            "s": _offset(meta.last_seen_at, created),
-        }
+        doc: dict[str, Any] = {"c": created, "s": _offset(meta.last_seen_at, created)}
         if meta.auth_at is not None:
             doc["a"] = _offset(meta.auth_at, created)
-        if meta.user_id is not None:
+        if meta.user_id is not None and not omit_user:
             doc["u"] = meta.user_id
         if meta.remember:
             doc["r"] = True
@@ -228,8 +234,11 @@ class Codec:
                 )
         return error
 
-    def decode(self, payload: bytes, aad: bytes) -> Decoded:
+    def decode(self, payload: bytes, aad: bytes, *, user_id: str | None = None) -> Decoded:
         """Return the meta and tagged data in a payload.
+
+        ``user_id`` is the session's user when the payload leaves it out (see
+        :meth:`encode`); a ``"u"`` in the payload comes first.
 
         Raises :class:`RecordDecodeError` if the payload does not decrypt or is
         not a well-formed record of a format this version understands.
@@ -259,7 +268,7 @@ class Codec:
             # We never write such escapes (ensure_ascii=False); a lone surrogate
             # would load, then make every later write of the session fail.
             raise RecordDecodeError("a string holds a lone surrogate")
-        version = doc.get("v")
+        version = doc.get("v", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             if isinstance(version, int) and version > FORMAT_VERSION:
                 raise RecordDecodeError(
@@ -275,7 +284,7 @@ class Codec:
         # offsets from "c"; every time must lie between 0 and the year 9999.
         get = doc.get
         auth_at = get("a")
-        user_id = get("u")
+        user_id = get("u", user_id)
         remember = get("r", False)
         ip = get("ip")
         user_agent = get("ua")

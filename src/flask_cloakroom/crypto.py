@@ -2,13 +2,20 @@
 
 A sealed payload is::
 
-    0x01 | key id length (1 byte) | key id (ASCII) | nonce (12 bytes) | ciphertext + tag
+    0x01 | nonce (12 bytes) | ciphertext + tag (16 bytes)
 
-The associated data is chosen by the caller: the record's store key for stored
-sessions, so a record copied onto another session's key does not decrypt.
-The first key of a :class:`Keyring` encrypts; every key decrypts, so keys can be
-rotated by adding a new one in front and dropping the old one once nothing
-needs it (see ``rekey``).
+The associated data is chosen by the caller: the record's store key and user
+id for stored sessions, so a record copied onto another session's key, or
+moved to another user, does not decrypt.  The first key of a :class:`Keyring`
+encrypts; every key decrypts, so keys can be rotated by adding a new one in
+front and dropping the old one once nothing needs it (see ``rekey``).
+
+The payload does not name its key: opening tries the keys in order, the
+current one first (an authentication tag that does not verify under a key is
+how AES-GCM says "not this key").  A key id would cost every record several
+bytes, which in Redis can push a small session into the next allocation size;
+a failed try costs about a microsecond, and only records not yet rewritten
+under the current key pay it.  Key ids remain as names for logs and the CLI.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from .errors import RecordDecodeError
 
 #: The first byte of a sealed payload (a plain JSON payload starts with ``{``).
 SEALED = 0x01
+_SEALED_BYTE = bytes((SEALED,))
 _NONCE = 12
+_TAG = 16
 _MAX_KID = 32
 
 
@@ -84,7 +93,7 @@ class Opened(NamedTuple):
 class Keyring:
     """Encryption keys: the first seals, all open."""
 
-    __slots__ = ("_current", "_keys", "ids")
+    __slots__ = ("_aeads", "ids")
 
     def __init__(self, keys: Sequence[tuple[str, bytes]]) -> None:
         if not keys:
@@ -92,46 +101,34 @@ class Keyring:
         self.ids = tuple(kid for kid, _ in keys)
         if len(set(self.ids)) != len(self.ids):
             raise ValueError("two keys have the same id")
-        self._keys = {kid.encode("ascii"): AESGCM(key) for kid, key in keys}
-        first = keys[0][0].encode("ascii")
-        # The header of every payload sealed now: marker, key id length, key id.
-        self._current = (first, self._keys[first], bytes((SEALED, len(first))) + first)
+        # Opening tries the keys in this order: the current one first.
+        self._aeads = tuple(AESGCM(key) for _, key in keys)
 
     @classmethod
     def from_config(cls, texts: Sequence[str]) -> Keyring:
         """Build a keyring from ``CLOAKROOM_ENCRYPTION_KEYS`` entries."""
         return cls([parse_key(t) for t in texts])
 
-    @property
-    def current_id(self) -> str:
-        return self.ids[0]
-
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         """Encrypt and authenticate ``plaintext`` under the current key."""
-        _, aead, header = self._current
         nonce = os.urandom(_NONCE)
-        return b"".join((header, nonce, aead.encrypt(nonce, plaintext, aad)))
+        return b"".join((_SEALED_BYTE, nonce, self._aeads[0].encrypt(nonce, plaintext, aad)))
 
     def open(self, sealed: bytes, aad: bytes) -> Opened:
         """Decrypt a sealed payload; raise :class:`RecordDecodeError` if that fails."""
-        if len(sealed) < 2 or sealed[0] != SEALED:
+        if sealed[:1] != _SEALED_BYTE:
             raise RecordDecodeError("not an encrypted payload")
-        start = 2 + sealed[1]
-        kid = sealed[2:start]
-        aead = self._keys.get(kid)
-        if aead is None:
-            shown = kid.decode("ascii", "replace")
-            raise RecordDecodeError(
-                f"encrypted under key {shown!r}, which is not in CLOAKROOM_ENCRYPTION_KEYS"
-            )
-        nonce = sealed[start : start + _NONCE]
-        if len(nonce) != _NONCE:
+        if len(sealed) < 1 + _NONCE + _TAG:
             raise RecordDecodeError("truncated encrypted payload")
-        try:
-            plaintext = aead.decrypt(nonce, sealed[start + _NONCE :], aad)
-        except InvalidTag:
-            raise RecordDecodeError(
-                "the encrypted payload does not authenticate (altered, truncated, "
-                "or copied from another session)"
-            ) from None
-        return Opened(plaintext, kid == self._current[0])
+        nonce = sealed[1 : 1 + _NONCE]
+        body = sealed[1 + _NONCE :]
+        for position, aead in enumerate(self._aeads):
+            try:
+                return Opened(aead.decrypt(nonce, body, aad), position == 0)
+            except InvalidTag:
+                continue
+        raise RecordDecodeError(
+            "the encrypted payload does not open under any key in CLOAKROOM_ENCRYPTION_KEYS "
+            "(sealed under a key that has since been dropped, altered, or copied from "
+            "another session)"
+        )

@@ -68,6 +68,15 @@ def _backoff(attempt: int) -> None:
     time.sleep(random.random() * min(BACKOFF_CAP, BACKOFF * (1 << attempt)))
 
 
+def _aad(key: str, user: str | None) -> bytes:
+    """The associated data of a record's payload: its key and its user id, so a
+    sealed payload copied onto another session, or moved to another user, does
+    not open (a NUL cannot appear in a store key)."""
+    if user is None:
+        return key.encode("ascii")
+    return b"%s\0%s" % (key.encode("ascii"), user.encode("utf-8"))
+
+
 #: How many cookies of the session's name are checked in one request.
 MAX_COOKIES = 4
 
@@ -264,7 +273,9 @@ class SessionManager:
 
     def _decode(self, record: Record) -> Decoded | None:
         try:
-            return self.codec.decode(record.payload, record.key.encode("ascii"))
+            return self.codec.decode(
+                record.payload, _aad(record.key, record.user_id), user_id=record.user_id
+            )
         except RecordDecodeError as error:
             self._unreadable(record.key, error)
             return None
@@ -398,8 +409,13 @@ class SessionManager:
             # On a conflict another request has just written: nothing to touch.
 
     def _record(self, key: str, meta: Meta, tagged: dict[str, Any], version: int) -> Record:
+        """The record of a session: its payload, and beside it what the store needs.
+
+        The record's user id is bound into the payload's associated data; when it
+        is the user id itself (not hashed) the payload leaves it out.
+        """
         user = None if meta.user_id is None else self.user_index(meta.user_id)
-        payload = self.codec.encode(meta, tagged, key.encode("ascii"))
+        payload = self.codec.encode(meta, tagged, _aad(key, user), omit_user=not self._user_keys)
         return Record(key, user, self.policy.expires_at(meta), version, payload)
 
     def _stored(

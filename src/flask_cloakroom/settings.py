@@ -289,9 +289,10 @@ OPTIONS: tuple[Option, ...] = (
         "list[str] | None",
         None,
         "Encrypt every stored session with AES-256-GCM. A list of keys, each URL-safe "
-        "base64 of 32 random bytes, optionally written 'id:key'; the first encrypts, all "
-        "decrypt. To rotate, put a new key first, run `flask cloakroom rekey` (or "
-        "cloak.rekey()), then drop the old key. Unset: no encryption.",
+        "base64 of 32 random bytes, optionally written 'id:key' to name them in your "
+        "configuration (ids are not stored); the first encrypts, all decrypt. To rotate, "
+        "put a new key first, run `flask cloakroom rekey` (or cloak.rekey()), then drop "
+        "the old key. Unset: no encryption.",
         '["2024b:q2m...=", "2023a:Zk1...="]',
         _encryption_keys,
     ),

@@ -34,7 +34,10 @@ class Record:
         The store key: a hash of the session id (hex), never the id itself.
     ``user_id``
         The index value for the session's user, or ``None`` for an anonymous
-        session.  Stores index it for :meth:`Store.user_records`.
+        session.  Stores index it for :meth:`Store.user_records`, and must give
+        it back exactly as written: unless user ids are hashed it is the only
+        copy of the user id (the payload leaves it out and, when sealed, binds
+        it in its associated data).
     ``expires_at``
         Unix time (seconds) at which the record is dead for sure: the sooner of
         its idle and absolute expiry at the time it was written.  Stores use it

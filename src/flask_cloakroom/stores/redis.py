@@ -14,8 +14,9 @@ Key layout (``prefix`` is ``CLOAKROOM_REDIS_PREFIX``, ``cloakroom:`` by default)
     {prefix}e:{<YYYYMMDD>} the activity log: one sorted set per UTC day, and
     {prefix}e:days         the list of days that have events
 
-A record's value is ``<version>:<expires_ms>:<user length or ->:<user><payload>``,
-so a load is one ``GET`` parsed in Python.  Writes are Lua scripts (``EVALSHA``,
+A record's value is ``<version>:<expires>:<user length or ->:<user><payload>``
+(``<expires>``: milliseconds since the epoch in hexadecimal, 11 digits until
+the year 2527), so a load is one ``GET`` parsed in Python.  Writes are Lua scripts (``EVALSHA``,
 falling back to ``EVAL`` after a ``NOSCRIPT``) that compare the version and
 write the record with ``PX`` = the session's remaining life, so Redis expires
 records by itself.  On a single node the same script updates the user's index;
@@ -118,7 +119,7 @@ _NO_CACHE: Final = nullcontext()
 # redis-py leaves these untyped.
 _Sentinel: Any = Sentinel
 _ClusterNode: Any = ClusterNode
-_HEADER: Final = re.compile(rb"^(\d+):(\d+):")
+_HEADER: Final = re.compile(rb"^(\d+):([0-9a-f]+):")
 #: Replies of a Cluster node that the Cluster client knows how to deal with: a
 #: redirection, "try again", or a slot without a master (it re-reads the topology).
 _ELSEWHERE: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
@@ -223,7 +224,7 @@ return 1
 _PURGE = """
 local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
-local expires = tonumber(string.match(value, '^%d+:(%d+):'))
+local expires = tonumber(string.match(value, '^%d+:(%x+):') or '', 16)
 if expires and expires <= tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
   return 1
@@ -751,9 +752,9 @@ class RedisStore(Store):
     def _encode(self, record: Record) -> bytes:
         expires = round(record.expires_at * 1000)
         if record.user_id is None:
-            return b"%d:%d:-:%s" % (record.version, expires, record.payload)
+            return b"%d:%x:-:%s" % (record.version, expires, record.payload)
         user = record.user_id.encode("utf-8")
-        return b"%d:%d:%d:%s%s" % (record.version, expires, len(user), user, record.payload)
+        return b"%d:%x:%d:%s%s" % (record.version, expires, len(user), user, record.payload)
 
     def _decode(self, key: str, value: bytes | None) -> Record | None:
         if value is None:
@@ -769,7 +770,7 @@ class RedisStore(Store):
                     raise ValueError("truncated user id")
                 user = rest[:length].decode("utf-8")
                 payload = rest[length:]
-            return Record(key, user, int(expires) / 1000, int(version), payload)
+            return Record(key, user, int(expires, 16) / 1000, int(version), payload)
         except ValueError as error:  # UnicodeDecodeError is a ValueError
             logger.warning(
                 "%s: the value under %s is not a session record and is ignored: %s",
@@ -1090,7 +1091,7 @@ class RedisStore(Store):
         out: list[int | None] = []
         for head in pipe.execute():
             match = _HEADER.match(head) if head else None
-            out.append(int(match.group(2)) if match else None)
+            out.append(int(match.group(2), 16) if match else None)
         return out
 
     def purge_expired(

@@ -191,6 +191,7 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
         _vary_on_cookie,
         cookie_values,
     )
+    from flask_cloakroom.manager import _aad as record_aad
     from flask_cloakroom.session import Meta, ServerSession
     from flask_cloakroom.tokens import store_key
 
@@ -215,8 +216,8 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
         key = store_key(unsigned.session_id)
         record = manager.store.load(key)
         assert record is not None
-        aad = key.encode("ascii")
-        decoded = manager.codec.decode(record.payload, aad)
+        aad = record_aad(key, record.user_id)  # what the manager binds: key and user id
+        decoded = manager.codec.decode(record.payload, aad, user_id=record.user_id)
         keyring = manager.codec.keyring
         plain = record.payload if keyring is None else keyring.open(record.payload, aad).plaintext
         client = interface.client(request)
@@ -237,7 +238,10 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
             ("read: signer.unsign (HMAC-SHA256, base64: a new cookie)", first_unsign),
             ("read: store_key (SHA-256)", lambda: store_key(unsigned.session_id)),
             ("read: store.load (memory: dict lookup)", lambda: manager.store.load(key)),
-            ("read: codec.decode (all of it)", lambda: manager.codec.decode(record.payload, aad)),
+            (
+                "read: codec.decode (all of it)",
+                lambda: manager.codec.decode(record.payload, aad, user_id=record.user_id),
+            ),
             ("read:   json.loads of the payload", lambda: json.loads(plain)),
             (
                 "read:   Meta(...) (11 fields)",
@@ -282,7 +286,10 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
         tagged = manager.codec.tag(loaded)
         steps += [
             ("write: codec.tag", lambda: manager.codec.tag(loaded)),
-            ("write: codec.encode (JSON + seal)", lambda: manager.codec.encode(meta, tagged, aad)),
+            (
+                "write: codec.encode (JSON + seal)",
+                lambda: manager.codec.encode(meta, tagged, aad, omit_user=True),
+            ),
             (
                 "write: manager._record (encode + Record)",
                 lambda: manager._record(key, meta, tagged, 9),

@@ -91,7 +91,9 @@ class AppSpec:
     and the activity log off.  ``client_cache`` (Redis only) turns on
     ``CLOAKROOM_REDIS_CLIENT_CACHE`` (see ``client_cache.py``).  ``redis_lane=False``
     (standalone Redis only) sends the store's commands through redis-py's own
-    ``execute_command`` and pipelines, as before the store had its lane.  ``config`` is
+    ``execute_command`` and pipelines, as before the store had its lane.
+    ``decoded_cache=False`` decodes every record read, as before the codec remembered
+    each session's last payload (``Codec.decoded_cache_size = 0``).  ``config`` is
     added to the app's configuration (``CLOAKROOM_IDLE_TIMEOUT``, say).
     """
 
@@ -103,6 +105,7 @@ class AppSpec:
     table: str = "cloakroom_perf"
     client_cache: bool = False
     redis_lane: bool = True
+    decoded_cache: bool = True
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -207,6 +210,8 @@ def _cloakroom(app: Flask, spec: AppSpec, store: Store | None) -> Cloakroom:
     if store is None:
         app.config["CLOAKROOM_STORE"] = spec.store
     cloak = Cloakroom(app) if store is None else Cloakroom(app, store=store)
+    if not spec.decoded_cache:
+        app.extensions["cloakroom"].codec.decoded_cache_size = 0
     if not spec.redis_lane:
         from flask_cloakroom.stores.redis import RedisStore
 

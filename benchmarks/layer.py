@@ -74,6 +74,10 @@ def in_process_variants(tmp: str, redis_url: str | None = None) -> list[InProces
         ("flask cookie session", AppSpec("cookie")),
         ("cloakroom memory", AppSpec("cloakroom", "memory://")),
         ("cloakroom memory + encryption", AppSpec("cloakroom", "memory://", encrypted=True)),
+        (
+            "cloakroom memory + encryption, no decoded cache",
+            AppSpec("cloakroom", "memory://", encrypted=True, decoded_cache=False),
+        ),
         ("cloakroom memory, activity off", AppSpec("cloakroom", "memory://", activity=False)),
         (
             "cloakroom memory + encryption, activity off",
@@ -239,8 +243,12 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
             ("read: store_key (SHA-256)", lambda: store_key(unsigned.session_id)),
             ("read: store.load (memory: dict lookup)", lambda: manager.store.load(key)),
             (
-                "read: codec.decode (all of it)",
+                "read: codec.decode (a payload it decoded before)",
                 lambda: manager.codec.decode(record.payload, aad, user_id=record.user_id),
+            ),
+            (
+                "read: codec.decode (a new payload: decrypt, parse, check)",
+                lambda: manager.codec._decode(record.payload, aad, record.user_id),
             ),
             ("read:   json.loads of the payload", lambda: json.loads(plain)),
             (

@@ -259,28 +259,43 @@ def per_request(
 
 
 def sessions_of_user(dataset: Dataset, calls: int) -> dict[str, Any]:
-    """Latency of cloak.sessions() for the user with 50 sessions."""
+    """Latency of cloak.sessions() for the user with 50 sessions: "cold", every record
+    decrypted and parsed (as in a process that has not read them since they last
+    changed), and "warm", from the codec's memory of each session's last payload;
+    the two interleaved.  The target is judged on the cold figure."""
     from flask_cloakroom import Cloakroom
 
     cloak = Cloakroom()
-    samples = []
+    codec = dataset.manager.codec
+    remembered = codec.decoded_cache_size
+    samples: dict[str, list[float]] = {"cold": [], "warm": []}
     with dataset.app.test_request_context("/"):
         found = len(cloak.sessions(HEAVY_USER))
-        for _ in range(calls):
-            started = time.perf_counter()
-            cloak.sessions(HEAVY_USER)
-            samples.append((time.perf_counter() - started) * 1e3)
-    p99 = quantile(samples, 0.99)
-    result = {
-        "sessions": found,
-        "p50_ms": quantile(samples, 0.5),
-        "p99_ms": p99,
-        "max_ms": max(samples),
-        "met": p99 <= 2.0 and found == HEAVY_SESSIONS,
-    }
+        try:
+            for index in range(calls):
+                mode = "cold" if index % 2 == 0 else "warm"
+                codec.decoded_cache_size = 0 if mode == "cold" else remembered
+                if mode == "warm":
+                    cloak.sessions(HEAVY_USER)  # the previous call ran cold: fill it
+                started = time.perf_counter()
+                cloak.sessions(HEAVY_USER)
+                samples[mode].append((time.perf_counter() - started) * 1e3)
+        finally:
+            codec.decoded_cache_size = remembered
+    result: dict[str, Any] = {"sessions": found}
+    for mode, taken in samples.items():
+        result[mode] = {
+            "p50_ms": quantile(taken, 0.5),
+            "p99_ms": quantile(taken, 0.99),
+            "max_ms": max(taken),
+        }
+    result["met"] = result["cold"]["p99_ms"] <= 2.0 and found == HEAVY_SESSIONS
     print(
-        f"  {dataset.name}: sessions(user) of {found}: p50 {result['p50_ms']:.2f} ms, "
-        f"p99 {p99:.2f} ms"
+        f"  {dataset.name}: sessions(user) of {found}: "
+        + "; ".join(
+            f"{mode} p50 {result[mode]['p50_ms']:.2f} ms, p99 {result[mode]['p99_ms']:.2f} ms"
+            for mode in samples
+        )
     )
     return result
 

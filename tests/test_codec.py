@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from markupsafe import Markup
 
 from flask_cloakroom import RecordDecodeError
-from flask_cloakroom.codec import Codec
+from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec
 from flask_cloakroom.crypto import Keyring, generate_key, parse_key
 from flask_cloakroom.session import Meta
 from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id
@@ -210,6 +210,53 @@ def test_a_sealed_payload_names_no_key_and_opens_under_any_configured_one() -> N
         rotated.open(sealed, b"other aad")
     with pytest.raises(RecordDecodeError, match="truncated"):
         rotated.open(sealed[:28], b"aad")
+
+
+def test_a_payload_read_again_is_remembered_and_never_shared_or_stale() -> None:
+    keyring = Keyring([parse_key(generate_key())])
+    codec = Codec(session_json_serializer, max_size=1 << 20, keyring=keyring)
+    meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000, extra={"fp": "a"})
+    first = codec.encode(meta, {"cart": ["tea"]}, b"key-1")
+    one = codec.decode(first, b"key-1", user_id="u1")
+    one.meta.last_seen_at += 60  # the caller's to change...
+    one.meta.extra["fp"] = "changed"
+    stored = Meta(1_795_000_000, 1_795_000_000, user_id="u1", extra={"fp": "a"})
+    two = codec.decode(first, b"key-1", user_id="u1")
+    assert two.meta == stored and two.raw == {"cart": ["tea"]}
+    two.meta.remember = True  # a remembered one is the caller's to change too
+    two.meta.extra["fp"] = "changed"
+    assert codec.decode(first, b"key-1", user_id="u1").meta == stored
+    assert codec._decoded[b"key-1", "u1"][0] is first  # ...and it came from memory
+    # A new version of the session replaces its entry; the old one is decoded afresh.
+    meta.last_seen_at += 30
+    second = codec.encode(meta, {"cart": ["tea", "pen"]}, b"key-1")
+    assert codec.decode(second, b"key-1", user_id="u1").raw == {"cart": ["tea", "pen"]}
+    assert list(codec._decoded) == [(b"key-1", "u1")]
+    assert codec.decode(first, b"key-1", user_id="u1").raw == {"cart": ["tea"]}
+    # Nothing that fails is remembered, and a remembered payload opens nothing else.
+    altered = second[:-1] + bytes([second[-1] ^ 1])
+    for payload, aad in ((altered, b"key-1"), (first, b"key-2")):
+        with pytest.raises(RecordDecodeError, match="does not open"):
+            codec.decode(payload, aad, user_id="u1")
+    assert codec.decode(first, b"key-1", user_id="u2").meta.user_id == "u2"
+    assert set(codec._decoded) == {(b"key-1", "u1"), (b"key-1", "u2")}
+
+
+def test_the_decoded_payload_memory_is_bounded_and_can_be_off() -> None:
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    codec.decoded_cache_size = 3
+    meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000)
+    payloads = [(codec.encode(meta, {"i": i}, b""), b"key-%d" % i) for i in range(8)]
+    for payload, aad in payloads:
+        assert codec.decode(payload, aad).raw == {"i": int(aad[4:])}
+        assert 1 <= len(codec._decoded) <= 3
+    big = codec.encode(meta, {"blob": "x" * DECODED_CACHE_MAX_PAYLOAD}, b"")
+    codec._decoded.clear()
+    codec.decode(big, b"key-big")
+    assert not codec._decoded  # too large to hold
+    codec.decoded_cache_size = 0
+    codec.decode(*payloads[0])
+    assert not codec._decoded
 
 
 def test_verified_cookies_are_remembered_and_forged_ones_are_not() -> None:

@@ -38,6 +38,11 @@ from .errors import RecordDecodeError, RecordTooLarge, SessionNotSerializable
 from .session import Meta
 
 FORMAT_VERSION = 1
+#: How many sessions' last decoded payload a :class:`Codec` remembers by default
+#: (see :meth:`Codec.decode`).
+DECODED_CACHE_SIZE = 1024
+#: Larger payloads are decoded every time (and never held).
+DECODED_CACHE_MAX_PAYLOAD = 4096
 _SEALED_BYTE = bytes((SEALED,))
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 #: The first tags of Flask's serializer, in order: while they come first, a
@@ -73,10 +78,12 @@ class Codec:
     """
 
     __slots__ = (
+        "_decoded",
         "_fast_containers",
         "_order_seen",
         "_serializer",
         "accept_plaintext",
+        "decoded_cache_size",
         "keyring",
         "max_size",
     )
@@ -95,6 +102,10 @@ class Codec:
         self.accept_plaintext = accept_plaintext
         self._order_seen = -1
         self._fast_containers = False
+        #: (associated data, user id) -> (the last payload decoded under them, its result)
+        self._decoded: dict[tuple[bytes, str | None], tuple[bytes, Decoded]] = {}
+        #: How many decoded payloads :meth:`decode` remembers (0: none).
+        self.decoded_cache_size = DECODED_CACHE_SIZE
 
     @property
     def serializer(self) -> TaggedJSONSerializer:
@@ -238,11 +249,37 @@ class Codec:
         """Return the meta and tagged data in a payload.
 
         ``user_id`` is the session's user when the payload leaves it out (see
-        :meth:`encode`); a ``"u"`` in the payload comes first.
+        :meth:`encode`); a ``"u"`` in the payload comes first.  The meta is the
+        caller's to change; the tagged data is shared and must not be changed
+        in place (copy it first, as merges do).
 
         Raises :class:`RecordDecodeError` if the payload does not decrypt or is
         not a well-formed record of a format this version understands.
+
+        The last payload that decoded under each associated data and
+        ``user_id`` (for a stored session: its key and user) is remembered, for
+        up to ``decoded_cache_size`` sessions: a record read again unchanged
+        (each version of a session is written once, then read by its requests
+        until the next write) is compared byte for byte with the remembered
+        payload instead of being decrypted, parsed and checked again.  A new
+        version replaces its session's entry; payloads that fail to decode are
+        never remembered.
         """
+        size = self.decoded_cache_size
+        if size <= 0 or len(payload) > DECODED_CACHE_MAX_PAYLOAD:
+            return self._decode(payload, aad, user_id)
+        cache = self._decoded
+        known = cache.get((aad, user_id))
+        if known is not None and known[0] == payload:
+            remembered = known[1]
+            return Decoded(remembered.meta.copy(), remembered.raw, remembered.current)
+        decoded = self._decode(payload, aad, user_id)
+        if known is None and len(cache) >= size:
+            cache.clear()  # every entry is one session's: start again, at O(1) a request
+        cache[aad, user_id] = (payload, Decoded(decoded.meta.copy(), decoded.raw, decoded.current))
+        return decoded
+
+    def _decode(self, payload: bytes, aad: bytes, user_id: str | None) -> Decoded:
         current = True
         if payload[:1] == _SEALED_BYTE:
             if self.keyring is None:

@@ -53,6 +53,23 @@ class Meta:
     location: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def copy(self) -> Meta:
+        """A copy that shares nothing mutable with this one (``extra`` holds only
+        immutable values)."""
+        return Meta(
+            self.created_at,
+            self.last_seen_at,
+            self.auth_at,
+            self.user_id,
+            self.remember,
+            self.ip,
+            self.user_agent,
+            self.login_ip,
+            self.device,
+            self.location,
+            dict(self.extra),
+        )
+
 
 class ServerSession(dict[str, Any], SessionMixin):
     """A server-side session: a dict of the app's data plus server state.

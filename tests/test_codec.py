@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from flask import Flask
 from flask.json.tag import JSONTag, TaggedJSONSerializer
 from flask.sessions import session_json_serializer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from markupsafe import Markup
 
-from flask_cloakroom import RecordDecodeError
+from flask_cloakroom import Cloakroom, RecordDecodeError
 from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec
 from flask_cloakroom.crypto import Keyring, generate_key, parse_key
 from flask_cloakroom.session import Meta
@@ -283,3 +284,13 @@ def test_the_verified_cookie_cache_is_bounded() -> None:
     for _ in range(VERIFIED_CACHE_SIZE + 10):
         assert signer.unsign(signer.sign(new_session_id())) is not None
     assert 0 < len(signer._verified) <= VERIFIED_CACHE_SIZE
+
+
+def test_the_decoded_payload_memory_follows_the_setting() -> None:
+    sizes = []
+    for config in ({}, {"CLOAKROOM_DECODED_CACHE_SIZE": 0}, {"CLOAKROOM_STORE": "cookie://"}):
+        app = Flask(__name__)
+        app.config.update({"SECRET_KEY": "s" * 32, "CLOAKROOM_STORE": "memory://", **config})
+        Cloakroom(app)
+        sizes.append(app.extensions["cloakroom"].codec.decoded_cache_size)
+    assert sizes == [1024, 0, 0]  # cookie mode: no session key to remember a payload by

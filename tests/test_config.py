@@ -54,6 +54,8 @@ def init(tmp_path: Path, **config: Any) -> Flask:
         ({"CLOAKROOM_TOUCH_INTERVAL": 1000}, "CLOAKROOM_TOUCH_INTERVAL", "at most half"),
         ({"CLOAKROOM_MAX_RECORD_SIZE": "64k"}, "CLOAKROOM_MAX_RECORD_SIZE", "whole number"),
         ({"CLOAKROOM_MAX_RECORD_SIZE": 0}, "CLOAKROOM_MAX_RECORD_SIZE", "whole number"),
+        ({"CLOAKROOM_DECODED_CACHE_SIZE": -1}, "CLOAKROOM_DECODED_CACHE_SIZE", "zero or more"),
+        ({"CLOAKROOM_DECODED_CACHE_SIZE": True}, "CLOAKROOM_DECODED_CACHE_SIZE", "zero or more"),
         ({"CLOAKROOM_SQL_TABLE": "x; drop table"}, "CLOAKROOM_SQL_TABLE", "letters, digits"),
         ({"CLOAKROOM_STORE": 42}, "CLOAKROOM_STORE", "store URL"),
         ({"CLOAKROOM_STORE": "nosuch://x"}, "CLOAKROOM_STORE", "not a known store"),

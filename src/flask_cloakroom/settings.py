@@ -277,6 +277,16 @@ OPTIONS: tuple[Option, ...] = (
         _positive_int,
     ),
     Option(
+        "DECODED_CACHE_SIZE",
+        "int",
+        1024,
+        "How many sessions' last decoded payload each process remembers, so that a "
+        "record read again unchanged is not decrypted and parsed again (payloads up to "
+        "4 KB). It holds what the process's own requests already read; 0 turns it off.",
+        "0",
+        _non_negative_int,
+    ),
+    Option(
         "SQL_TABLE",
         "str",
         "cloakroom_sessions",
@@ -535,6 +545,7 @@ class Settings:
     remember_absolute_timeout: float
     touch_interval: float
     max_record_size: int
+    decoded_cache_size: int
     sql_table: str
     encryption_keys: tuple[tuple[str, bytes], ...]
     encryption_accept_plaintext: bool

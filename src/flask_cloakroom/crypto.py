@@ -15,7 +15,7 @@ current one first (an authentication tag that does not verify under a key is
 how AES-GCM says "not this key").  A key id would cost every record several
 bytes, which in Redis can push a small session into the next allocation size;
 a failed try costs about a microsecond, and only records not yet rewritten
-under the current key pay it.  Key ids remain as names for logs and the CLI.
+under the current key pay it.  Key ids remain, as names in the configuration.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ verified.  These tests hold the shortcuts to the long way's results.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime
@@ -294,3 +295,14 @@ def test_the_decoded_payload_memory_follows_the_setting() -> None:
         Cloakroom(app)
         sizes.append(app.extensions["cloakroom"].codec.decoded_cache_size)
     assert sizes == [1024, 0, 0]  # cookie mode: no session key to remember a payload by
+
+
+def test_a_copied_meta_has_every_field_and_its_own_extra() -> None:
+    """Meta.copy() names its fields one by one (it runs on every read): a field added
+    to Meta and not to copy() fails here."""
+    values: dict[str, Any] = {}
+    for number, item in enumerate(dataclasses.fields(Meta)):
+        values[item.name] = {"k": "v"} if item.name == "extra" else f"value-{number}"
+    meta = Meta(**values)
+    copy = meta.copy()
+    assert copy == meta and copy.extra is not meta.extra

@@ -93,7 +93,7 @@ class AppSpec:
     (standalone Redis only) sends the store's commands through redis-py's own
     ``execute_command`` and pipelines, as before the store had its lane.
     ``decoded_cache=False`` decodes every record read, as before the codec remembered
-    each session's last payload (``Codec.decoded_cache_size = 0``).  ``config`` is
+    each session's last payload (``CLOAKROOM_DECODED_CACHE_SIZE = 0``).  ``config`` is
     added to the app's configuration (``CLOAKROOM_IDLE_TIMEOUT``, say).
     """
 
@@ -204,14 +204,14 @@ def _cloakroom(app: Flask, spec: AppSpec, store: Store | None) -> Cloakroom:
     if not spec.activity:
         app.config["CLOAKROOM_RULES"] = RULES_OFF
         app.config["CLOAKROOM_ACTIVITY_KINDS"] = []
+    if not spec.decoded_cache:
+        app.config["CLOAKROOM_DECODED_CACHE_SIZE"] = 0
     app.config.update(spec.config)
     if spec.client_cache:
         app.config["CLOAKROOM_REDIS_CLIENT_CACHE"] = CLIENT_CACHE
     if store is None:
         app.config["CLOAKROOM_STORE"] = spec.store
     cloak = Cloakroom(app) if store is None else Cloakroom(app, store=store)
-    if not spec.decoded_cache:
-        app.extensions["cloakroom"].codec.decoded_cache_size = 0
     if not spec.redis_lane:
         from flask_cloakroom.stores.redis import RedisStore
 

@@ -95,6 +95,7 @@ class Codec:
         max_size: int,
         keyring: Keyring | None = None,
         accept_plaintext: bool = False,
+        decoded_cache_size: int = DECODED_CACHE_SIZE,
     ) -> None:
         self._serializer = serializer
         self.max_size = max_size
@@ -105,7 +106,7 @@ class Codec:
         #: (associated data, user id) -> (the last payload decoded under them, its result)
         self._decoded: dict[tuple[bytes, str | None], tuple[bytes, Decoded]] = {}
         #: How many decoded payloads :meth:`decode` remembers (0: none).
-        self.decoded_cache_size = DECODED_CACHE_SIZE
+        self.decoded_cache_size = decoded_cache_size
 
     @property
     def serializer(self) -> TaggedJSONSerializer:

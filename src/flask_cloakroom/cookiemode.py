@@ -66,10 +66,11 @@ class CookieSessionManager(SessionManager):
         if not keys:
             derived = [derive_key(s, "cookie-mode") for s in settings.secret_keys]
             keys = [(key_id(k), k) for k in derived]
-        self.codec = Codec(serializer, max_size=1 << 20, keyring=Keyring(keys))
         # Every cookie decodes under the same associated data: there is no session
         # key to remember a payload by, so nothing is remembered.
-        self.codec.decoded_cache_size = 0
+        self.codec = Codec(
+            serializer, max_size=1 << 20, keyring=Keyring(keys), decoded_cache_size=0
+        )
         self._aad = b"flask-cloakroom/cookie:" + settings.cookie.name.encode("ascii")
 
     # -- reading ---------------------------------------------------------------

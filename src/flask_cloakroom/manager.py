@@ -157,8 +157,8 @@ class SessionManager:
             max_size=settings.max_record_size,
             keyring=keyring,
             accept_plaintext=settings.encryption_accept_plaintext,
+            decoded_cache_size=settings.decoded_cache_size,
         )
-        self.codec.decoded_cache_size = settings.decoded_cache_size
         # Keyed hashes of user ids, one per SECRET_KEY (current first), if asked for.
         self._user_keys = (
             [derive_key(s, "user-index") for s in settings.secret_keys]

@@ -8,6 +8,7 @@ verified.  These tests hold the shortcuts to the long way's results.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import uuid
 from datetime import UTC, datetime
@@ -17,12 +18,12 @@ import pytest
 from flask import Flask
 from flask.json.tag import JSONTag, TaggedJSONSerializer
 from flask.sessions import session_json_serializer
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from markupsafe import Markup
 
 from flask_cloakroom import Cloakroom, RecordDecodeError
-from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec
+from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec, _json_exact
 from flask_cloakroom.crypto import Keyring, generate_key, parse_key
 from flask_cloakroom.session import Meta
 from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id
@@ -182,7 +183,7 @@ def test_the_payload_leaves_out_what_the_record_keeps_beside_it() -> None:
     meta.user_id = "user-42"
     kept = json.loads(codec.encode(meta, {"theme": "dark"}, b"k"))
     assert kept == {"c": 1_795_000_000, "s": 0, "a": 0, "u": "user-42", "d": {"theme": "dark"}}
-    left_out = codec.encode(meta, {"theme": "dark"}, b"k", omit_user=True)
+    left_out = codec.encode(meta, {"theme": "dark"}, b"k", user_id="user-42")
     assert b"user-42" not in left_out and b'"v"' not in left_out
     assert codec.decode(left_out, b"k").meta.user_id is None
     assert codec.decode(left_out, b"k", user_id="user-42").meta.user_id == "user-42"
@@ -217,8 +218,10 @@ def test_a_sealed_payload_names_no_key_and_opens_under_any_configured_one() -> N
 def test_a_payload_read_again_is_remembered_and_never_shared_or_stale() -> None:
     keyring = Keyring([parse_key(generate_key())])
     codec = Codec(session_json_serializer, max_size=1 << 20, keyring=keyring)
+    # Written elsewhere (another process): this codec has not seen the payloads.
+    writer = Codec(session_json_serializer, max_size=1 << 20, keyring=keyring)
     meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000, extra={"fp": "a"})
-    first = codec.encode(meta, {"cart": ["tea"]}, b"key-1")
+    first = writer.encode(meta, {"cart": ["tea"]}, b"key-1")
     one = codec.decode(first, b"key-1", user_id="u1")
     one.meta.last_seen_at += 60  # the caller's to change...
     one.meta.extra["fp"] = "changed"
@@ -231,7 +234,7 @@ def test_a_payload_read_again_is_remembered_and_never_shared_or_stale() -> None:
     assert codec._decoded[b"key-1", "u1"][0] is first  # ...and it came from memory
     # A new version of the session replaces its entry; the old one is decoded afresh.
     meta.last_seen_at += 30
-    second = codec.encode(meta, {"cart": ["tea", "pen"]}, b"key-1")
+    second = writer.encode(meta, {"cart": ["tea", "pen"]}, b"key-1")
     assert codec.decode(second, b"key-1", user_id="u1").raw == {"cart": ["tea", "pen"]}
     assert list(codec._decoded) == [(b"key-1", "u1")]
     assert codec.decode(first, b"key-1", user_id="u1").raw == {"cart": ["tea"]}
@@ -246,19 +249,139 @@ def test_a_payload_read_again_is_remembered_and_never_shared_or_stale() -> None:
 
 def test_the_decoded_payload_memory_is_bounded_and_can_be_off() -> None:
     codec = Codec(session_json_serializer, max_size=1 << 20)
+    writer = Codec(session_json_serializer, max_size=1 << 20, decoded_cache_size=0)
     codec.decoded_cache_size = 3
     meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000)
-    payloads = [(codec.encode(meta, {"i": i}, b""), b"key-%d" % i) for i in range(8)]
+    payloads = [(writer.encode(meta, {"i": i}, b""), b"key-%d" % i) for i in range(8)]
     for payload, aad in payloads:
         assert codec.decode(payload, aad).raw == {"i": int(aad[4:])}
         assert 1 <= len(codec._decoded) <= 3
-    big = codec.encode(meta, {"blob": "x" * DECODED_CACHE_MAX_PAYLOAD}, b"")
+    big = writer.encode(meta, {"blob": "x" * DECODED_CACHE_MAX_PAYLOAD}, b"")
     codec._decoded.clear()
     codec.decode(big, b"key-big")
     assert not codec._decoded  # too large to hold
     codec.decoded_cache_size = 0
     codec.decode(*payloads[0])
     assert not codec._decoded
+
+
+class _Level(enum.IntEnum):
+    GOLD = 1
+
+
+class _Name(str):
+    pass
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (``1 == _Level.GOLD`` is not
+    enough: the next request would see an ``IntEnum`` where a read gives an ``int``)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if type(a) is list:
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, Meta):
+        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(Meta))
+    return bool(a == b)
+
+
+_unusual = st.one_of(
+    st.just(_Level.GOLD),
+    st.builds(_Name, st.text(max_size=4)),
+    st.dictionaries(st.integers(), st.integers(), min_size=1, max_size=2),
+)
+_texts = st.none() | st.text(max_size=6)
+_times = st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False)
+_metas = st.builds(
+    Meta,
+    created_at=_times,
+    last_seen_at=_times,
+    auth_at=st.none() | _times,
+    user_id=_texts,
+    remember=st.booleans(),
+    ip=_texts,
+    user_agent=_texts,
+    login_ip=_texts,
+    device=_texts,
+    location=_texts,
+    extra=st.dictionaries(st.text(max_size=4), st.text(max_size=4) | st.booleans(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    _metas,
+    st.dictionaries(st.text(max_size=6), _values | _unusual, max_size=4),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_payload_just_written_reads_back_as_a_fresh_decode_gives_it(
+    meta: Meta, data: dict[str, Any], keep_user: bool, sealed: bool
+) -> None:
+    """What encode() remembers is what decoding the payload gives, to the types:
+    either the next read is served from memory with exactly that, or nothing was
+    remembered (values a JSON round trip would change) and the read decodes."""
+    keyring = Keyring([parse_key(generate_key())]) if sealed else None
+    codec = Codec(session_json_serializer, max_size=1 << 20, keyring=keyring)
+    fresh = Codec(session_json_serializer, max_size=1 << 20, keyring=keyring, decoded_cache_size=0)
+    user = meta.user_id if keep_user else None
+    try:
+        payload = codec.encode(meta, codec.tag(data), b"key", user_id=user)
+    except Exception:  # values no payload can hold: nothing to read back
+        assume(False)
+    meta.extra["changed"] = True  # the caller's meta is not held
+    expected = fresh.decode(payload, b"key", user_id=user)
+    remembered = codec._decoded.get((b"key", user))
+    if remembered is not None:
+        assert remembered[0] is payload
+        got = codec.decode(payload, b"key", user_id=user)
+        assert _same(got.meta, expected.meta) and _same(got.raw, expected.raw)
+        assert got.current == expected.current
+    else:
+        assert not _json_exact({"x": meta.extra, "d": codec.tag(data)}) or len(payload) > 4096
+
+
+def test_what_a_json_round_trip_would_change_is_not_remembered() -> None:
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    meta = Meta(created_at=1_795_000_000.25, last_seen_at=1_795_000_100)
+    plain = {"cart": ["tea"], "prefs": {"theme": "dark"}, "n": 1, "when": datetime.now(UTC)}
+    payload = codec.encode(meta, codec.tag(plain), b"plain")
+    assert codec._decoded[b"plain", None][0] is payload  # tagged values are plain JSON
+    assert codec.decode(payload, b"plain").meta.created_at == 1_795_000_000.2
+    for number, value in enumerate(([_Level.GOLD], {"d": {1: "a"}}, _Name("x"))):
+        aad = b"odd-%d" % number
+        codec.encode(meta, codec.tag({"v": value}), aad)
+        assert (aad, None) not in codec._decoded
+        assert codec.decode(codec.encode(meta, codec.tag({"v": value}), aad), aad).raw["v"] in (
+            [1],
+            {"d": {"1": "a"}},
+            "x",
+        )
+
+
+def test_with_an_app_registered_tag_nothing_written_is_remembered() -> None:
+    serializer = TaggedJSONSerializer()
+
+    class TagSet(JSONTag):
+        key = " set"
+
+        def check(self, value: Any) -> bool:
+            return isinstance(value, set)
+
+        def to_json(self, value: Any) -> Any:
+            return sorted(value)
+
+        def to_python(self, value: Any) -> Any:
+            return set(value)
+
+    serializer.register(TagSet)
+    codec = Codec(serializer, max_size=1 << 20)
+    meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000)
+    payload = codec.encode(meta, codec.tag({"cart": ["tea"]}), b"key")
+    assert not codec._decoded
+    assert codec.untag(codec.decode(payload, b"key").raw) == {"cart": ["tea"]}
 
 
 def test_verified_cookies_are_remembered_and_forged_ones_are_not() -> None:

@@ -79,6 +79,7 @@ class Codec:
 
     __slots__ = (
         "_decoded",
+        "_default_tags",
         "_fast_containers",
         "_order_seen",
         "_serializer",
@@ -103,6 +104,7 @@ class Codec:
         self.accept_plaintext = accept_plaintext
         self._order_seen = -1
         self._fast_containers = False
+        self._default_tags = False
         #: (associated data, user id) -> (the last payload decoded under them, its result)
         self._decoded: dict[tuple[bytes, str | None], tuple[bytes, Decoded]] = {}
         #: How many decoded payloads :meth:`decode` remembers (0: none).
@@ -134,11 +136,22 @@ class Codec:
         True unless an app registered a tag of its own ahead of Flask's list tag
         (which could claim lists or dicts).  Re-checked when the tags change.
         """
+        self._check_tags()
+        return self._fast_containers
+
+    def _default_tags_only(self) -> bool:
+        """Whether the serializer has Flask's own tags and no others, whose
+        tagged forms are always new containers of plain JSON values."""
+        self._check_tags()
+        return self._default_tags
+
+    def _check_tags(self) -> None:
         order = self._serializer.order
         if len(order) != self._order_seen:
             self._order_seen = len(order)
-            self._fast_containers = [type(t) for t in order[:4]] == _DEFAULT_CONTAINER_TAGS
-        return self._fast_containers
+            kinds = [type(t) for t in order]
+            self._fast_containers = kinds[:4] == _DEFAULT_CONTAINER_TAGS
+            self._default_tags = kinds == TaggedJSONSerializer.default_tags
 
     def _tag_value(self, value: Any) -> Any:
         """Flask's ``tag()`` for one value, with plain lists and dicts walked here.
@@ -183,13 +196,19 @@ class Codec:
     # -- payloads --------------------------------------------------------------
 
     def encode(
-        self, meta: Meta, tagged: dict[str, Any], aad: bytes, *, omit_user: bool = False
+        self, meta: Meta, tagged: dict[str, Any], aad: bytes, *, user_id: str | None = None
     ) -> bytes:
         """Return the payload for ``meta`` and tagged data (sealed if there are keys).
 
-        With ``omit_user`` the payload leaves out ``meta.user_id``: the caller
-        stores it beside the payload (and binds it into ``aad``) and passes it
-        back to :meth:`decode`.
+        ``user_id`` is what the caller keeps beside the payload and will pass
+        back to :meth:`decode` (a store record's user id).  When it is
+        ``meta.user_id`` itself, the payload leaves the user id out; the caller
+        binds it into ``aad``.
+
+        The payload is remembered as :meth:`decode` remembers one, so the
+        session's next read need not decode what was just written.  That is
+        done only when decoding the payload would give back exactly ``meta``
+        and ``tagged``: plain JSON values, and no tags an app registered.
 
         Raises :class:`SessionNotSerializable` naming the first key whose value
         is not serializable, and :class:`RecordTooLarge` past ``max_size``.
@@ -200,7 +219,7 @@ class Codec:
         doc: dict[str, Any] = {"c": created, "s": _offset(meta.last_seen_at, created)}
         if meta.auth_at is not None:
             doc["a"] = _offset(meta.auth_at, created)
-        if meta.user_id is not None and not omit_user:
+        if meta.user_id is not None and meta.user_id != user_id:
             doc["u"] = meta.user_id
         if meta.remember:
             doc["r"] = True
@@ -230,7 +249,34 @@ class Codec:
                 reverse=True,
             )
             raise RecordTooLarge(len(payload), self.max_size, sizes[:3])
+        if (
+            self.decoded_cache_size > 0
+            and len(payload) <= DECODED_CACHE_MAX_PAYLOAD
+            and self._default_tags_only()
+            and _json_exact(doc)
+        ):
+            self._remember_written(doc, payload, aad, user_id)
         return payload
+
+    def _remember_written(
+        self, doc: dict[str, Any], payload: bytes, aad: bytes, user_id: str | None
+    ) -> None:
+        """Remember a payload just encoded from ``doc`` as if it had been decoded.
+
+        ``doc`` holds plain JSON values only (:func:`_json_exact`), so parsing the
+        payload would give it back as it is; it is checked as a decoded one is.
+        Its containers are new ones (built by :meth:`tag` or here), except
+        ``"x"``, the caller's ``meta.extra``, which gets a copy.
+        """
+        try:
+            decoded = self._interpret(doc, user_id, current=True)
+        except RecordDecodeError:
+            return  # decoding would fail too: let the read find that out
+        decoded.meta.extra = dict(decoded.meta.extra)
+        cache = self._decoded
+        if (aad, user_id) not in cache and len(cache) >= self.decoded_cache_size:
+            cache.clear()
+        cache[aad, user_id] = (payload, decoded)
 
     @staticmethod
     def _explain(tagged: dict[str, Any], error: Exception) -> Exception:
@@ -306,6 +352,11 @@ class Codec:
             # We never write such escapes (ensure_ascii=False); a lone surrogate
             # would load, then make every later write of the session fail.
             raise RecordDecodeError("a string holds a lone surrogate")
+        return self._interpret(doc, user_id, current)
+
+    @staticmethod
+    def _interpret(doc: dict[str, Any], user_id: str | None, current: bool) -> Decoded:
+        """Check a parsed payload's fields and build its :class:`Decoded`."""
         version = doc.get("v", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             if isinstance(version, int) and version > FORMAT_VERSION:
@@ -375,6 +426,22 @@ def _offset(moment: float, base: float) -> float | int:
     """
     tenths = max(0, round((moment - base) * 10))
     return tenths // 10 if tenths % 10 == 0 else tenths / 10
+
+
+def _json_exact(value: Any) -> bool:
+    """Whether ``value`` comes back from a JSON round trip exactly as it is: only
+    ``str``, ``int``, ``float``, ``bool``, ``None``, lists and dicts with string
+    keys (no subclasses: an ``IntEnum`` is written as a number and read as an ``int``)."""
+    plain = _PLAIN_TYPES
+    kind = type(value)
+    if kind is dict:
+        return all(
+            type(key) is str and (type(item) in plain or _json_exact(item))
+            for key, item in value.items()
+        )
+    if kind is list:
+        return all(type(item) in plain or _json_exact(item) for item in value)
+    return kind in plain
 
 
 def _encodable(doc: Any) -> bool:

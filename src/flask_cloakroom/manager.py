@@ -416,7 +416,7 @@ class SessionManager:
         is the user id itself (not hashed) the payload leaves it out.
         """
         user = None if meta.user_id is None else self.user_index(meta.user_id)
-        payload = self.codec.encode(meta, tagged, _aad(key, user), omit_user=not self._user_keys)
+        payload = self.codec.encode(meta, tagged, _aad(key, user), user_id=user)
         return Record(key, user, self.policy.expires_at(meta), version, payload)
 
     def _stored(

@@ -280,9 +280,10 @@ OPTIONS: tuple[Option, ...] = (
         "DECODED_CACHE_SIZE",
         "int",
         1024,
-        "How many sessions' last decoded payload each process remembers, so that a "
-        "record read again unchanged is not decrypted and parsed again (payloads up to "
-        "4 KB). It holds what the process's own requests already read; 0 turns it off.",
+        "How many sessions' last payload each process remembers in decoded form, so that "
+        "a record read again unchanged is not decrypted and parsed again (payloads up to "
+        "4 KB). It holds what the process's own requests already read or wrote; 0 turns "
+        "it off.",
         "0",
         _non_negative_int,
     ),

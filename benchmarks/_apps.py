@@ -85,10 +85,11 @@ class AppSpec:
     """What a bench app runs on.
 
     ``layer``: ``none`` (a session interface that loads and saves nothing: the floor),
-    ``cookie`` (Flask's own), ``flask-session`` (Flask-Session 0.8 on ``store``, a
-    ``redis://`` or SQLAlchemy URL) or ``cloakroom`` (on ``store``, any
-    ``CLOAKROOM_STORE`` URL).  ``activity=False`` turns the unusual-activity rules
-    and the activity log off.  ``client_cache`` (Redis only) turns on
+    ``bare-trips`` (the floor plus the bare round trips a session needs on ``store``:
+    :class:`BareTripsInterface`), ``cookie`` (Flask's own), ``flask-session``
+    (Flask-Session 0.8 on ``store``, a ``redis://`` or SQLAlchemy URL) or ``cloakroom``
+    (on ``store``, any ``CLOAKROOM_STORE`` URL).  ``activity=False`` turns the
+    unusual-activity rules and the activity log off.  ``client_cache`` (Redis only) turns on
     ``CLOAKROOM_REDIS_CLIENT_CACHE`` (see ``client_cache.py``).  ``redis_lane=False``
     (standalone Redis only) sends the store's commands through redis-py's own
     ``execute_command`` and pipelines, as before the store had its lane.
@@ -127,6 +128,83 @@ class StaticSessionInterface(SessionInterface):
         return None
 
 
+class BareTripsInterface(StaticSessionInterface):
+    """The floor plus the bare store round trips a session needs, and nothing else:
+    the physical limit of a session layer on that store.
+
+    A read-only request makes one round trip, a modifying one two: on Redis a ``GET``
+    (and a ``SET`` of a 300-byte value) on a plain socket, no client library; on
+    PostgreSQL a ``SELECT`` by primary key (and an ``UPDATE`` committed durably)
+    through psycopg.  Each worker process opens its own connection on its first request.
+    """
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name  # the Redis key, or the table, of this variant
+        self._pid = -1
+        self._trip: Callable[[bool], None] | None = None
+
+    def open_session(self, app: Flask, request: Any) -> SessionMixin:
+        if self._pid != os.getpid():
+            self._trip = self._connect()
+            self._pid = os.getpid()
+        assert self._trip is not None
+        self._trip(False)
+        if request.method == "POST":
+            self._trip(True)
+        return super().open_session(app, request)
+
+    def _connect(self) -> Callable[[bool], None]:
+        from urllib.parse import urlsplit
+
+        value = b"v" * 300
+        if self.url.startswith("redis://"):
+            parts = urlsplit(self.url)
+            sock = socket.create_connection((parts.hostname or LOOPBACK, parts.port or 6379))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            key = self.name.encode()
+            get = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key)
+            put = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+                len(key), key, len(value), value,
+            )  # fmt: skip
+
+            def redis_trip(write: bool) -> None:
+                sock.sendall(put if write else get)
+                reply = sock.recv(65536)
+                if not reply or reply[:1] == b"-":
+                    raise RuntimeError(f"Redis answered {reply[:80]!r}")
+
+            redis_trip(True)
+            return redis_trip
+        import psycopg
+        from psycopg import sql
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        conn = psycopg.connect(
+            host=url.host, port=url.port, user=url.username, dbname=url.database, autocommit=True
+        )
+        table = sql.Identifier(self.name)
+        create = "CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY, version int, payload bytea)"
+        conn.execute(sql.SQL(create).format(table))
+        insert = "INSERT INTO {} VALUES ('k', 1, %s) ON CONFLICT (key) DO NOTHING"
+        conn.execute(sql.SQL(insert).format(table), (value,))
+        cursor = conn.cursor()
+        select = sql.SQL("SELECT version, payload FROM {} WHERE key = 'k'").format(table)
+        update = sql.SQL(
+            "UPDATE {} SET version = version + 1, payload = %s WHERE key = 'k'"
+        ).format(table)
+
+        def postgres_trip(write: bool) -> None:
+            if write:
+                cursor.execute(update, (value,), prepare=True)
+            else:
+                cursor.execute(select, prepare=True)
+                cursor.fetchone()
+
+        return postgres_trip
+
+
 def create_app(
     spec: AppSpec | None = None,
     *,
@@ -146,6 +224,10 @@ def create_app(
     cloak: Cloakroom | None = None
     if spec.layer == "none":
         app.session_interface = StaticSessionInterface()
+    elif spec.layer == "bare-trips":
+        app.session_interface = BareTripsInterface(
+            spec.store, spec.table if spec.store.startswith("postgres") else spec.prefix
+        )
     elif spec.layer == "cookie":
         pass
     elif spec.layer == "flask-session":

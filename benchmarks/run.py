@@ -142,6 +142,12 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
         Variant("none", "no session layer (floor)", AppSpec("none")),
         Variant(BASELINE, "Flask cookie session", AppSpec("cookie")),
     ]
+    for store, label in (("redis", "Redis"), ("postgres", "PostgreSQL")):
+        if store in urls:
+            name = f"bare_perf_{token()}"
+            spec = AppSpec("bare-trips", urls[store], prefix=name, table=name)
+            label = f"bare {label} round trips, no session layer (the limit)"
+            out.append(Variant(f"limit-{store}", label, spec, store))
     if "redis" in urls:
         out.append(
             Variant(
@@ -229,6 +235,7 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
 QUICK = (
     "none",
     BASELINE,
+    "limit-",
     "fs-",
     "memory-enc",
     "sqlite-enc",
@@ -267,7 +274,8 @@ def serving(variants: list[Variant], scratch: Path, program: str, clients: int) 
             assert v.server is not None
             wait_ready(v.server)
             # The floor's session always holds "alice": it loads and saves nothing.
-            users = [f"user{i}" if v.spec.layer != "none" else "alice" for i in range(clients)]
+            static = v.spec.layer in ("none", "bare-trips")
+            users = [f"user{i}" if not static else "alice" for i in range(clients)]
             v.cookies = log_in(v.server.port, users)
             for index in range(60):  # warm pools, compiled statements, scripts
                 http_request(v.server.port, "GET", "/read", v.cookies[index % clients])
@@ -354,7 +362,7 @@ def count_traffic(variants: list[Variant], servers: Servers, scratch: Path, coun
     requests = 20
     for v in variants:
         spec = v.spec
-        if spec.layer in ("none", "cookie") or v.workers > 1:
+        if spec.layer in ("none", "bare-trips", "cookie") or v.workers > 1:
             continue
         traffic = Traffic()
         counting = counting_connection(traffic)
@@ -578,6 +586,37 @@ TARGETS = [
 ]
 
 
+#: Cloakroom's variants on a network store, and the bare round trips of that store.
+LIMITS = (
+    ("redis-enc", "limit-redis"),
+    ("cluster-enc", "limit-redis"),
+    ("postgres-enc", "limit-postgres"),
+)
+
+
+def limit_lines(variants: list[Variant]) -> list[str]:
+    """How close Cloakroom comes to the physical limit of its store on this machine:
+    its ratio next to the ratio of the store's bare round trips (``limit-*``)."""
+    by_key = {v.key: v for v in variants}
+    out = []
+    for key, limit in LIMITS:
+        cells = []
+        for scenario in SCENARIOS:
+            mine, bare = ratio(by_key, key, scenario), ratio(by_key, limit, scenario)
+            if mine is None or bare is None:
+                break
+            cells.append(f"{scenario} {mine:.2f} of {bare:.2f} ({mine / bare:.0%})")
+        else:
+            out.append(f"{by_key[key].label}: " + "; ".join(cells))
+    return out
+
+
+LIMIT_HEADING = (
+    "Cloakroom against the bare round trips of its store (the physical limit here), "
+    "both over the cookie session:"
+)
+
+
 # -- reporting -------------------------------------------------------------------------
 
 
@@ -734,6 +773,9 @@ def markdown(variants: list[Variant], results: list[dict[str, Any]]) -> str:
         verdict = {True: "met", False: "**missed**", None: "not measured"}[row["met"]]
         shown = "-" if got is None else f"{got:.2f}"
         out.append(f"| {row['target']} | {row['wanted']} | {shown} | {verdict} |")
+    limits = limit_lines(variants)
+    if limits:
+        out += ["", LIMIT_HEADING, ""] + [f"- {line}" for line in limits]
     return "\n".join(out) + "\n\n" + legend(by_key) + "\n"
 
 
@@ -918,6 +960,9 @@ def main(argv: list[str] | None = None) -> int:
         shown = "n/a" if got is None else f"{got:.2f}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
         print(f"  {row['target']:40} {row['wanted']:28} {shown:>8}  {verdict}")
+    limits = limit_lines(variants)
+    if limits:
+        print("\n" + LIMIT_HEADING + "\n  " + "\n  ".join(limits))
     title = (
         f"Flask-Cloakroom benchmark {stamp}: gunicorn 1 sync worker, wrk -c{args.connections} "
         f"on loopback, {rounds}x{seconds}s; {info['cpus']} CPUs {info['cpu']}"
@@ -953,6 +998,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants
         ],
         "targets": results,
+        "limits": limit_lines(variants),
         "failures": failures,
         "table": lines,
         **extra,

@@ -209,6 +209,8 @@ class Codec:
         session's next read need not decode what was just written.  That is
         done only when decoding the payload would give back exactly ``meta``
         and ``tagged``: plain JSON values, and no tags an app registered.
+        ``tagged`` is then held as it is, not copied: like the tagged data
+        :meth:`decode` returns, it must not be changed in place afterwards.
 
         Raises :class:`SessionNotSerializable` naming the first key whose value
         is not serializable, and :class:`RecordTooLarge` past ``max_size``.
@@ -303,14 +305,14 @@ class Codec:
         Raises :class:`RecordDecodeError` if the payload does not decrypt or is
         not a well-formed record of a format this version understands.
 
-        The last payload that decoded under each associated data and
-        ``user_id`` (for a stored session: its key and user) is remembered, for
-        up to ``decoded_cache_size`` sessions: a record read again unchanged
-        (each version of a session is written once, then read by its requests
-        until the next write) is compared byte for byte with the remembered
-        payload instead of being decrypted, parsed and checked again.  A new
-        version replaces its session's entry; payloads that fail to decode are
-        never remembered.
+        The last payload that decoded (or that :meth:`encode` wrote) under each
+        associated data and ``user_id`` (for a stored session: its key and user)
+        is remembered, for up to ``decoded_cache_size`` sessions: a record read
+        again unchanged (each version of a session is written once, then read by
+        its requests until the next write) is compared byte for byte with the
+        remembered payload instead of being decrypted, parsed and checked again.
+        A new version replaces its session's entry; payloads that fail to decode
+        are never remembered.
         """
         size = self.decoded_cache_size
         if size <= 0 or len(payload) > DECODED_CACHE_MAX_PAYLOAD:

@@ -30,6 +30,7 @@ worker processes.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -67,6 +68,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from ..errors import StoreError, StoreUnavailable
 from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
 from .turns import Turns
+
+logger = logging.getLogger("flask_cloakroom")
 
 _T = TypeVar("_T")
 _DELETE_CHUNK = 500
@@ -120,6 +123,10 @@ def _sqlite_pragmas(busy_timeout: float) -> Callable[[Any, Any], None]:
             cursor.close()
 
     return on_connect
+
+
+class _NeverRaised(Exception):
+    """Stands in for :class:`.sql_pq.Unsupported` where the libpq path is not used."""
 
 
 class _Watchdog:
@@ -275,11 +282,13 @@ class _Deadline:
 class _Conn:
     """A DBAPI connection of :class:`_Connections`, with what the store keeps about it."""
 
-    __slots__ = ("dbapi", "fd", "pooled")
+    __slots__ = ("dbapi", "fd", "pooled", "prepared")
 
     def __init__(self, dbapi: Any) -> None:
         self.dbapi = dbapi
         self.pooled = False  # True once it has been idle in the pool
+        #: The statements prepared on it by the libpq path (sql_pq.py), by name.
+        self.prepared: dict[bytes, Any] = {}
         # A duplicate of its socket's descriptor, for the watchdog (a plain
         # descriptor: a socket object could make the socket non-blocking under
         # socket.setdefaulttimeout()).  None if the driver does not show its
@@ -457,23 +466,29 @@ class SQLStore(Store):
             )
         )
         self._delete = delete(self.table).where(t.key == bindparam("k"))
-        self._compiled = {
-            name: self._compile(statement)
-            for name, statement in (
-                ("load", self._load),
-                ("insert", self._insert),
-                ("update", self._update),
-                ("rotate", self._rotate),
-                ("delete", self._delete),
-                ("load_for_update", self._load.with_for_update()),
-                (
-                    "user_records",
-                    select(t.key, t.user_id, t.expires_at, t.version, t.payload).where(
-                        t.user_id == bindparam("u"), t.expires_at > bindparam("now")
-                    ),
+        statements = (
+            ("load", self._load),
+            ("insert", self._insert),
+            ("update", self._update),
+            ("rotate", self._rotate),
+            ("delete", self._delete),
+            ("load_for_update", self._load.with_for_update()),
+            (
+                "user_records",
+                select(t.key, t.user_id, t.expires_at, t.version, t.payload).where(
+                    t.user_id == bindparam("u"), t.expires_at > bindparam("now")
                 ),
-            )
-        }
+            ),
+        )
+        self._compiled = {name: self._compile(statement) for name, statement in statements}
+        #: The same statements for the libpq path (PostgreSQL through psycopg 3 only).
+        self._pq: dict[str, Any] | None = self._pq_statements(engine, statements)
+        self._pq_cursor: Any = None
+        self._pq_unsupported: type[Exception] = _NeverRaised
+        if self._pq is not None:
+            from .sql_pq import PQCursor, Unsupported
+
+            self._pq_cursor, self._pq_unsupported = PQCursor, Unsupported
         self._begin = "BEGIN IMMEDIATE" if self.name == "sqlite" else "BEGIN"
         pool = engine.pool
         size = getattr(pool, "size", lambda: 5)() + max(0, getattr(pool, "_max_overflow", 10))
@@ -495,6 +510,29 @@ class SQLStore(Store):
 
     # -- plumbing --------------------------------------------------------------
 
+    @staticmethod
+    def _pq_statements(
+        engine: Engine, statements: Sequence[tuple[str, Any]]
+    ) -> dict[str, Any] | None:
+        """The hot statements for :mod:`.sql_pq`, or ``None`` where it does not apply."""
+        if engine.dialect.name != "postgresql" or engine.dialect.driver != "psycopg":
+            return None
+        from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+        from .sql_pq import PQStatement
+
+        dollar = PGDialect_psycopg(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
+        out: dict[str, Any] = {}
+        for name, statement in statements:
+            compiled = statement.compile(dialect=dollar)
+            out[name] = PQStatement(
+                f"cloakroom_{name}".encode("ascii"),
+                compiled.string.encode("utf-8"),
+                tuple(compiled.positiontup or ()),
+                returns_rows=bool(getattr(statement, "is_select", False)),
+            )
+        return out
+
     def _compile(self, statement: Any) -> tuple[str, tuple[str, ...] | None]:
         """SQL text for the engine's DBAPI, and the parameter order if positional."""
         compiled = statement.compile(dialect=self.engine.dialect)
@@ -511,10 +549,9 @@ class SQLStore(Store):
         if not self._ready:
             with self._errors():
                 self._ensure_table()
-        statement = self._args(name, params)
 
         def run(cursor: Any) -> Any:
-            cursor.execute(*statement)
+            cursor.execute(*self._args(name, params))
             if not fetch:
                 return cursor.rowcount
             return cursor.fetchall() if many else cursor.fetchone()
@@ -573,13 +610,20 @@ class SQLStore(Store):
                 raise StoreUnavailable(_first_line(error), store=self.name) from error
             late = False
             try:
-                cursor = conn.dbapi.cursor()
+                cursor = self._cursor(conn)
                 watched = None if conn.fd is None else _Watched(cursor, conn.fd, self._timeout)
                 try:
                     result = work(cursor if watched is None else watched)
                 finally:
                     late = watched is not None and watched.late
                     cursor.close()
+            except self._pq_unsupported as error:
+                # A table whose columns the libpq path cannot read (changed by hand):
+                # psycopg's cursors from now on.  Nothing ran: preparing comes first.
+                logger.warning("%s: %s; using psycopg's cursors instead", self.name, error)
+                self._pq = None
+                self._release(conn, late)
+                continue
             except dbapi.IntegrityError:
                 self._release(conn, late)  # a unique key was violated; the connection is fine
                 raise
@@ -608,6 +652,13 @@ class SQLStore(Store):
                 raise
             self._release(conn, late)
             return result
+
+    def _cursor(self, conn: _Conn) -> Any:
+        """A cursor for the hot statements: on libpq for PostgreSQL through psycopg 3
+        (:mod:`.sql_pq`), else the DBAPI's own."""
+        if self._pq is not None:
+            return self._pq_cursor(conn.dbapi, conn.prepared)
+        return conn.dbapi.cursor()
 
     def _release(self, conn: _Conn, late: bool) -> None:
         """Pool ``conn`` again, unless the watchdog shut it (its statement ended just late)."""
@@ -765,7 +816,11 @@ class SQLStore(Store):
         finally:
             self._sqlite_writer.release()
 
-    def _args(self, name: str, params: dict[str, Any]) -> tuple[str, Any]:
+    def _args(self, name: str, params: dict[str, Any]) -> tuple[Any, Any]:
+        pq = self._pq
+        if pq is not None:
+            statement = pq[name]
+            return statement, tuple(params[k] for k in statement.order)
         sql, order = self._compiled[name]
         return sql, params if order is None else tuple(params[k] for k in order)
 

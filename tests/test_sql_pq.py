@@ -1,0 +1,129 @@
+"""The SQL store's libpq path on PostgreSQL (stores/sql_pq.py), on a real server.
+
+What must hold: the hot statements really run on it, values come back exactly as
+psycopg's cursors give them (floats to the last bit, every byte of a payload, NULLs,
+non-ASCII ids), a statement the server forgot (a pooler's reset) is prepared again, an
+error reply is psycopg's exception for it (a unique violation is a lost race), and a
+table whose columns it cannot read sends the store back to psycopg's cursors.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from flask_cloakroom.stores import open_store
+from flask_cloakroom.stores.base import Record
+from flask_cloakroom.stores.sql import SQLStore
+
+NOW = 1_900_000_000.0
+
+
+@pytest.fixture
+def pg_store(postgres_url: str) -> Iterator[SQLStore]:
+    store = open_store(postgres_url, sql_table="cr_pq_" + secrets.token_hex(4))
+    assert isinstance(store, SQLStore)
+    yield store
+    store.table.drop(store.engine, checkfirst=True)
+    store.close()
+
+
+def _cursor_view(store: SQLStore, key: str) -> tuple[object, ...] | None:
+    """The record's row as psycopg's own cursor reads it (the other path)."""
+    query = sql.SQL(
+        "SELECT key, user_id, expires_at, version, payload FROM {} WHERE key = %s"
+    ).format(sql.Identifier(store.table.name))
+    with store.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert isinstance(raw, psycopg.Connection)
+        with raw.cursor() as cursor:
+            cursor.execute(query, (key,))
+            row = cursor.fetchone()
+        raw.rollback()
+    return None if row is None else tuple(row)
+
+
+def test_the_hot_statements_run_on_libpq_and_read_back_exactly(pg_store: SQLStore) -> None:
+    assert pg_store._pq is not None
+    records = [
+        Record("a" * 32, "user-é-😀", NOW + 0.1 + 1e-7, 1, bytes(range(256)) * 3),
+        Record("b" * 32, None, 1_234_567_890.123_456_7, 7, b""),
+        Record("c" * 32, "u" * 255, NOW + 123.456, 2_000_000_000, b"\x00\x01{json}\xff"),
+    ]
+    for record in records:
+        assert pg_store.save(record, expected=None, now=NOW)
+        assert pg_store.load(record.key) == record
+        row = _cursor_view(pg_store, record.key)
+        assert row is not None
+        assert row[:4] == (record.key, record.user_id, record.expires_at, record.version)
+        assert isinstance(row[4], bytes) and row[4] == record.payload
+    # Prepared once on the connection, under the store's own names.
+    idle = list(pg_store._connections._idle)
+    assert idle and any(b"cloakroom_load" in conn.prepared for conn in idle)
+    # An update is conditional on the version; a create on an existing key is refused.
+    newer = Record("a" * 32, None, NOW + 60, 2, b"v2")
+    assert not pg_store.save(newer, expected=5, now=NOW)
+    assert pg_store.save(newer, expected=1, now=NOW)
+    assert not pg_store.save(records[1], expected=None, now=NOW)  # a unique violation
+    assert pg_store.load("a" * 32) == newer
+    assert pg_store.user_records("u" * 255, now=NOW) == [records[2]]
+    assert pg_store.delete("b" * 32) and pg_store.load("b" * 32) is None
+
+
+def test_a_statement_the_server_forgot_is_prepared_again(pg_store: SQLStore) -> None:
+    record = Record("d" * 32, "alice", NOW + 60, 1, b"payload")
+    assert pg_store.save(record, expected=None, now=NOW)
+    assert pg_store.load(record.key) == record
+    for conn in pg_store._connections._idle:
+        conn.dbapi.execute("DEALLOCATE ALL")  # what a pooler's reset does
+    assert pg_store.load(record.key) == record
+    assert pg_store.save(Record("d" * 32, "alice", NOW + 90, 2, b"p2"), expected=1, now=NOW)
+    assert pg_store.load(record.key) == Record("d" * 32, "alice", NOW + 90, 2, b"p2")
+
+
+def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore) -> None:
+    from flask_cloakroom.stores.sql_pq import PQCursor, PQStatement
+
+    pg_store.ping()
+    with pg_store.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert isinstance(raw, psycopg.Connection)
+        raw.autocommit = True
+        cursor = PQCursor(raw, {})
+        broken = PQStatement(b"cloakroom_test", b"SELECT 1/$1::int", ("n",), returns_rows=True)
+        cursor.execute(broken, (1,))
+        assert cursor.fetchone() == (1,)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            cursor.execute(broken, (0,))
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            cursor.execute("SELECT * FROM cloakroom_no_such_table")
+
+
+def test_a_table_it_cannot_read_sends_the_store_back_to_psycopgs_cursors(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = "cr_pq_numeric_" + secrets.token_hex(4)
+    store = open_store(postgres_url, sql_table=table)
+    assert isinstance(store, SQLStore)
+    try:
+        with store.engine.begin() as conn:  # made by hand: expires_at as NUMERIC
+            conn.exec_driver_sql(
+                f"CREATE TABLE {table} (key varchar(32) PRIMARY KEY, user_id varchar(255), "
+                "expires_at numeric NOT NULL, version integer NOT NULL, payload bytea NOT NULL)"
+            )
+        record = Record("e" * 32, "bob", NOW + 60.5, 1, b"data")
+        assert store.save(record, expected=None, now=NOW)  # writes need no conversion
+        with caplog.at_level(logging.WARNING, logger="flask_cloakroom"):
+            loaded = store.load(record.key)
+        assert store._pq is None
+        assert "using psycopg's cursors instead" in caplog.text
+        assert loaded is not None and loaded.key == record.key and loaded.payload == b"data"
+        assert float(loaded.expires_at) == NOW + 60.5
+    finally:
+        store.table.drop(store.engine, checkfirst=True)
+        store.close()

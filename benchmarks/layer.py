@@ -296,7 +296,7 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
             ("write: codec.tag", lambda: manager.codec.tag(loaded)),
             (
                 "write: codec.encode (JSON + seal)",
-                lambda: manager.codec.encode(meta, tagged, aad, omit_user=True),
+                lambda: manager.codec.encode(meta, tagged, aad, user_id=meta.user_id),
             ),
             (
                 "write: manager._record (encode + Record)",

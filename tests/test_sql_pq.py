@@ -2,9 +2,10 @@
 
 What must hold: the hot statements really run on it, values come back exactly as
 psycopg's cursors give them (floats to the last bit, every byte of a payload, NULLs,
-non-ASCII ids), a statement the server forgot (a pooler's reset) is prepared again, an
-error reply is psycopg's exception for it (a unique violation is a lost race), and a
-table whose columns it cannot read sends the store back to psycopg's cursors.
+non-ASCII ids), a statement the server forgot (a pooler's reset) is prepared again and
+one it knows already is used, an error reply is psycopg's exception for it (a unique
+violation is a lost race), and a table whose columns it cannot read sends the store
+back to psycopg's cursors.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def test_a_statement_the_server_forgot_is_prepared_again(pg_store: SQLStore) -> 
     assert pg_store.load(record.key) == record
     assert pg_store.save(Record("d" * 32, "alice", NOW + 90, 2, b"p2"), expected=1, now=NOW)
     assert pg_store.load(record.key) == Record("d" * 32, "alice", NOW + 90, 2, b"p2")
+    # The other way round: the server knows the statement and the store does not (a
+    # pooler's server connection that another client prepared it on).
+    for conn in pg_store._connections._idle:
+        conn.prepared.clear()
+    assert pg_store.load(record.key) == Record("d" * 32, "alice", NOW + 90, 2, b"p2")
+    assert all(b"cloakroom_load" in conn.prepared for conn in pg_store._connections._idle)
 
 
 def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore) -> None:

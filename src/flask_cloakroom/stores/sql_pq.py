@@ -11,7 +11,8 @@ through psycopg's own libpq wrapper (``Connection.pgconn``: ``prepare`` and
 * each statement is prepared once per connection, under a name of its own
   (``cloakroom_<name>``), and described, so the types of its columns are known;
   a statement the server no longer knows (``26000``: the connection was reset by a
-  pooler, say) is prepared again;
+  pooler, say) is prepared again, and one it knows already (``42P05``: a pooler's
+  server connection that another client prepared it on) is used as it is;
 * parameters go as text, except ``bytes`` (``bytea``), which go as binary; rows come
   back in binary and are converted by column type (text, ``bytea``, floats and
   integers); a column of another type (a table changed by hand) raises
@@ -39,6 +40,12 @@ __all__ = ["PQCursor", "PQStatement", "Unsupported"]
 
 _OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 _UNKNOWN_STATEMENT = b"26000"
+_ALREADY_PREPARED = b"42P05"
+
+
+def _sqlstate(result: Any) -> bytes | None:
+    state: bytes | None = result.error_field(pq.DiagnosticField.SQLSTATE)
+    return state
 
 
 def _text(value: bytes) -> str:
@@ -126,7 +133,9 @@ class PQCursor:
 
     def _prepare(self, statement: PQStatement) -> Sequence[Callable[[bytes], Any]]:
         pgconn = self._pgconn
-        self._check(pgconn.prepare(statement.name, statement.sql))
+        prepared = pgconn.prepare(statement.name, statement.sql)
+        if prepared.status not in _OK and _sqlstate(prepared) != _ALREADY_PREPARED:
+            self._check(prepared)  # (already prepared: a pooler's server connection)
         converters: list[Callable[[bytes], Any]] = []
         if statement.returns_rows:
             described = self._check(pgconn.describe_prepared(statement.name))
@@ -144,7 +153,7 @@ class PQCursor:
 
     @staticmethod
     def _unknown(result: Any) -> bool:
-        return bool(result.error_field(pq.DiagnosticField.SQLSTATE) == _UNKNOWN_STATEMENT)
+        return _sqlstate(result) == _UNKNOWN_STATEMENT
 
     def _check(self, result: Any) -> Any:
         if result.status in _OK:
@@ -154,7 +163,7 @@ class PQCursor:
         ).strip() or "the statement failed"
         if self._pgconn.status == pq.ConnStatus.BAD:
             raise psycopg.OperationalError(message)
-        sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
+        sqlstate = _sqlstate(result)
         try:
             cls = errors.lookup(sqlstate.decode("ascii")) if sqlstate else psycopg.DatabaseError
         except KeyError:

@@ -65,7 +65,12 @@ def test_the_hot_statements_run_on_libpq_and_read_back_exactly(pg_store: SQLStor
         assert isinstance(row[4], bytes) and row[4] == record.payload
     # Prepared once on the connection, under the store's own names.
     idle = list(pg_store._connections._idle)
-    assert idle and any(b"cloakroom_load" in conn.prepared for conn in idle)
+    load_name = pg_store._pq["load"].name
+    assert load_name.startswith(b"cloakroom_load_")
+    assert idle and any(load_name in conn.prepared for conn in idle)
+    # Another table's statement has another name (a pooler may share server connections).
+    other = SQLStore(pg_store.engine, table=pg_store.table.name + "_x", create_table=False)
+    assert other._pq is not None and other._pq["load"].name != load_name
     # An update is conditional on the version; a create on an existing key is refused.
     newer = Record("a" * 32, None, NOW + 60, 2, b"v2")
     assert not pg_store.save(newer, expected=5, now=NOW)
@@ -90,7 +95,9 @@ def test_a_statement_the_server_forgot_is_prepared_again(pg_store: SQLStore) -> 
     for conn in pg_store._connections._idle:
         conn.prepared.clear()
     assert pg_store.load(record.key) == Record("d" * 32, "alice", NOW + 90, 2, b"p2")
-    assert all(b"cloakroom_load" in conn.prepared for conn in pg_store._connections._idle)
+    assert pg_store._pq is not None
+    load_name = pg_store._pq["load"].name
+    assert all(load_name in conn.prepared for conn in pg_store._connections._idle)
 
 
 def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore) -> None:

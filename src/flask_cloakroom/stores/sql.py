@@ -16,7 +16,9 @@ The four statements on a request's path (load, insert, update, delete) are
 compiled once by SQLAlchemy for the engine's dialect and then run on DBAPI
 connections kept in autocommit mode (see :class:`_Connections`): one round
 trip per operation, with no ``BEGIN``/``ROLLBACK`` around it and none of the
-per-statement overhead of the Core execution path.  Each of those statements
+per-statement overhead of the Core execution path.  On PostgreSQL through psycopg
+3 they skip psycopg's cursors too and run straight on libpq (:mod:`.sql_pq`).
+Each of those statements
 must answer within the store timeout, or :class:`_Watchdog` breaks its
 connection (a frozen server would otherwise keep the request forever).
 Everything else (paging, purging, the activity log) goes through SQLAlchemy
@@ -30,6 +32,7 @@ worker processes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -525,9 +528,13 @@ class SQLStore(Store):
         out: dict[str, Any] = {}
         for name, statement in statements:
             compiled = statement.compile(dialect=dollar)
+            text = compiled.string.encode("utf-8")
+            # Named after its text too: on a server connection shared through a pooler,
+            # the same name always means the same statement (of the same table).
+            digest = hashlib.sha256(text).hexdigest()[:16]
             out[name] = PQStatement(
-                f"cloakroom_{name}".encode("ascii"),
-                compiled.string.encode("utf-8"),
+                f"cloakroom_{name}_{digest}".encode("ascii"),
+                text,
                 tuple(compiled.positiontup or ()),
                 returns_rows=bool(getattr(statement, "is_select", False)),
             )
@@ -619,7 +626,8 @@ class SQLStore(Store):
                     cursor.close()
             except self._pq_unsupported as error:
                 # A table whose columns the libpq path cannot read (changed by hand):
-                # psycopg's cursors from now on.  Nothing ran: preparing comes first.
+                # psycopg's cursors from now on.  Nothing was changed: a statement is
+                # prepared before it first runs (a transaction begun for it rolled back).
                 logger.warning("%s: %s; using psycopg's cursors instead", self.name, error)
                 self._pq = None
                 self._release(conn, late)

@@ -9,7 +9,8 @@ through psycopg's own libpq wrapper (``Connection.pgconn``: ``prepare`` and
 ``exec_prepared``, C calls that release the GIL while they wait):
 
 * each statement is prepared once per connection, under a name of its own
-  (``cloakroom_<name>``), and described, so the types of its columns are known;
+  (``cloakroom_<name>_<hash of its text>``), and described, so the types of its
+  columns are known;
   a statement the server no longer knows (``26000``: the connection was reset by a
   pooler, say) is prepared again, and one it knows already (``42P05``: a pooler's
   server connection that another client prepared it on) is used as it is;

@@ -275,10 +275,7 @@ class Codec:
         except RecordDecodeError:
             return  # decoding would fail too: let the read find that out
         decoded.meta.extra = dict(decoded.meta.extra)
-        cache = self._decoded
-        if (aad, user_id) not in cache and len(cache) >= self.decoded_cache_size:
-            cache.clear()
-        cache[aad, user_id] = (payload, decoded)
+        self._remember(aad, user_id, payload, decoded)
 
     @staticmethod
     def _explain(tagged: dict[str, Any], error: Exception) -> Exception:
@@ -323,10 +320,17 @@ class Codec:
             remembered = known[1]
             return Decoded(remembered.meta.copy(), remembered.raw, remembered.current)
         decoded = self._decode(payload, aad, user_id)
-        if known is None and len(cache) >= size:
-            cache.clear()  # every entry is one session's: start again, at O(1) a request
-        cache[aad, user_id] = (payload, Decoded(decoded.meta.copy(), decoded.raw, decoded.current))
+        self._remember(
+            aad, user_id, payload, Decoded(decoded.meta.copy(), decoded.raw, decoded.current)
+        )
         return decoded
+
+    def _remember(self, aad: bytes, user_id: str | None, payload: bytes, decoded: Decoded) -> None:
+        """Hold ``decoded`` (the caller's to give away) as the session's last payload."""
+        cache = self._decoded
+        if (aad, user_id) not in cache and len(cache) >= self.decoded_cache_size:
+            cache.clear()  # every entry is one session's: start again, at O(1) a request
+        cache[aad, user_id] = (payload, decoded)
 
     def _decode(self, payload: bytes, aad: bytes, user_id: str | None) -> Decoded:
         current = True

@@ -8,6 +8,7 @@ clients that must see every command (one connection, redis-py's own cache) get n
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import secrets
 import threading
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import SentinelConnectionPool
 
+from flask_cloakroom.stores import redis_lane, resp
 from flask_cloakroom.stores.base import Record
 from flask_cloakroom.stores.redis import RedisStore, open_redis_store
 from flask_cloakroom.stores.redis_lane import Lane, lane_for
@@ -46,19 +49,24 @@ class Target:
 TIMEOUT = 0.5
 
 
-@pytest.fixture(params=["redis_server", "redis_sentinel"])
-def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+@pytest.fixture(params=["redis_server", "redis_server, python reader", "redis_sentinel"])
+def target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
     """A standalone client set up as open_redis_store sets up its own (one retry of a
-    dropped connection, none of a timeout), or the client of a Sentinel store, whose
-    connections do not disconnect by themselves when a read fails."""
-    server = request.getfixturevalue(request.param)
+    dropped connection, none of a timeout), whose lane talks to the socket itself,
+    with hiredis's reader and packer or, as where hiredis is not installed, with
+    flask_cloakroom.stores.resp; or the client of a Sentinel store, whose lane goes
+    through redis-py's send and read (its connections must see READONLY replies)."""
+    name, _, reader = request.param.partition(", ")
+    if reader:
+        without_hiredis(monkeypatch)
+    server = request.getfixturevalue(name)
     prefix = f"{server.prefix}lane:{secrets.token_hex(4)}:"
     store = open_redis_store(
         server.url, prefix=prefix, timeout=TIMEOUT, wait_replicas=0, client_cache=0
     )
     assert isinstance(store, RedisStore)
     client = store.client
-    if request.param == "redis_sentinel":
+    if name == "redis_sentinel":
         host, port = client.connection_pool.get_master_address()
     else:
         host, port = server.host, server.port
@@ -69,6 +77,13 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         store.close()
         admin.close()
         flush_prefix(server.url, prefix)
+
+
+def without_hiredis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where hiredis is not installed: redis-py packs commands in Python (in the
+    client's encoding), and the lane packs and reads with flask_cloakroom.stores.resp."""
+    monkeypatch.setattr(redis_lane, "HIREDIS_AVAILABLE", False)
+    monkeypatch.setattr(redis.connection, "HIREDIS_AVAILABLE", False)
 
 
 @pytest.fixture
@@ -123,6 +138,80 @@ def test_commands_sent_together_get_their_own_replies_in_order(target: Target, l
     assert isinstance(replies[3], ResponseError) and "not an integer" in str(replies[3])
     assert lane.execute("GET", key) == b"value"
     assert connection_id(lane) == before
+
+
+def test_plain_connections_are_read_by_the_lane_itself(target: Target, lane: Lane) -> None:
+    """The lane reads a plain connection's socket with a reader of its own (hiredis's,
+    or the pure-Python one); a Sentinel's connections are read by redis-py."""
+    lane.execute("PING")
+    (wire,) = lane._idle
+    if isinstance(target.client.connection_pool, SentinelConnectionPool):
+        assert wire.reader is None
+    elif redis_lane.HIREDIS_AVAILABLE:
+        assert type(wire.reader).__module__ == "hiredis"
+        assert wire.pack is redis_lane._hiredis_pack
+    else:
+        assert isinstance(wire.reader, resp.Reader)
+        assert isinstance(wire.pack, functools.partial) and wire.pack.func is resp.pack
+
+
+def test_replies_of_every_shape_come_back_as_redis_py_gives_them(
+    target: Target, lane: Lane
+) -> None:
+    """Bulk strings long enough to arrive in many reads, nils, integers, statuses,
+    arrays nested in arrays, and error replies as redis-py's own exception classes."""
+    big, listed = f"{target.prefix}big", f"{target.prefix}list"
+    value = secrets.token_bytes(3 * 1024 * 1024)  # many socket reads
+    assert lane.execute("SET", big, value) == b"OK"
+    assert lane.execute("RPUSH", listed, "a", b"\x00\xff", "é") == 3
+    assert lane.execute("INCRBYFLOAT", f"{target.prefix}float", 1.5) == b"1.5"
+    nested = "return {1, 'two', {3, false}, redis.status_reply('FINE')}"
+    reads: list[tuple[object, ...]] = [
+        ("GET", big),
+        ("GET", f"{target.prefix}missing"),
+        ("LRANGE", listed, 0, -1),
+        ("MGET", big, f"{target.prefix}missing", listed),
+        ("EVAL", nested, 0),
+        ("EXISTS", big, listed),
+        ("TYPE", listed),
+    ]
+    for command in reads:
+        theirs = target.client.execute_command(*command, NEVER_DECODE=True)  # type: ignore[no-untyped-call]
+        assert lane.execute(*command) == theirs, command
+    assert lane.execute("GET", big) == value
+    assert lane.execute("LRANGE", listed, 0, -1) == [b"a", b"\x00\xff", "é".encode()]
+    assert lane.execute("EVAL", nested, 0) == [1, b"two", [3, None], b"FINE"]
+    with pytest.raises(ResponseError, match=r"^MINE went wrong$"):
+        lane.execute("EVAL", "return redis.error_reply('MINE went wrong')", 0)
+    with pytest.raises(NoScriptError):  # the class the store's scripts rely on
+        lane.execute("EVALSHA", "0" * 40, 0)
+    assert len(lane) == 1
+
+
+@pytest.mark.parametrize("hiredis_reader", [True, False], ids=["hiredis", "python reader"])
+def test_a_key_is_the_same_key_on_the_lane_and_through_the_client(
+    redis_server: RedisServer, hiredis_reader: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane packs strings exactly as the client's own commands do, whatever the
+    client's encoding (the store sends some commands each way)."""
+    if not hiredis_reader:
+        without_hiredis(monkeypatch)
+    client = redis.Redis.from_url(redis_server.url, encoding="latin-1")
+    admin = redis.Redis.from_url(redis_server.url)
+    lane = make_lane(client)
+    key = f"{redis_server.prefix}lane:{secrets.token_hex(4)}:clé"
+    raw = {"NEVER_DECODE": True}
+    try:
+        lane.execute("SET", key, "café")
+        assert client.execute_command("GET", key, **raw) == lane.execute("GET", key)  # type: ignore[no-untyped-call]
+        client.execute_command("SET", key, "thé")  # type: ignore[no-untyped-call]
+        assert lane.execute("GET", key) == client.execute_command("GET", key, **raw)  # type: ignore[no-untyped-call]
+        assert admin.exists(key.encode("utf-8")) + admin.exists(key.encode("latin-1")) == 1
+    finally:
+        admin.delete(key.encode("utf-8"), key.encode("latin-1"))
+        lane.close()
+        client.close()
+        admin.close()
 
 
 def test_exchanges_on_two_servers_finish_apart(target: Target, lane: Lane) -> None:

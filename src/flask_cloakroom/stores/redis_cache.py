@@ -28,9 +28,9 @@ The rules that keep it correct:
 
 It works with a standalone Redis 6.0 or later over RESP2 or RESP3; not with a
 Cluster or Sentinel (the tracking connection would have to follow failovers and
-slot moves).  The tracking connection speaks the protocol itself (a few lines of
-RESP parsing, below), so that no message can be taken out of its stream by a
-client library's own handling of push messages.
+slot moves).  The tracking connection speaks the protocol itself
+(:mod:`~flask_cloakroom.stores.resp`), so that no message can be taken out of its
+stream by a client library's own handling of push messages.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from typing import Any, Final
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+
+from . import resp
 
 __all__ = ["RecordCache"]
 
@@ -323,16 +325,18 @@ class _Tracker:
         """Complete messages in the buffer, consumed as they are yielded."""
         while self._buffer:
             try:
-                message, end = _parse(self._buffer, 0)
-            except _Incomplete:
+                message, end = resp.parse(self._buffer, 0)
+            except resp.Incomplete:
                 return
             del self._buffer[:end]
+            if isinstance(message, ResponseError):
+                raise message
             yield message
 
     @staticmethod
     def _invalidated(message: Any) -> Any:
         """The keys an invalidation names (``None`` for all), or _NOT_AN_INVALIDATION."""
-        if isinstance(message, _Push):
+        if isinstance(message, resp.Push):
             items = message.items
             if items[:1] == [b"invalidate"] and len(items) == 2:
                 return _names(items[1])
@@ -359,66 +363,3 @@ def _names(keys: Any) -> list[str] | None:
     if not isinstance(keys, list):
         raise ValueError(f"an invalidation message with {keys!r} for keys")
     return [key.decode("utf-8", "surrogateescape") for key in keys]
-
-
-# -- RESP, as much as the tracking connection receives ---------------------------------
-
-
-class _Incomplete(Exception):
-    """The buffer ends inside a message."""
-
-
-class _Push:
-    __slots__ = ("items",)
-
-    def __init__(self, items: list[Any]) -> None:
-        self.items = items
-
-
-def _line(buffer: bytearray, start: int) -> tuple[bytes, int]:
-    end = buffer.find(b"\r\n", start)
-    if end < 0:
-        raise _Incomplete
-    return bytes(buffer[start:end]), end + 2
-
-
-def _parse(buffer: bytearray, start: int) -> tuple[Any, int]:
-    """One RESP2/RESP3 value at ``start``: ``(value, end)``; raises _Incomplete."""
-    line, pos = _line(buffer, start + 1)
-    kind = bytes(buffer[start : start + 1])
-    if kind in (b"+", b"("):
-        return line, pos
-    if kind in (b"-", b"!"):
-        if kind == b"!":
-            size = int(line)
-            if len(buffer) < pos + size + 2:
-                raise _Incomplete
-            line, pos = bytes(buffer[pos : pos + size]), pos + size + 2
-        raise ResponseError(line.decode("utf-8", "replace"))
-    if kind == b":":
-        return int(line), pos
-    if kind in (b"$", b"="):
-        size = int(line)
-        if size < 0:
-            return None, pos
-        if len(buffer) < pos + size + 2:
-            raise _Incomplete
-        return bytes(buffer[pos : pos + size]), pos + size + 2
-    if kind == b"_":
-        return None, pos
-    if kind in (b"#", b","):
-        return line, pos
-    if kind in (b"*", b">", b"~", b"%", b"|"):
-        count = int(line)
-        if count < 0:
-            return None, pos
-        if kind in (b"%", b"|"):
-            count *= 2
-        items = []
-        for _ in range(count):
-            item, pos = _parse(buffer, pos)
-            items.append(item)
-        if kind == b"|":  # attributes come before the value they describe: skip them
-            return _parse(buffer, pos)
-        return (_Push(items) if kind == b">" else items), pos
-    raise ValueError(f"not a RESP message: {bytes(buffer[start : start + 16])!r}")

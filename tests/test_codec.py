@@ -26,7 +26,7 @@ from flask_cloakroom import Cloakroom, RecordDecodeError
 from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec, _json_exact
 from flask_cloakroom.crypto import Keyring, generate_key, parse_key
 from flask_cloakroom.session import Meta
-from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id
+from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id, store_key
 
 _TAG_KEYS = sorted(session_json_serializer.tags)
 
@@ -391,10 +391,11 @@ def test_verified_cookies_are_remembered_and_forged_ones_are_not() -> None:
     value = signer.sign(session_id)
     first = signer.unsign(value)
     assert first is not None and first.session_id == session_id and not first.stale_key
+    assert first.key == store_key(session_id)
     assert signer.unsign(value) is first  # from the cache
     stale = old_signer.sign(session_id)
-    assert signer.unsign(stale) == (session_id, True)
-    assert signer.unsign(stale) == (session_id, True)  # cached, still marked stale
+    assert signer.unsign(stale) == (session_id, True, store_key(session_id))
+    assert signer.unsign(stale) == (session_id, True, store_key(session_id))  # cached, stale
     forged = value[:-1] + ("A" if value[-1] != "A" else "B")
     for _ in range(3):
         assert signer.unsign(forged) is None

@@ -236,7 +236,7 @@ class SessionManager:
             if unsigned is None:
                 foreign.append(value)
                 continue
-            session = self.load(store_key(unsigned.session_id), now)
+            session = self.load(unsigned.key, now)
             if session is None:
                 break
             session.session_id = unsigned.session_id

@@ -62,10 +62,12 @@ def _mac_key(secret: str | bytes) -> bytes:
 
 
 class Unsigned(NamedTuple):
-    """A verified cookie: the session id, and whether it was signed by a fallback key."""
+    """A verified cookie: the session id, whether it was signed by a fallback key, and
+    the id's :func:`store_key` (worked out once, with the verification)."""
 
     session_id: bytes
     stale_key: bool
+    key: str
 
 
 #: How many verified cookies a signer remembers (about 300 bytes each).
@@ -76,7 +78,7 @@ class CookieSigner:
     """Signs and verifies session cookies under ``SECRET_KEY`` and its fallbacks.
 
     Cookies that verified are remembered (up to :data:`VERIFIED_CACHE_SIZE`), so
-    a browser's next requests skip the HMAC and base64 work.  What is remembered
+    a browser's next requests skip the HMAC, base64 and store-key hashing work.  What is remembered
     is only "this exact text carries a valid tag", which stays true as long as the
     keys do (a signer's keys never change); forged cookies are never remembered,
     so they cannot fill the cache.
@@ -118,7 +120,7 @@ class CookieSigner:
                     session_id = base64.urlsafe_b64decode(text + b"=")
                 except ValueError:  # pragma: no cover - we signed it, so it decodes
                     return None
-                verified = Unsigned(session_id, index > 0)
+                verified = Unsigned(session_id, index > 0, store_key(session_id))
                 if len(self._verified) >= VERIFIED_CACHE_SIZE:
                     self._verified.clear()  # simple and rare: once per that many new cookies
                 self._verified[value] = verified

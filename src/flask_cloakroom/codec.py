@@ -440,13 +440,17 @@ def _json_exact(value: Any) -> bool:
     keys (no subclasses: an ``IntEnum`` is written as a number and read as an ``int``)."""
     plain = _PLAIN_TYPES
     kind = type(value)
+    # Loops, not all() over generators: this runs on every write.
     if kind is dict:
-        return all(
-            type(key) is str and (type(item) in plain or _json_exact(item))
-            for key, item in value.items()
-        )
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in plain and not _json_exact(item)):
+                return False
+        return True
     if kind is list:
-        return all(type(item) in plain or _json_exact(item) for item in value)
+        for item in value:
+            if type(item) not in plain and not _json_exact(item):
+                return False
+        return True
     return kind in plain
 
 

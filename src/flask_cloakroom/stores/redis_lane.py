@@ -33,7 +33,7 @@ RESP2) the lane packs the commands and reads the replies itself, on the connecti
 socket, with a reader of its own for each connection (hiredis's where redis-py uses
 hiredis, else :mod:`~flask_cloakroom.stores.resp`).  The connection still connects,
 authenticates, checks its health and follows its retry policy as for redis-py's own
-commands, for about 18 µs less CPU a command (docs/redis.md, "Connections").  A
+commands, for about 12 µs less CPU a command (docs/redis.md, "Connections").  A
 socket error or timeout disconnects it and raises redis-py's ``ConnectionError`` or
 ``TimeoutError``; an error reply comes back as the exception redis-py makes of it.
 Other connections (a Sentinel's, which must see ``READONLY`` replies; RESP3's, which

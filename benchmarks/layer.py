@@ -67,8 +67,10 @@ class InProcess:
         return statistics.median(self.times[scenario]) * 1e6
 
 
-def in_process_variants(tmp: str, redis_url: str | None = None) -> list[InProcess]:
-    """The apps of the layer measurement, logged in."""
+def in_process_variants(
+    tmp: str, redis_url: str | None = None, *, only: str | None = None
+) -> list[InProcess]:
+    """The apps of the layer measurement, logged in (``only``: just the one so named)."""
     specs = [
         ("floor (no session layer)", AppSpec("none")),
         ("flask cookie session", AppSpec("cookie")),
@@ -97,6 +99,8 @@ def in_process_variants(tmp: str, redis_url: str | None = None) -> list[InProces
         )
     out = []
     for name, spec in specs:
+        if only is not None and name != only:
+            continue
         browser = Browser(create_app(spec))
         browser.login()
         out.append(InProcess(name, spec, browser))
@@ -337,7 +341,7 @@ def _loop(browser: Browser, seconds: float) -> tuple[int, float]:
 def _child(name: str, seconds: float, redis_url: str | None) -> None:
     """``--loop``: one variant's read loop under py-spy; prints requests and seconds."""
     with tempfile.TemporaryDirectory(prefix="cloakroom-layer-") as tmp:
-        variant = next(v for v in in_process_variants(tmp, redis_url) if v.name == name)
+        (variant,) = in_process_variants(tmp, redis_url, only=name)
         for _ in range(300):
             variant.browser.request("GET", "/read")
         count, spent = _loop(variant.browser, seconds)

@@ -447,7 +447,7 @@ def _json_exact(value: Any) -> bool:
                 return False
         return True
     if kind is list:
-        for item in value:
+        for item in value:  # noqa: SIM110 - a loop, for speed (above)
             if type(item) not in plain and not _json_exact(item):
                 return False
         return True

@@ -1109,6 +1109,14 @@ def timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
+def save_results(result: dict[str, Any], path: Path | None, stem: str) -> Path:
+    """Write ``result`` as JSON to ``path``, or to ``RESULTS/<stem>-<time>.json``."""
+    out = path or RESULTS / f"{stem}-{timestamp()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out
+
+
 def scratch_dir(name: str) -> contextlib.AbstractContextManager[str]:
     import tempfile
 

@@ -26,7 +26,6 @@ Needs valgrind (``apt-get install valgrind``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _apps import RESULTS, machine, timestamp, versions
+from _apps import machine, save_results, timestamp, versions
 
 #: The variants, by their names in benchmarks/layer.py.
 VARIANTS = (
@@ -140,10 +139,7 @@ def main() -> None:
         "warm_up": WARM_UP,
         "instructions": table,
     }
-    out = args.json or RESULTS / f"instructions-{timestamp()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"results: {out}")
+    print(f"results: {save_results(result, args.json, 'instructions')}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from _apps import (
     Servers,
     create_app,
     machine,
+    save_results,
     timestamp,
     versions,
 )
@@ -535,10 +536,7 @@ def main() -> None:
             servers.close()
     result["machine"] = info
     result["versions"] = versions()
-    out = args.json or RESULTS / f"layer-{timestamp()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"results: {out}")
+    print(f"results: {save_results(result, args.json, 'layer')}")
 
 
 if __name__ == "__main__":

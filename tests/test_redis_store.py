@@ -736,6 +736,12 @@ def test_tls_url(spawn_redis: Callable[..., None], tmp_path: Path) -> None:
         record = rec(user="nia")
         assert store.save(record, expected=None, now=NOW)
         assert store.user_records("nia", now=NOW) == [record]
+        # The lane reads the TLS socket itself: a value of many TLS records comes whole.
+        large = rec(user="nia", payload=secrets.token_bytes(300_000))
+        assert store.save(large, expected=None, now=NOW)
+        assert store.load(large.key) == large
+        assert isinstance(store, RedisStore) and store._lane is not None
+        assert all(wire.reader is not None for wire in store._lane._idle)
     finally:
         store.close()
     # Client-side caching over TLS: its tracking connection reads TLS without blocking.

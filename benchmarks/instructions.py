@@ -17,8 +17,8 @@ on any machine (run it in each tree): a change that saves work shows here even w
 wall-clock benchmarks cannot see it through the noise.  SQLite's figure counts the
 instructions of its I/O calls in user space, not the time they wait.
 
-    python benchmarks/instructions.py                 # about 10 minutes on 2 cores
-    python benchmarks/instructions.py --requests 100  # about 6 minutes
+    python benchmarks/instructions.py                 # about 8 minutes on 2 cores
+    python benchmarks/instructions.py --requests 100  # quicker, a little less exact
 
 Needs valgrind (``apt-get install valgrind``).
 """

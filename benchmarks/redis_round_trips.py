@@ -348,14 +348,18 @@ def variants(servers: Servers) -> Iterator[Variant]:
             yield other
 
 
-def command_costs(port: int, *, rounds: int, per_round: int) -> dict[str, float]:
-    """µs per GET of a 150-byte value, interleaved in rounds: a raw socket (the floor),
-    the store's lane, and redis-py's ``execute_command`` (what the store used before)."""
-    client: Any = redis.Redis(host=LOOPBACK, port=port)  # redis-py leaves it untyped
+def command_costs(port: int, *, rounds: int, per_round: int) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) µs per GET of a 150-byte value, interleaved in rounds: a raw socket
+    (the floor), the store's lane on the socket, the lane through redis-py's own send
+    and read (what it does on Sentinel and RESP3, and did everywhere before git
+    ``1923ee0``), and redis-py's ``execute_command``.  Sockets have a timeout, as the
+    store's do (Python then polls before each read)."""
+    client: Any = redis.Redis(host=LOOPBACK, port=port, socket_timeout=5)  # untyped
     key = f"bench-get:{secrets.token_hex(3)}"
     client.set(key, b"x" * 150)
     sock = socket.create_connection((LOOPBACK, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(5)
     packed = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode())
     reply_size = len(b"$150\r\n") + 150 + 2
 
@@ -366,27 +370,36 @@ def command_costs(port: int, *, rounds: int, per_round: int) -> dict[str, float]
             got += len(sock.recv(4096))
 
     lane = lane_for(client)
-    assert lane is not None
+    through_redis_py = lane_for(client)
+    assert lane is not None and through_redis_py is not None
+    through_redis_py._direct = False  # a benchmark's A/B switch: redis-py's send and read
 
     ways: dict[str, Callable[[], Any]] = {
         "raw socket": raw,
         "the store's lane": lambda: lane.execute("GET", key),
+        "lane, redis-py's send/read": lambda: through_redis_py.execute("GET", key),
         "redis-py execute_command": lambda: client.execute_command("GET", key, NEVER_DECODE=True),
     }
-    times: dict[str, list[float]] = {name: [] for name in ways}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     try:
         for _ in range(rounds):
             for name, way in ways.items():
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 for _ in range(per_round):
                     way()
-                times[name].append((time.perf_counter() - started) / per_round * 1e6)
+                wall_us = (time.perf_counter() - started) / per_round * 1e6
+                cpu_us = (time.process_time() - cpu) / per_round * 1e6
+                times[name].append((wall_us, cpu_us))
     finally:
         client.delete(key)
         sock.close()
         lane.close()
+        through_redis_py.close()
         client.close()
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {
+        name: (statistics.median(w for w, _ in values), statistics.median(c for _, c in values))
+        for name, values in times.items()
+    }
 
 
 def run(chosen: list[Variant], *, rounds: int, per_round: int) -> None:
@@ -458,10 +471,14 @@ def main() -> None:
         )
         report(chosen)
         costs = command_costs(_first_port(servers), rounds=rounds, per_round=per_round * 2)
-        floor = costs["raw socket"]
+        wall_floor, cpu_floor = costs["raw socket"]
         print("\nOne GET, µs (median over the rounds; the same server, interleaved):")
-        for name, cost in costs.items():
-            print(f"  {name:26} {cost:7.1f}   Python over the raw socket: {cost - floor:6.1f}")
+        print(f"  {'':26} {'wall':>7} {'CPU':>7}   over the raw socket: wall, CPU")
+        for name, (wall, cpu) in costs.items():
+            print(
+                f"  {name:26} {wall:7.1f} {cpu:7.1f}   "
+                f"{wall - wall_floor:26.1f} {cpu - cpu_floor:6.1f}"
+            )
     finally:
         servers.close()
 

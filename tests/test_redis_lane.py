@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
 from flask_cloakroom.stores import redis_lane, resp
@@ -212,6 +215,122 @@ def test_a_key_is_the_same_key_on_the_lane_and_through_the_client(
         lane.close()
         client.close()
         admin.close()
+
+
+class MisbehavingServer:
+    """A TCP peer that speaks RESP well enough for redis-py's handshake (``HELLO``,
+    then ``+OK`` to everything) and answers every ``GET`` with ``answer``: what a broken proxy or a
+    hostile host on the path could send.  Counts the connections it accepted."""
+
+    def __init__(self, answer: bytes, *, close_after: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.accepted = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while data := conn.recv(65536):
+                buffer += data
+                while True:
+                    try:
+                        command, end = resp.parse(buffer, 0)
+                    except resp.Incomplete:
+                        break
+                    buffer = buffer[end:]
+                    name = command[0].upper()
+                    if name == b"HELLO":  # redis-py 8's handshake (it asks for RESP3)
+                        conn.sendall(b"%%1\r\n$5\r\nproto\r\n:%b\r\n" % command[1])
+                        continue
+                    if name != b"GET":
+                        conn.sendall(b"+OK\r\n")
+                        continue
+                    conn.sendall(self.answer)
+                    if self.close_after:
+                        return
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize("hiredis_reader", [True, False], ids=["hiredis", "python reader"])
+@pytest.mark.parametrize(
+    ("answer", "close_after", "raised"),
+    [
+        (b"hello there\r\n", False, InvalidResponse),  # not RESP at all
+        (b"$1\r\na\r\n$1\r\nb\r\n", False, InvalidResponse),  # two replies to one GET
+        (b"$10\r\nabc", True, RedisConnectionError),  # cut off mid-reply
+    ],
+    ids=["not-resp", "a-reply-too-many", "cut-off"],
+)
+def test_a_peer_that_answers_wrongly_gets_an_error_and_its_connection_dropped(
+    answer: bytes,
+    close_after: bool,
+    raised: type[Exception],
+    hiredis_reader: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lane's own reads refuse what is not exactly one reply per command, and never
+    keep a connection that could hand a later command someone else's bytes."""
+    if not hiredis_reader:
+        without_hiredis(monkeypatch)
+    peer = MisbehavingServer(answer, close_after=close_after)
+    client = redis.Redis(
+        host="127.0.0.1", port=peer.port, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    lane = make_lane(client)
+    try:
+        for attempt in (1, 2):
+            with pytest.raises(raised):
+                lane.execute("GET", "key")
+            (wire,) = lane._idle
+            assert wire.connection._sock is None  # dropped, not kept for the next command
+            assert peer.accepted == attempt  # each command on a connection of its own
+    finally:
+        lane.close()
+        client.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("hiredis_reader", [True, False], ids=["hiredis", "python reader"])
+def test_resp3_false_and_push_messages_are_not_taken_for_replies(
+    hiredis_reader: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over RESP3 (redis-py 8's default) a reply may be ``false``, and a server may
+    send a push message (a maintenance notice) before or after a reply: the lane
+    returns the reply itself, and after a push it connects afresh."""
+    if not hiredis_reader:
+        without_hiredis(monkeypatch)
+    cases = [
+        (b"#f\r\n", False, 1),
+        (b">2\r\n$6\r\nnotice\r\n$2\r\nhi\r\n$2\r\nok\r\n", b"ok", 2),
+        (b"$2\r\nok\r\n>2\r\n$6\r\nnotice\r\n$2\r\nhi\r\n", b"ok", 2),
+        (b"$2\r\nok\r\n>2\r\n$6\r\nnot", b"ok", 2),  # a notice still coming
+    ]
+    for answer, wanted, connections in cases:
+        peer = MisbehavingServer(answer)
+        client = redis.Redis(host="127.0.0.1", port=peer.port, socket_timeout=1, protocol=3)
+        lane = make_lane(client)
+        try:
+            assert lane.execute("GET", "key") == wanted
+            assert lane.execute("GET", "key") == wanted
+            assert peer.accepted == connections, answer
+        finally:
+            lane.close()
+            client.close()
+            peer.close()
 
 
 def test_exchanges_on_two_servers_finish_apart(target: Target, lane: Lane) -> None:

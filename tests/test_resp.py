@@ -68,7 +68,7 @@ def test_replies_fed_in_any_pieces_come_back_whole(wanted: list[Any], data: st.D
     got: list[Any] = []
     for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         reader.feed(stream[start:stop])
-        while (reply := reader.gets()) is not False:
+        while (reply := reader.gets()) is not resp.NOT_YET:
             got.append(reply)
     assert same(got, wanted)
     assert not reader.has_data()
@@ -101,6 +101,10 @@ def test_resp3_replies_the_tracking_connection_receives() -> None:
     )
     assert resp.parse(b"%1\r\n+a\r\n:1\r\n", 0)[0] == [b"a", 1]
     assert resp.parse(b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n", 0)[0] == b"v"  # attribute skipped
+    # As hiredis gives them: a boolean, a double, a big number.
+    assert resp.parse(b"#t\r\n", 0) == (True, 4) and resp.parse(b"#f\r\n", 0) == (False, 4)
+    assert resp.parse(b",1.5\r\n", 0) == (1.5, 6)
+    assert resp.parse(b"(12345678901234567890\r\n", 0)[0] == 12345678901234567890
 
 
 @given(

@@ -28,16 +28,20 @@ A lane holds as many connections as the process ever had commands in flight on i
 at once: one per thread that uses the store at the same moment.  :meth:`Lane.close`
 disconnects them; the client's own ``close()`` does not know about them.
 
-On a plain connection (redis-py's own TCP, TLS or Unix socket connection, speaking
-RESP2) the lane packs the commands and reads the replies itself, on the connection's
-socket, with a reader of its own for each connection (hiredis's where redis-py uses
-hiredis, else :mod:`~flask_cloakroom.stores.resp`).  The connection still connects,
-authenticates, checks its health and follows its retry policy as for redis-py's own
-commands, for about 12 µs less CPU a command (docs/redis.md, "Connections").  A
-socket error or timeout disconnects it and raises redis-py's ``ConnectionError`` or
-``TimeoutError``; an error reply comes back as the exception redis-py makes of it.
-Other connections (a Sentinel's, which must see ``READONLY`` replies; RESP3's, which
-may carry push messages; any subclass) go through redis-py's own send and read.
+On a plain connection (redis-py's own TCP, TLS or Unix socket connection, over RESP2
+or RESP3) the lane packs the commands and reads the replies itself, on the
+connection's socket, with a reader of its own for each connection (hiredis's where
+redis-py uses hiredis, else :mod:`~flask_cloakroom.stores.resp`).  The connection
+still connects, authenticates, checks its health and follows its retry policy as for
+redis-py's own commands, for 9 to 12 µs less CPU a command (docs/redis.md,
+"Connections").  A socket error or timeout disconnects it and raises redis-py's
+``ConnectionError`` or ``TimeoutError``; an error reply comes back as the exception
+redis-py makes of it; anything but one reply per command (bytes that are not RESP, a
+reply too many) raises ``InvalidResponse`` and disconnects it.  A RESP3 push message
+(a server's maintenance notice) is not taken for a reply, and the connection is
+dropped after it, so the next command connects afresh where redis-py's own reader
+would have acted on the notice.  Other connections (a Sentinel's, which must see
+``READONLY`` replies; any subclass) go through redis-py's own send and read.
 """
 
 from __future__ import annotations
@@ -66,8 +70,20 @@ __all__ = ["Exchange", "Lane", "lane_for"]
 
 #: Connection classes whose socket the lane reads itself: redis-py's own, exactly.
 _PLAIN: Final = frozenset({Connection, SSLConnection, UnixDomainSocketConnection})
-#: Bytes asked of the socket at a time (more while a long reply is coming in).
+#: Bytes asked of the socket at a time.
 _RECV: Final = 65536
+
+
+def _push_classes() -> tuple[type, ...]:
+    """What the readers make of a RESP3 push message (hiredis's class, where installed)."""
+    try:
+        from hiredis import PushNotification
+    except ImportError:
+        return (resp.Push,)
+    return (resp.Push, PushNotification)
+
+
+_PUSHES: Final = _push_classes()
 
 
 class Lane:
@@ -79,10 +95,10 @@ class Lane:
         self._pool = pool
         self._idle: list[_Wire] = []
         self._pid = os.getpid()
-        options = getattr(pool, "connection_kwargs", {})
         #: Whether commands go straight to the socket (see the module).
-        self._direct = pool.connection_class in _PLAIN and str(options.get("protocol") or 2) == "2"
-        # redis-py 8 asks for a reconnect after a server's maintenance notice (RESP3).
+        self._direct = pool.connection_class in _PLAIN
+        # redis-py 8 asks for a reconnect after a server's maintenance notice (RESP3);
+        # on the socket, the lane reconnects after any such notice by itself.
         self._reconnect = not self._direct and hasattr(pool.connection_class, "should_reconnect")
 
     def execute(self, *args: Any) -> Any:
@@ -238,25 +254,37 @@ class _Wire:
         connection = self.connection
         reader = self.reader
         replies: list[Any] = []
+        pushed = False
         try:
             sock = connection._sock
             if sock is None:
                 raise RedisConnectionError("the connection was closed before its reply came")
             while len(replies) < count:
                 reply = reader.gets()
-                if reply is False:  # more to come (RESP2 has no false)
+                if reply is resp.NOT_YET:
                     data = sock.recv(_RECV)
                     if not data:
                         raise RedisConnectionError("Redis closed the connection")
                     reader.feed(data)
-                    continue
-                replies.append(reply)
-            if reader.has_data():
-                raise InvalidResponse(f"more bytes than the replies to {count} commands")
+                elif isinstance(reply, _PUSHES):
+                    pushed = True  # out of band (RESP3): not a reply to these commands
+                else:
+                    replies.append(reply)
+            while reader.has_data():  # bytes after the last reply: only a notice may be
+                extra = reader.gets()
+                if extra is not resp.NOT_YET and not isinstance(extra, _PUSHES):
+                    raise InvalidResponse(f"more replies than the {count} commands sent")
+                pushed = True
+                if extra is resp.NOT_YET:  # still coming: the connection goes
+                    break
         except BaseException as error:
             self.disconnect()  # whatever was left unread must never be read as a reply
             _raise_translated(error, "reading from", connection)
-        if connection.health_check_interval:
+        if pushed:
+            # A server's notice (a maintenance, a move): the lane does not act on it as
+            # redis-py's own reader would, so the next command connects afresh.
+            self.disconnect()
+        elif connection.health_check_interval:
             connection.next_health_check = time.monotonic() + connection.health_check_interval
         return replies
 
@@ -287,7 +315,9 @@ def _new_reader(connection: Any) -> Any:
     if HIREDIS_AVAILABLE:
         import hiredis
 
-        return hiredis.Reader(protocolError=InvalidResponse, replyError=error, notEnoughData=False)
+        return hiredis.Reader(
+            protocolError=InvalidResponse, replyError=error, notEnoughData=resp.NOT_YET
+        )
     return resp.Reader(error)
 
 

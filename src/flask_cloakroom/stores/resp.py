@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from redis.exceptions import DataError, ResponseError
 
-__all__ = ["Incomplete", "Push", "Reader", "pack", "parse"]
+__all__ = ["NOT_YET", "Incomplete", "Push", "Reader", "pack", "parse"]
 
 _DOLLAR: Final = 36  # $
 _COLON: Final = 58  # :
@@ -25,6 +25,18 @@ _AGGREGATES: Final = frozenset(b"*>~%|")
 
 class Incomplete(Exception):
     """The buffer ends inside a reply."""
+
+
+class _NotYet:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_YET"
+
+
+#: What :meth:`Reader.gets` returns while a reply has not all arrived (not ``False``,
+#: which is a RESP3 reply).  The lane gives it to hiredis's reader as well.
+NOT_YET: Final = _NotYet()
 
 
 class Push:
@@ -97,8 +109,14 @@ def parse(
         return bytes(buffer[end + 2 : stop]), stop + 2
     if kind == _COLON:
         return int(buffer[start + 1 : end]), end + 2
-    if kind == _PLUS or kind in b"(#,":  # simple string, big number, boolean, double
+    if kind == _PLUS:
         return bytes(buffer[start + 1 : end]), end + 2
+    if kind == 35:  # # boolean
+        return buffer[start + 1 : end] == b"t", end + 2
+    if kind == 44:  # , double
+        return float(buffer[start + 1 : end]), end + 2
+    if kind == 40:  # ( big number
+        return int(buffer[start + 1 : end]), end + 2
     if kind == _MINUS:
         return error(bytes(buffer[start + 1 : end]).decode("utf-8", "replace")), end + 2
     if kind == 33:  # ! bulk error
@@ -128,7 +146,8 @@ def parse(
 
 class Reader:
     """Replies out of the bytes fed to it, one at a time: the part of
-    ``hiredis.Reader`` the Redis store uses, where hiredis is not installed."""
+    ``hiredis.Reader`` the Redis store uses, where hiredis is not installed (made with
+    ``notEnoughData=NOT_YET``)."""
 
     __slots__ = ("_buffer", "_error", "_pos")
 
@@ -143,11 +162,11 @@ class Reader:
         self._pos = 0
 
     def gets(self) -> Any:
-        """The next complete reply, or ``False`` while it has not all arrived."""
+        """The next complete reply, or :data:`NOT_YET` while it has not all arrived."""
         try:
             reply, self._pos = parse(self._buffer, self._pos, self._error)
         except Incomplete:
-            return False
+            return NOT_YET
         return reply
 
     def has_data(self) -> bool:

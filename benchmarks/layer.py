@@ -11,7 +11,7 @@ Calls the bench app's WSGI callable directly (no server, no network) for:
 Variants run interleaved in rounds; each figure is the median over rounds, and the
 layer's own CPU is the Cloakroom figure minus the floor's, per round, medianed.
 
-``--profile`` also profiles the read path with py-spy, sampling from outside the
+``--profile`` also profiles the read and write paths with py-spy, sampling from outside the
 process (memory, SQLite and, with ``--redis-url``, Redis stores), and times each
 step of Cloakroom's read and write paths on its own, to show where the time goes.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import subprocess
@@ -325,27 +326,30 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
     return out
 
 
-def _loop(browser: Browser, seconds: float) -> tuple[int, float]:
-    """Read-only requests for ``seconds``: what the profiler samples."""
+def _loop(browser: Browser, seconds: float, scenario: str) -> tuple[int, float]:
+    """Requests of one scenario for ``seconds``: what the profiler samples."""
     request = browser.request
+    method, path = next((m, p) for s, m, p in SCENARIOS if s == scenario)
     count = 0
     started = time.perf_counter()
     deadline = started + seconds
     while True:
         for _ in range(100):
-            request("GET", "/read")
+            request(method, path)
         count += 100
         if time.perf_counter() >= deadline:
             return count, time.perf_counter() - started
 
 
-def _child(name: str, seconds: float, redis_url: str | None) -> None:
-    """``--loop``: one variant's read loop under py-spy; prints requests and seconds."""
+def _child(name: str, scenario: str, seconds: float, redis_url: str | None) -> None:
+    """``--loop``: one variant's loop of one scenario under py-spy; prints requests
+    and seconds."""
     with tempfile.TemporaryDirectory(prefix="cloakroom-layer-") as tmp:
         (variant,) = in_process_variants(tmp, redis_url, only=name)
         for _ in range(300):
             variant.browser.request("GET", "/read")
-        count, spent = _loop(variant.browser, seconds)
+            variant.browser.request("POST", "/write")
+        count, spent = _loop(variant.browser, seconds, scenario)
         print(f"LOOP {count} {spent}")
 
 
@@ -372,9 +376,9 @@ def profile(
     names: list[str], *, seconds: float, redis_url: str | None, folder: Path
 ) -> dict[str, Any]:
     """py-spy (sampling from outside the process: no profiler overhead inside it) on
-    the read loop of each variant in ``names``.
+    the read and write loops of each variant in ``names``.
 
-    Returns, per variant, µs per read-only request: inclusive time of each
+    Returns, per variant and scenario, µs per request: inclusive time of each
     flask_cloakroom function, and the time of what flask_cloakroom calls outside
     itself (JSON, HMAC, AES, the store's client), attributed to the callee.
     """
@@ -384,14 +388,14 @@ def profile(
         return {}
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
-    for name in names:
+    for name, (scenario, _, _) in itertools.product(names, SCENARIOS):
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-        raw = folder / f"read-{slug}.collapsed.txt"
+        raw = folder / f"{scenario}-{slug}.collapsed.txt"
         argv = [
             str(spy), "record", "--rate", "1000", "--nonblocking", "--idle",
             "--full-filenames", "--format", "raw", "--output", str(raw), "--",
             sys.executable, str(Path(__file__).resolve()), "--loop", name,
-            "--seconds", str(seconds),
+            "--scenario", scenario, "--seconds", str(seconds),
         ]  # fmt: skip
         if redis_url:
             argv += ["--redis-url", redis_url]
@@ -402,8 +406,9 @@ def profile(
             continue
         _, count, spent = loop_line[0].split()
         per_request_us = float(spent) / int(count) * 1e6
-        out[name] = _attribute(raw.read_text(), per_request_us)
-        out[name]["_per_request_us"] = {"wall": per_request_us}
+        tables = _attribute(raw.read_text(), per_request_us)
+        tables["_per_request_us"] = {"wall": per_request_us}
+        out.setdefault(name, {})[scenario] = tables
     return out
 
 
@@ -476,11 +481,13 @@ def run_layer(
             inside = profile(names, seconds=profile_seconds, redis_url=redis_url, folder=folder)
             result["profile_folder"] = str(folder)
             result["profile_us"] = inside
-            for name, tables in inside.items():
+            for name, scenario, tables in (
+                (n, s, t) for n, by_scenario in inside.items() for s, t in by_scenario.items()
+            ):
                 wall = tables["_per_request_us"]["wall"]
-                print(f"\npy-spy, {name}: µs per read-only request ({wall:.1f} µs in all)")
+                print(f"\npy-spy, {name}: µs per {scenario} request ({wall:.1f} µs in all)")
                 print("  inclusive, inside flask_cloakroom:")
-                for function, micros in list(tables["inclusive"].items())[:14]:
+                for function, micros in list(tables["inclusive"].items())[:20]:
                     print(f"    {micros:7.2f}  {function}")
                 print("  called by flask_cloakroom, outside it:")
                 for function, micros in list(tables["callees"].items())[:10]:
@@ -507,10 +514,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy + step timings")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--loop", help=argparse.SUPPRESS)  # the child py-spy samples
+    parser.add_argument("--scenario", default="read", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=8.0, help="of each profile")
     args = parser.parse_args()
     if args.loop:
-        _child(args.loop, args.seconds, args.redis_url)
+        _child(args.loop, args.scenario, args.seconds, args.redis_url)
         return
     rounds, per_round = (7, 200) if args.quick else (args.rounds, args.per_round)
     info = machine()

@@ -22,8 +22,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from markupsafe import Markup
 
-from flask_cloakroom import Cloakroom, RecordDecodeError
-from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec, _json_exact
+from flask_cloakroom import Cloakroom, RecordDecodeError, SessionNotSerializable
+from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec, _encode_payload, _json_exact
 from flask_cloakroom.crypto import Keyring, generate_key, parse_key
 from flask_cloakroom.session import Meta
 from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id, store_key
@@ -67,6 +67,70 @@ def test_tagging_matches_flasks_serializer(data: dict[str, Any]) -> None:
     assert codec.untag(json.loads(json.dumps(tagged))) == codec.untag(
         json.loads(json.dumps(_flask_tagged(data, session_json_serializer)))
     )
+    # Untagging (which skips Flask's untag() on dicts that cannot be tagged values)
+    # gives what Flask's own loads() gives.
+    assert codec.untag(json.loads(json.dumps(tagged))) == {
+        key: session_json_serializer.loads(json.dumps(value)) for key, value in tagged.items()
+    }
+
+
+class _UntagsPairs(TaggedJSONSerializer):
+    """A serializer whose untag() also rebuilds two-key dicts ({"a": x, "b": y} -> (x, y))."""
+
+    def untag(self, value: dict[str, Any]) -> Any:
+        if set(value) == {"a", "b"}:
+            return (value["a"], value["b"])
+        return super().untag(value)
+
+
+def test_a_serializers_own_untag_sees_every_dict() -> None:
+    codec = Codec(_UntagsPairs(), max_size=1 << 20)
+    assert codec.untag({"p": {"a": 1, "b": [{"a": 2, "b": 3}]}, "q": {"a": 1}}) == {
+        "p": (1, [(2, 3)]),
+        "q": {"a": 1},
+    }
+
+
+_json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(),  # NaN and infinities too: written as Python's json writes them
+        st.text(max_size=8),
+    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_json_values)
+def test_the_payload_encoder_writes_what_json_writes(value: Any) -> None:
+    """The payload's JSON is written by a C encoder built once (codec._encode_payload),
+    not by JSONEncoder.encode: the text is the same, byte for byte."""
+    expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    assert _encode_payload(value) == expected
+    assert _encode_payload({"d": value, "x": [value]}) == json.dumps(
+        {"d": value, "x": [value]}, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def test_a_value_that_contains_itself_fails_naming_its_key() -> None:
+    codec = Codec(session_json_serializer, max_size=1 << 20)
+    meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000)
+    loop: list[Any] = ["a"]
+    loop.append(loop)
+    with pytest.raises(SessionNotSerializable) as caught:
+        codec.tag({"ok": 1, "loop": loop})
+    assert caught.value.key == "loop"
+    # Past tag() (an app's own tag can return such a value): encode() names the key too.
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    with pytest.raises(SessionNotSerializable) as caught:
+        codec.encode(meta, {"ok": 1, "odd": {"inner": looped}}, b"key")
+    assert caught.value.key == "odd"
+    assert isinstance(caught.value, TypeError)
 
 
 class _Point:

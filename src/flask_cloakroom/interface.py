@@ -170,8 +170,10 @@ def _vary_on_cookie(response: BaseResponse) -> None:
     means the same as a comma-separated list (RFC 9110, section 5.3).
     """
     headers = response.headers
-    if not any("cookie" in value.lower() for value in headers.getlist("Vary")):
-        headers.add("Vary", "Cookie")
+    for value in headers.getlist("Vary"):  # a loop, not any() over a generator: faster
+        if "cookie" in value.lower():
+            return
+    headers.add("Vary", "Cookie")
 
 
 def refuse(manager: SessionManager, error: Exception, *, anonymous_ok: bool = False) -> bool:

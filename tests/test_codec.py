@@ -23,7 +23,13 @@ from hypothesis import strategies as st
 from markupsafe import Markup
 
 from flask_cloakroom import Cloakroom, RecordDecodeError, SessionNotSerializable
-from flask_cloakroom.codec import DECODED_CACHE_MAX_PAYLOAD, Codec, _encode_payload, _json_exact
+from flask_cloakroom.codec import (
+    DECODED_CACHE_MAX_PAYLOAD,
+    Codec,
+    _decode_payload,
+    _encode_payload,
+    _json_exact,
+)
 from flask_cloakroom.crypto import Keyring, generate_key, parse_key
 from flask_cloakroom.session import Meta
 from flask_cloakroom.tokens import VERIFIED_CACHE_SIZE, CookieSigner, new_session_id, store_key
@@ -114,6 +120,22 @@ def test_the_payload_encoder_writes_what_json_writes(value: Any) -> None:
     assert _encode_payload({"d": value, "x": [value]}) == json.dumps(
         {"d": value, "x": [value]}, separators=(",", ":"), ensure_ascii=False
     )
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_json_values, st.sampled_from(["", " ", "\n\t"]), st.sampled_from(["", " ", "x", "}"]))
+def test_the_payload_decoder_reads_what_json_reads(value: Any, before: str, after: str) -> None:
+    """Payloads are parsed by the C scanner alone where it takes the whole text
+    (codec._decode_payload): same values as json.loads, same errors."""
+    text = before + json.dumps(value) + after
+
+    def outcome(decode: Any) -> tuple[str, Any]:
+        try:
+            return "value", json.dumps(decode(text))
+        except json.JSONDecodeError as error:
+            return "error", (error.msg, error.pos)
+
+    assert outcome(_decode_payload) == outcome(json.loads)
 
 
 def test_a_value_that_contains_itself_fails_naming_its_key() -> None:

@@ -152,7 +152,8 @@ def test_plain_connections_are_read_by_the_lane_itself(target: Target, lane: Lan
         assert wire.reader is None
     elif redis_lane.HIREDIS_AVAILABLE:
         assert type(wire.reader).__module__ == "hiredis"
-        assert wire.pack is redis_lane._hiredis_pack
+        assert isinstance(wire.pack, functools.partial)
+        assert wire.pack.func is redis_lane._hiredis_pack
     else:
         assert isinstance(wire.reader, resp.Reader)
         assert isinstance(wire.pack, functools.partial) and wire.pack.func is resp.pack

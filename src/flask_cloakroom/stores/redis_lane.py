@@ -327,19 +327,20 @@ def _packer(connection: Any) -> Callable[[Sequence[Sequence[Any]]], bytes]:
     (redis-py's hiredis packer writes strings as UTF-8 whatever the client's
     encoding; its Python packer, in the client's encoding)."""
     if type(getattr(connection, "_command_packer", None)).__name__ == "HiredisRespSerializer":
-        return _hiredis_pack
+        import hiredis  # there: redis-py packs with it
+
+        return partial(_hiredis_pack, hiredis.pack_command)
     encoder = connection.encoder
     return partial(resp.pack, encoding=encoder.encoding, errors=encoder.encoding_errors)
 
 
-def _hiredis_pack(commands: Sequence[Sequence[Any]]) -> bytes:
-    import hiredis  # there: redis-py packs with it
-
+def _hiredis_pack(
+    pack_command: Callable[[tuple[Any, ...]], bytes], commands: Sequence[Sequence[Any]]
+) -> bytes:
     try:
         if len(commands) == 1:
-            packed: bytes = hiredis.pack_command(tuple(commands[0]))
-            return packed
-        return b"".join([hiredis.pack_command(tuple(command)) for command in commands])
+            return pack_command(tuple(commands[0]))
+        return b"".join([pack_command(tuple(command)) for command in commands])
     except TypeError as error:
         raise DataError(str(error)) from error
 

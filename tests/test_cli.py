@@ -127,6 +127,10 @@ def test_list_pages_through_the_store_with_a_cursor(store: Store, make_app: AppF
     assert len(every) == 7
 
     seen: list[str] = []
+    #: (cursor given, sessions listed, cursor returned) of each page: this test
+    #: failed once in about a hundred runs on Redis, cause unknown; if it fails
+    #: again, the message says what each page held.
+    pages: list[tuple[str | None, int, str | None]] = []
     cursor: str | None = None
     for _ in range(20):
         args = ["list", "--limit", "3", "--json"]
@@ -134,14 +138,18 @@ def test_list_pages_through_the_store_with_a_cursor(store: Store, make_app: AppF
             args += ["--cursor", cursor]
         page = as_json(cli(app, *args))
         seen += [s["handle"] for s in page["sessions"]]
+        pages.append((cursor, len(page["sessions"]), page["next_cursor"]))
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    assert set(seen) == every
+    stored = len(store.scan(limit=1000)[0])
+    assert set(seen) == every, f"pages: {pages}; records in the store now: {stored}"
 
     first = cli(app, "list", "--limit", "3")
     assert first.exit_code == 0
-    assert "More sessions: flask cloakroom list --limit 3 --cursor" in first.output
+    assert "More sessions: flask cloakroom list --limit 3 --cursor" in first.output, (
+        f"{first.output}\npages: {pages}"
+    )
 
 
 def handles_of_all(app: Flask) -> list[str]:

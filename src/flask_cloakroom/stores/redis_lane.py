@@ -254,7 +254,9 @@ class _Wire:
         connection = self.connection
         reader = self.reader
         replies: list[Any] = []
-        pushed = False
+        # Whether to drop the connection once the replies are in: a server's notice
+        # came with them, or bytes of something more are still arriving.
+        drop = False
         try:
             sock = connection._sock
             if sock is None:
@@ -267,22 +269,23 @@ class _Wire:
                         raise RedisConnectionError("Redis closed the connection")
                     reader.feed(data)
                 elif isinstance(reply, _PUSHES):
-                    pushed = True  # out of band (RESP3): not a reply to these commands
+                    drop = True  # out of band (RESP3): not a reply to these commands
                 else:
                     replies.append(reply)
             while reader.has_data():  # bytes after the last reply: only a notice may be
                 extra = reader.gets()
                 if extra is not resp.NOT_YET and not isinstance(extra, _PUSHES):
                     raise InvalidResponse(f"more replies than the {count} commands sent")
-                pushed = True
+                drop = True
                 if extra is resp.NOT_YET:  # still coming: the connection goes
                     break
         except BaseException as error:
             self.disconnect()  # whatever was left unread must never be read as a reply
             _raise_translated(error, "reading from", connection)
-        if pushed:
-            # A server's notice (a maintenance, a move): the lane does not act on it as
-            # redis-py's own reader would, so the next command connects afresh.
+        if drop:
+            # A server's notice (a maintenance, a move), which the lane does not act on
+            # as redis-py's own reader would, or the start of one: the next command
+            # connects afresh.
             self.disconnect()
         elif connection.health_check_interval:
             connection.next_health_check = time.monotonic() + connection.health_check_interval

@@ -78,10 +78,10 @@ class CookieSigner:
     """Signs and verifies session cookies under ``SECRET_KEY`` and its fallbacks.
 
     Cookies that verified are remembered (up to :data:`VERIFIED_CACHE_SIZE`), so
-    a browser's next requests skip the HMAC, base64 and store-key hashing work.  What is remembered
-    is only "this exact text carries a valid tag", which stays true as long as the
-    keys do (a signer's keys never change); forged cookies are never remembered,
-    so they cannot fill the cache.
+    a browser's next requests skip the HMAC, base64 and store-key hashing work.
+    What is remembered is only "this exact text carries a valid tag", which stays
+    true as long as the keys do (a signer's keys never change); forged cookies are
+    never remembered, so they cannot fill the cache.
     """
 
     __slots__ = ("_keys", "_verified")

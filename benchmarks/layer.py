@@ -196,6 +196,7 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
     """
     from flask_cloakroom import Cloakroom
     from flask_cloakroom.activity import Client
+    from flask_cloakroom.codec import _decode_payload, _dumps, _encode_payload
     from flask_cloakroom.interface import (
         CloakroomSessionInterface,
         _vary_on_cookie,
@@ -258,7 +259,27 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
             ),
             ("read:   json.loads of the payload", lambda: json.loads(plain)),
             (
-                "read:   Meta(...) (11 fields)",
+                "read:   the codec's parse of the payload (the C scanner alone)",
+                lambda: _decode_payload(plain.decode("utf-8")),
+            ),
+            (
+                "read:   Meta(...) positionally (as decoding builds it)",
+                lambda: Meta(
+                    meta.created_at,
+                    meta.last_seen_at,
+                    meta.auth_at,
+                    meta.user_id,
+                    meta.remember,
+                    meta.ip,
+                    meta.user_agent,
+                    meta.login_ip,
+                    meta.device,
+                    meta.location,
+                    meta.extra,
+                ),
+            ),
+            (
+                "read:   Meta(...) by keyword (11 fields)",
                 lambda: Meta(
                     created_at=meta.created_at,
                     last_seen_at=meta.last_seen_at,
@@ -308,6 +329,11 @@ def components(app: Flask, browser: Browser, *, number: int = 5000) -> dict[str,
                 "write: manager._record (encode + Record)",
                 lambda: manager._record(key, meta, tagged, 9),
             ),
+        ]
+        doc = _decode_payload(plain.decode("utf-8"))
+        steps += [
+            ("write:   the payload's JSON (the codec's encoder)", lambda: _encode_payload(doc)),
+            ("write:   the payload's JSON (json.JSONEncoder.encode)", lambda: _dumps(doc)),
         ]
         if keyring is not None:
             steps.append(("write: keyring.seal (AES-256-GCM)", lambda: keyring.seal(plain, aad)))

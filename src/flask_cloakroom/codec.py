@@ -63,10 +63,10 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _payload_encoder() -> Callable[[Any], str]:
-    """What ``_dumps`` does, for a payload document, in about half the time.
+    """What ``_dumps`` does, for a payload document, for less.
 
-    ``JSONEncoder.encode`` builds the C encoder anew on every call, which costs
-    as much as encoding a small session; this builds it once.  It runs without
+    ``JSONEncoder.encode`` builds the C encoder anew on every call, a good part of
+    the cost of encoding a small session; this builds it once.  It runs without
     the circular-reference check (whose state could not be shared between
     threads), so a value that contains itself raises :class:`RecursionError`
     rather than :class:`ValueError`.  Where the C encoder is missing, or takes

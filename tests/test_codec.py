@@ -251,11 +251,23 @@ def test_a_session_touched_before_it_was_created_stays_readable() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("s", -1), ("a", -0.5), ("s", 10**12), ("c", True), ("c", "1"), ("s", float("nan"))],
+    [
+        ("s", -1),
+        ("a", -5),
+        ("s", 10**13),
+        ("c", True),
+        ("c", "1"),
+        ("s", float("nan")),
+        ("c", 17_950_000_000.5),
+        ("a", 1.0),
+        ("c", -1),
+    ],
 )
 def test_stored_times_out_of_range_are_refused(field: str, value: Any) -> None:
+    """Times are whole tenths of a second from 1970 to the year 9999."""
     codec = Codec(session_json_serializer, max_size=1 << 20)
-    doc: dict[str, Any] = {"v": 1, "c": 1_795_000_000, "s": 1, "a": 0, "d": {}}
+    doc: dict[str, Any] = {"v": 1, "c": 17_950_000_000, "s": 1, "a": 0, "d": {}}
+    assert codec.decode(json.dumps(doc).encode(), b"k").meta.last_seen_at == 1_795_000_000.1
     doc[field] = value
     with pytest.raises(RecordDecodeError, match="wrong type"):
         codec.decode(json.dumps(doc).encode(), b"k")
@@ -268,7 +280,7 @@ def test_the_payload_leaves_out_what_the_record_keeps_beside_it() -> None:
     meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_000, auth_at=1_795_000_000)
     meta.user_id = "user-42"
     kept = json.loads(codec.encode(meta, {"theme": "dark"}, b"k"))
-    assert kept == {"c": 1_795_000_000, "s": 0, "a": 0, "u": "user-42", "d": {"theme": "dark"}}
+    assert kept == {"c": 17_950_000_000, "s": 0, "a": 0, "u": "user-42", "d": {"theme": "dark"}}
     left_out = codec.encode(meta, {"theme": "dark"}, b"k", user_id="user-42")
     assert b"user-42" not in left_out and b'"v"' not in left_out
     assert codec.decode(left_out, b"k").meta.user_id is None

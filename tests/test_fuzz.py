@@ -277,8 +277,8 @@ def test_fuzzed_raw_cookie_headers_cost_nothing_and_break_nothing() -> None:
 #: A well-formed stored document, to mutate.
 GOOD_DOC: dict[str, Any] = {
     "v": 1,
-    "c": 1_893_499_200.0,
-    "s": 1_893_499_200.0,
+    "c": 18_934_992_000,  # tenths of a second
+    "s": 18_934_992_000,
     "ip": "127.0.0.1",
     "ua": "Fuzz/1",
     "d": {"x": "stored"},

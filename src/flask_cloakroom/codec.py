@@ -13,9 +13,11 @@ A stored payload is one compact JSON document::
      "r": remember, "ip": ..., "ua": ..., "lip": login IP if not "ip",
      "dev": device, "loc": location, "x": {extra}, "d": {data}}
 
-with times to a tenth of a second, where ``d`` maps each session key to its
-tagged value.  Keys are tagged one by one (the top-level dict is never itself
-tagged), which is what lets concurrent writes be merged key by key.
+with times in whole tenths of a second (``c`` since the Unix epoch, ``s`` and
+``a`` after ``c``): integers, which write and parse faster than fractions of a
+second and are no longer.  ``d`` maps each session key to its tagged value.
+Keys are tagged one by one (the top-level dict is never itself tagged), which
+is what lets concurrent writes be merged key by key.
 
 The format version is ``"v"``, left out while it is 1 (every byte of a small
 record counts in Redis: docs/redis.md).  ``"u"`` is left out when the caller
@@ -52,14 +54,12 @@ _DEFAULT_CONTAINER_TAGS = [TagDict, PassDict, TagTuple, PassList]
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _dumps = _ENCODER.encode
 _loads = json.JSONDecoder().decode
-#: Types a stored time may have (``bool`` is not one).  Times are range-checked
-#: rather than tested with math.isfinite(), which raises OverflowError on a huge
-#: int; a time past year 9999 would break datetime conversions later on.
-_NUMBER = (float, int)
-#: The last second of year 9999, the largest time a ``datetime`` can hold.
-_MAX_TIME = 253_402_300_799
+#: The last tenth of a second of year 9999: a ``datetime`` holds no later time.
+_MAX_TENTHS = 2_534_023_007_999
 #: A JSON escape of a UTF-16 surrogate, which might be a lone one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: A payload field that is not there (None is a stored value).
+_UNSET: Any = object()
 
 
 def _payload_encoder() -> Callable[[Any], str]:
@@ -129,6 +129,10 @@ class Decoded(NamedTuple):
     current: bool
 
 
+#: Builds a :class:`Decoded` from a tuple: half the time of its constructor.
+_new_decoded = tuple.__new__
+
+
 class Codec:
     """Encodes sessions into payload bytes and decodes them back.
 
@@ -182,7 +186,9 @@ class Codec:
 
     def tag(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """Return the tagged (JSON-ready) form of the session data, key by key."""
-        tag = self._tag_value if self._default_containers() else self._serializer.tag
+        if len(self._serializer.order) != self._order_seen:
+            self._check_tags()
+        tag = self._tag_value if self._fast_containers else self._serializer.tag
         plain = _PLAIN_TYPES
         out: dict[str, Any] = {}
         for key, value in data.items():
@@ -201,28 +207,20 @@ class Codec:
                 ) from None
         return out
 
-    def _default_containers(self) -> bool:
-        """Whether plain lists and dicts are tagged as Flask's own tags do it.
-
-        True unless an app registered a tag of its own ahead of Flask's list tag
-        (which could claim lists or dicts).  Re-checked when the tags change.
-        """
-        self._check_tags()
-        return self._fast_containers
-
-    def _default_tags_only(self) -> bool:
-        """Whether the serializer has Flask's own tags and no others, whose
-        tagged forms are always new containers of plain JSON values."""
-        self._check_tags()
-        return self._default_tags
-
     def _check_tags(self) -> None:
+        """Look at the serializer's tags again (callers do when their number changed).
+
+        ``_fast_containers``: plain lists and dicts are tagged as Flask's own tags
+        do it, unless an app registered a tag of its own ahead of Flask's list tag
+        (which could claim lists or dicts).  ``_default_tags``: Flask's own tags
+        and no others, whose tagged forms are always new containers of plain JSON
+        values.
+        """
         order = self._serializer.order
-        if len(order) != self._order_seen:
-            self._order_seen = len(order)
-            kinds = [type(t) for t in order]
-            self._fast_containers = kinds[:4] == _DEFAULT_CONTAINER_TAGS
-            self._default_tags = kinds == TaggedJSONSerializer.default_tags
+        self._order_seen = len(order)
+        kinds = [type(t) for t in order]
+        self._fast_containers = kinds[:4] == _DEFAULT_CONTAINER_TAGS
+        self._default_tags = kinds == TaggedJSONSerializer.default_tags
 
     def _tag_value(self, value: Any) -> Any:
         """Flask's ``tag()`` for one value, with plain lists and dicts walked here.
@@ -291,28 +289,40 @@ class Codec:
         Raises :class:`SessionNotSerializable` naming the first key whose value
         is not serializable, and :class:`RecordTooLarge` past ``max_size``.
         """
-        # Times are kept to a tenth of a second, "s" and "a" as offsets from "c":
-        # plenty for timeouts, and every byte of a record counts in Redis.
-        created = round(meta.created_at, 1)
-        doc: dict[str, Any] = {"c": created, "s": _offset(meta.last_seen_at, created)}
-        if meta.auth_at is not None:
-            doc["a"] = _offset(meta.auth_at, created)
-        if meta.user_id is not None and meta.user_id != user_id:
-            doc["u"] = meta.user_id
+        # Times in tenths of a second, "s" and "a" after "c": plenty for timeouts,
+        # and every byte of a record counts in Redis.  Never negative: with app
+        # servers whose clocks disagree, a session may be touched "before" it was
+        # created, and such a record must stay readable.
+        created = round(meta.created_at * 10)
+        seen = max(0, round(meta.last_seen_at * 10) - created)
+        doc: dict[str, Any] = {"c": created, "s": seen}
+        auth = None if meta.auth_at is None else max(0, round(meta.auth_at * 10) - created)
+        if auth is not None:
+            doc["a"] = auth
+        user = meta.user_id
+        if user is not None and user != user_id:
+            doc["u"] = user
         if meta.remember:
             doc["r"] = True
-        if meta.ip is not None:
-            doc["ip"] = meta.ip
+        ip = meta.ip
+        if ip is not None:
+            doc["ip"] = ip
         if meta.user_agent is not None:
             doc["ua"] = meta.user_agent
-        if meta.login_ip != meta.ip and (meta.auth_at is not None or meta.login_ip is not None):
-            doc["lip"] = meta.login_ip  # left out in the usual case: the login IP is the IP
+        # Left out in the usual case, the login IP being the IP; read back, a
+        # missing "lip" is the IP of a logged-in session and None otherwise.
+        login_ip = meta.login_ip
+        if login_ip != ip and (auth is not None or login_ip is not None):
+            doc["lip"] = login_ip
+        else:
+            login_ip = ip if auth is not None else None
         if meta.device is not None:
             doc["dev"] = meta.device
         if meta.location is not None:
             doc["loc"] = meta.location
-        if meta.extra:
-            doc["x"] = meta.extra
+        extra = meta.extra
+        if extra:
+            doc["x"] = extra
         doc["d"] = tagged
         try:
             payload = _encode_payload(doc).encode("utf-8")
@@ -327,31 +337,27 @@ class Codec:
                 reverse=True,
             )
             raise RecordTooLarge(len(payload), self.max_size, sizes[:3])
+        # Remember the payload as decode() would have read it.  The data and
+        # "x" must be plain JSON values (_json_exact); the other fields are
+        # checked as decoding checks them, so what is held is what it would build.
+        if len(self._serializer.order) != self._order_seen:
+            self._check_tags()
         if (
             self.decoded_cache_size > 0
             and len(payload) <= DECODED_CACHE_MAX_PAYLOAD
-            and self._default_tags_only()
-            and _json_exact(doc)
+            and self._default_tags
+            and _json_exact(tagged)
+            and (not extra or _json_exact(extra))
         ):
-            self._remember_written(doc, payload, aad, user_id)
+            try:
+                held = _checked_meta(
+                    created, seen, auth, user if user is not None else user_id, meta.remember,
+                    ip, meta.user_agent, login_ip, meta.device, meta.location, dict(extra),
+                )  # fmt: skip
+            except RecordDecodeError:
+                return payload  # decoding would fail too: let the read find that out
+            self._remember(aad, user_id, payload, _new_decoded(Decoded, (held, tagged, True)))
         return payload
-
-    def _remember_written(
-        self, doc: dict[str, Any], payload: bytes, aad: bytes, user_id: str | None
-    ) -> None:
-        """Remember a payload just encoded from ``doc`` as if it had been decoded.
-
-        ``doc`` holds plain JSON values only (:func:`_json_exact`), so parsing the
-        payload would give it back as it is; it is checked as a decoded one is.
-        Its containers are new ones (built by :meth:`tag` or here), except
-        ``"x"``, the caller's ``meta.extra``, which gets a copy.
-        """
-        try:
-            decoded = self._interpret(doc, user_id, current=True)
-        except RecordDecodeError:
-            return  # decoding would fail too: let the read find that out
-        decoded.meta.extra = dict(decoded.meta.extra)
-        self._remember(aad, user_id, payload, decoded)
 
     @staticmethod
     def _explain(tagged: dict[str, Any], error: Exception) -> Exception:
@@ -394,10 +400,15 @@ class Codec:
         known = cache.get((aad, user_id))
         if known is not None and known[0] == payload:
             remembered = known[1]
-            return Decoded(remembered.meta.copy(), remembered.raw, remembered.current)
+            return _new_decoded(
+                Decoded, (remembered.meta.copy(), remembered.raw, remembered.current)
+            )
         decoded = self._decode(payload, aad, user_id)
         self._remember(
-            aad, user_id, payload, Decoded(decoded.meta.copy(), decoded.raw, decoded.current)
+            aad,
+            user_id,
+            payload,
+            _new_decoded(Decoded, (decoded.meta.copy(), decoded.raw, decoded.current)),
         )
         return decoded
 
@@ -451,63 +462,71 @@ class Codec:
             created, seen, data = doc["c"], doc["s"], doc["d"]
         except KeyError as error:
             raise RecordDecodeError(f"missing field {error}") from error
-        # One pass of plain checks: this runs on every request.  "s" and "a" are
-        # offsets from "c"; every time must lie between 0 and the year 9999.
         get = doc.get
-        auth_at = get("a")
-        user_id = get("u", user_id)
-        remember = get("r", False)
-        ip = get("ip")
-        user_agent = get("ua")
-        login_ip = get("lip", ip if auth_at is not None else None)
-        device = get("dev")
-        location = get("loc")
-        extra = get("x", {})
-        if not (
-            type(created) in _NUMBER
-            and type(seen) in _NUMBER
-            and 0 <= created <= _MAX_TIME
-            and seen >= 0
-            and created + seen <= _MAX_TIME
-            and (
-                auth_at is None
-                or (type(auth_at) in _NUMBER and auth_at >= 0 and created + auth_at <= _MAX_TIME)
-            )
-            and (user_id is None or type(user_id) is str)
-            and type(remember) is bool
-            and (ip is None or type(ip) is str)
-            and (user_agent is None or type(user_agent) is str)
-            and (login_ip is None or type(login_ip) is str)
-            and (device is None or type(device) is str)
-            and (location is None or type(location) is str)
-            and type(extra) is dict
-            and type(data) is dict
-        ):
+        if type(data) is not dict:
             raise RecordDecodeError("a field has the wrong type")
-        meta = Meta(  # positionally: a third of the time of keywords
-            created,  # created_at
-            created + seen,  # last_seen_at
-            None if auth_at is None else created + auth_at,  # auth_at
-            user_id,
-            remember,
-            ip,
-            user_agent,
-            login_ip,
-            device,
-            location,
-            extra,
-        )
-        return Decoded(meta, data, current)
+        meta = _checked_meta(
+            created, seen, get("a"), get("u", user_id), get("r", False), get("ip"),
+            get("ua"), get("lip", _UNSET), get("dev"), get("loc"), get("x", {}),
+        )  # fmt: skip
+        return _new_decoded(Decoded, (meta, data, current))
 
 
-def _offset(moment: float, base: float) -> float | int:
-    """``moment - base`` to a tenth of a second, written as briefly as JSON allows.
+def _checked_meta(
+    created: Any,
+    seen: Any,
+    auth: Any,
+    user_id: Any,
+    remember: Any,
+    ip: Any,
+    user_agent: Any,
+    login_ip: Any,
+    device: Any,
+    location: Any,
+    extra: Any,
+) -> Meta:
+    """Check a payload's fields as stored and build the :class:`Meta` they describe.
 
-    Never negative: with app servers whose clocks disagree, a session may be
-    touched "before" it was created, and such a record must stay readable.
+    Times are in tenths of a second, ``seen`` and ``auth`` after ``created``
+    (never before: a session may be seen "before" its creation by a server
+    whose clock is behind, and is written as seen at it); a ``login_ip`` of
+    ``_UNSET`` (not stored) is the IP of a logged-in session, else ``None``.
+    Raises :class:`RecordDecodeError` if a field has the wrong type or a time
+    lies outside 1970 to the year 9999 (past it, datetime conversions would fail).
     """
-    tenths = max(0, round((moment - base) * 10))
-    return tenths // 10 if tenths % 10 == 0 else tenths / 10
+    # One pass of plain checks: this runs on every request.
+    if login_ip is _UNSET:
+        login_ip = ip if auth is not None else None
+    if not (
+        type(created) is int  # not a bool or a float (no tenths of a second)
+        and type(seen) is int
+        and 0 <= created <= _MAX_TENTHS
+        and seen >= 0
+        and created + seen <= _MAX_TENTHS
+        and (auth is None or (type(auth) is int and auth >= 0 and created + auth <= _MAX_TENTHS))
+        and (user_id is None or type(user_id) is str)
+        and type(remember) is bool
+        and (ip is None or type(ip) is str)
+        and (user_agent is None or type(user_agent) is str)
+        and (login_ip is None or type(login_ip) is str)
+        and (device is None or type(device) is str)
+        and (location is None or type(location) is str)
+        and type(extra) is dict
+    ):
+        raise RecordDecodeError("a field has the wrong type")
+    return Meta(  # positionally: a third of the time of keywords
+        created / 10,  # created_at
+        (created + seen) / 10,  # last_seen_at
+        None if auth is None else (created + auth) / 10,  # auth_at
+        user_id,
+        remember,
+        ip,
+        user_agent,
+        login_ip,
+        device,
+        location,
+        extra,
+    )
 
 
 def _json_exact(value: Any) -> bool:

@@ -6,8 +6,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import flash, get_flashed_messages, jsonify, make_response, session
+from flask import Response, flash, get_flashed_messages, jsonify, make_response, session
 from markupsafe import Markup
+
+from flask_cloakroom.interface import _vary_on_cookie
+from flask_cloakroom.session import Meta, ServerSession
 
 from .conftest import AppFactory
 
@@ -178,6 +181,39 @@ def test_vary_keeps_the_views_own_values_and_names_cookie_once(make_app: AppFact
     assert client.get("/vary/Accept, cookie").headers.getlist("Vary") == ["Accept, cookie"]
 
 
+def test_vary_is_found_whatever_the_case_of_its_name() -> None:
+    response = Response("ok")
+    response.headers["vary"] = "Accept, COOKIE"
+    _vary_on_cookie(response)
+    assert response.headers.getlist("Vary") == ["Accept, COOKIE"]
+    response = Response("ok")
+    response.headers["VARY"] = "Accept"
+    _vary_on_cookie(response)
+    assert response.headers.getlist("Vary") == ["Accept", "Cookie"]
+
+
+class _PlainHeaders:
+    """Headers that are not Werkzeug's: a list of pairs behind the public methods."""
+
+    def __init__(self, *pairs: tuple[str, str]) -> None:
+        self.pairs = list(pairs)
+
+    def getlist(self, name: str) -> list[str]:
+        return [v for k, v in self.pairs if k.lower() == name.lower()]
+
+    def add(self, name: str, value: str) -> None:
+        self.pairs.append((name, value))
+
+
+def test_vary_goes_through_the_public_methods_of_other_headers() -> None:
+    response = Response("ok")
+    response.headers = _PlainHeaders(("Vary", "Accept"))  # type: ignore[assignment]
+    _vary_on_cookie(response)
+    assert response.headers.pairs == [("Vary", "Accept"), ("Vary", "Cookie")]  # type: ignore[attr-defined]
+    _vary_on_cookie(response)
+    assert response.headers.pairs == [("Vary", "Accept"), ("Vary", "Cookie")]  # type: ignore[attr-defined]
+
+
 def test_anonymous_visitor_with_empty_session_gets_no_cookie_and_no_record(
     make_app: AppFactory,
 ) -> None:
@@ -213,3 +249,20 @@ def test_emptying_the_session_deletes_its_record(make_app: AppFactory) -> None:
     client.post("/pop/x")
     assert store.inner.count(now=0) == 0
     assert client.get("/get/x").get_json() == {"value": None}
+
+
+def test_a_loaded_session_is_what_the_constructor_builds() -> None:
+    meta = Meta(created_at=1_795_000_000, last_seen_at=1_795_000_100, user_id="u")
+    data = {"cart": ["tea"], "_permanent": True}
+    raw = {"cart": ["tea"], "_permanent": True}
+    built = ServerSession(data, key="k", version=3, meta=meta, raw=raw)
+    loaded = ServerSession.loaded(data, "k", 3, meta, raw)
+    assert not loaded.accessed and not loaded.modified
+    assert vars(loaded) == vars(built)
+    assert (loaded.key, loaded.version, loaded.new) == ("k", 3, False)
+    assert loaded.loaded_permanent
+    assert dict(loaded) == dict(built) == data
+    loaded["n"] = 1
+    assert "n" not in data  # the data was copied in, not taken
+    loaded.pending.append(("x", {}))
+    assert built.pending == []  # and nothing mutable is shared between sessions

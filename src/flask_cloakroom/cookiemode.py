@@ -107,7 +107,7 @@ class CookieSessionManager(SessionManager):
         except RecordDecodeError as error:
             logger.info("session cookie refused: %s", error)
             return None
-        session = ServerSession(data, key=key, version=0, meta=meta, raw=raw)
+        session = ServerSession.loaded(data, key, 0, meta, raw)
         session.session_id = session_id
         session.stale_signature = not current
         return session

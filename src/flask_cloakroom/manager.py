@@ -72,9 +72,8 @@ def _aad(key: str, user: str | None) -> bytes:
     """The associated data of a record's payload: its key and its user id, so a
     sealed payload copied onto another session, or moved to another user, does
     not open (a NUL cannot appear in a store key)."""
-    if user is None:
-        return key.encode("ascii")
-    return b"%s\0%s" % (key.encode("ascii"), user.encode("utf-8"))
+    # Store keys are ASCII (hex), so one UTF-8 encoding gives the same bytes.
+    return key.encode() if user is None else f"{key}\0{user}".encode()
 
 
 #: How many cookies of the session's name are checked in one request.
@@ -270,7 +269,7 @@ class SessionManager:
         except RecordDecodeError as error:
             self._unreadable(key, error)
             return None
-        return ServerSession(data, key=key, version=record.version, meta=meta, raw=raw)
+        return ServerSession.loaded(data, key, record.version, meta, raw)
 
     def _decode(self, record: Record) -> Decoded | None:
         try:
@@ -415,7 +414,9 @@ class SessionManager:
         The record's user id is bound into the payload's associated data; when it
         is the user id itself (not hashed) the payload leaves it out.
         """
-        user = None if meta.user_id is None else self.user_index(meta.user_id)
+        user = meta.user_id
+        if user is not None and self._user_keys:
+            user = self._hash_user(self._user_keys[0], user)  # what user_index() does
         payload = self.codec.encode(meta, tagged, _aad(key, user), user_id=user)
         return Record(key, user, self.policy.expires_at(meta), version, payload)
 
@@ -482,7 +483,11 @@ class SessionManager:
         assert session.version is not None
         record = self._record(key, meta, tagged, session.version + 1)
         if self.store.save(record, expected=session.version, now=now):
-            self._stored(session, record, meta, tagged)
+            # What _stored() does, less what an update leaves as it was (the key,
+            # the meta object, "new" and no rotation pending: _save() saw to that).
+            session.version = record.version
+            session.raw = tagged
+            session.meta_changed = False
             return
         # Another request wrote since this one loaded the session.  Re-apply this
         # request's changes onto what is stored now, holding the store's lock, so

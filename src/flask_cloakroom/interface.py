@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from werkzeug.sansio.response import Response as BaseResponse
 
 logger = logging.getLogger("flask_cloakroom")
+#: Builds a :class:`Client` from a tuple: half the time of its constructor.
+_new_client = tuple.__new__
 
 
 class CloakroomSessionInterface(SessionInterface):
@@ -57,9 +59,12 @@ class CloakroomSessionInterface(SessionInterface):
         trusted = self._trusted_proxies
         forwarded = environ.get("HTTP_X_FORWARDED_FOR") if trusted else None
         agent = environ.get("HTTP_USER_AGENT")
-        return Client(
-            client_ip(environ.get("REMOTE_ADDR"), forwarded, trusted),
-            agent[:512] if agent else None,
+        return _new_client(
+            Client,
+            (
+                client_ip(environ.get("REMOTE_ADDR"), forwarded, trusted),
+                agent[:512] if agent else None,
+            ),
         )
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:

@@ -414,9 +414,7 @@ class SessionManager:
         The record's user id is bound into the payload's associated data; when it
         is the user id itself (not hashed) the payload leaves it out.
         """
-        user = meta.user_id
-        if user is not None and self._user_keys:
-            user = self._hash_user(self._user_keys[0], user)  # what user_index() does
+        user = None if meta.user_id is None else self.user_index(meta.user_id)
         payload = self.codec.encode(meta, tagged, _aad(key, user), user_id=user)
         return Record(key, user, self.policy.expires_at(meta), version, payload)
 

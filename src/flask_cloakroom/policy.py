@@ -33,34 +33,36 @@ class Policy:
 
     def idle_expiry(self, meta: Meta) -> float:
         """When the session dies if it is not used again."""
-        return meta.last_seen_at + (self.remember_idle if meta.remember else self.idle)
+        return self._expiries(meta)[1]
 
     def absolute_expiry(self, meta: Meta) -> float:
         """When the session dies whatever happens."""
-        start = meta.auth_at if meta.auth_at is not None else meta.created_at
-        return start + (self.remember_absolute if meta.remember else self.absolute)
+        return self._expiries(meta)[0]
 
     def expires_at(self, meta: Meta) -> float:
         """The sooner of the two expiries: the record's life in the store."""
-        # idle_expiry() and absolute_expiry() inline: this runs on every write.
-        start = meta.auth_at if meta.auth_at is not None else meta.created_at
-        if meta.remember:
-            return min(meta.last_seen_at + self.remember_idle, start + self.remember_absolute)
-        return min(meta.last_seen_at + self.idle, start + self.absolute)
+        absolute, idle = self._expiries(meta)
+        return min(absolute, idle)
 
     def expired(self, meta: Meta, now: float) -> Expiry | None:
         """Why the session is dead at ``now``, or ``None`` if it is alive."""
-        # absolute_expiry() and idle_expiry() inline: this runs on every request.
-        start = meta.auth_at if meta.auth_at is not None else meta.created_at
-        if meta.remember:
-            absolute, idle = self.remember_absolute, self.remember_idle
-        else:
-            absolute, idle = self.absolute, self.idle
-        if now >= start + absolute:
+        absolute, idle = self._expiries(meta)
+        if now >= absolute:
             return "absolute"
-        if now >= meta.last_seen_at + idle:
+        if now >= idle:
             return "idle"
         return None
+
+    def _expiries(self, meta: Meta) -> tuple[float, float]:
+        """The absolute and the idle expiry, in one call (this runs on every request).
+
+        The absolute timeout counts from the last login, or from the creation of
+        a session that never logged in; "remember me" sessions use their own pair.
+        """
+        start = meta.auth_at if meta.auth_at is not None else meta.created_at
+        if meta.remember:
+            return start + self.remember_absolute, meta.last_seen_at + self.remember_idle
+        return start + self.absolute, meta.last_seen_at + self.idle
 
     def touch_due(self, meta: Meta, now: float) -> bool:
         """Whether an unchanged session should still be written to record activity."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from flask import Response, flash, get_flashed_messages, jsonify, make_response, session
 from markupsafe import Markup
 
@@ -266,3 +268,37 @@ def test_a_loaded_session_is_what_the_constructor_builds() -> None:
     assert "n" not in data  # the data was copied in, not taken
     loaded.pending.append(("x", {}))
     assert built.pending == []  # and nothing mutable is shared between sessions
+
+
+# Every way a view can reach a stored value and change it in place (then set
+# session.modified, as with Flask's own session): the change is saved.
+_IN_PLACE: dict[str, Callable[[], None]] = {
+    "getitem": lambda: session["cart"].append("plum"),
+    "get": lambda: session.get("cart", []).append("plum"),
+    "setdefault": lambda: session.setdefault("cart", []).append("plum"),
+    "values": lambda: next(v for v in session.values() if isinstance(v, list)).append("plum"),
+    "items": lambda: dict(session.items())["cart"].append("plum"),
+    "copy": lambda: session.copy()["cart"].append("plum"),  # type: ignore[attr-defined]
+    "iteration": lambda: next(session[k] for k in session if k == "cart").append("plum"),
+    "update then get": lambda: (session.update(n=1), session["cart"].append("plum"))[1],
+}
+
+
+@pytest.mark.parametrize("route", sorted(_IN_PLACE))
+def test_a_value_changed_in_place_is_saved_whichever_way_it_was_reached(
+    make_app: AppFactory, route: str
+) -> None:
+    app, _, _ = make_app()
+
+    @app.post("/change")
+    def change() -> str:
+        _IN_PLACE[route]()
+        session.modified = True
+        return "ok"
+
+    client = app.test_client()
+    client.post("/set/cart", json=["tea"])
+    client.post("/set/prefs", json={"theme": "dark"})
+    client.post("/change")
+    assert client.get("/get/cart").get_json() == {"value": ["tea", "plum"]}
+    assert client.get("/get/prefs").get_json() == {"value": {"theme": "dark"}}

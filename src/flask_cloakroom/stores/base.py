@@ -72,6 +72,32 @@ class EventRecord:
     data: bytes
 
 
+class Translated:
+    """A context manager that raises ``translate(error)`` from any error of ``kinds``.
+
+    How a store turns its driver's errors into :class:`StoreError`: one instance
+    per store, used around every call (a class, not a ``@contextmanager``
+    generator, which costs about 0.8 µs more on each use).
+    """
+
+    __slots__ = ("_kinds", "_translate")
+
+    def __init__(
+        self,
+        kinds: type[BaseException] | tuple[type[BaseException], ...],
+        translate: Callable[[BaseException], BaseException],
+    ) -> None:
+        self._kinds = kinds
+        self._translate = translate
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        if error is not None and isinstance(error, self._kinds):
+            raise self._translate(error) from error
+
+
 class Store(abc.ABC):
     """Abstract base class of session stores.
 

@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager, suppress
 
 from ..errors import StoreError, StoreUnavailable
 from ..tokens import is_store_key
-from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, filter_events
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, Translated, filter_events
 
 logger = logging.getLogger("flask_cloakroom")
 
@@ -54,6 +54,7 @@ class FileStore(Store):
         self._records = os.path.join(self.root, "records")
         self._users = os.path.join(self.root, "users")
         self._events = os.path.join(self.root, "events")
+        self._translated = Translated(OSError, self._translate)
         with self._errors():
             os.makedirs(self._records, exist_ok=True)
             os.makedirs(self._users, exist_ok=True)
@@ -73,15 +74,14 @@ class FileStore(Store):
         digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:32]
         return os.path.join(self._users, digest)
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as error:
-            cls = StoreUnavailable if error.errno in _UNAVAILABLE else StoreError
-            raise cls(
-                f"{error.strerror or error} ({error.filename or self.root})", store=self.name
-            ) from error
+    def _errors(self) -> Translated:
+        """Turns OS errors into StoreError (StoreUnavailable for a full or gone disk)."""
+        return self._translated
+
+    def _translate(self, error: BaseException) -> StoreError:
+        assert isinstance(error, OSError)
+        cls = StoreUnavailable if error.errno in _UNAVAILABLE else StoreError
+        return cls(f"{error.strerror or error} ({error.filename or self.root})", store=self.name)
 
     @contextmanager
     def _shard_lock(self, shard: str) -> Iterator[None]:

@@ -74,7 +74,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..tokens import is_store_key
-from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, Translated
 from .redis_cache import RecordCache
 from .redis_lane import Lane, lane_for
 from .turns import Turns
@@ -421,6 +421,7 @@ class RedisStore(Store):
             )
         self._client = client
         self._factory = factory
+        self._translated = Translated((RedisError, RedisClusterException), self._translate)
         self._lock = threading.Lock()
         self._event_sequence = 0
         self._owns_client = False
@@ -458,12 +459,9 @@ class RedisStore(Store):
                 client = self._client
         return client
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (RedisError, RedisClusterException) as error:
-            raise self._translate(error) from error
+    def _errors(self) -> Translated:
+        """Turns redis-py's errors into StoreError (StoreUnavailable where it is down)."""
+        return self._translated
 
     def _translate(self, error: BaseException) -> StoreError:
         text = (str(error).strip().splitlines() or [""])[0]

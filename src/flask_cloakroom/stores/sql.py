@@ -69,7 +69,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreError, StoreUnavailable
-from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store
+from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, Translated
 from .turns import Turns
 
 logger = logging.getLogger("flask_cloakroom")
@@ -432,6 +432,7 @@ class SQLStore(Store):
         busy_timeout: float = 5.0,
     ) -> None:
         self.engine = engine
+        self._translated = Translated(SQLAlchemyError, self._translate)
         metadata = MetaData()
         self.table = sessions_table(table, metadata)
         self.events_table = events_table(f"{table}_events", metadata)
@@ -689,19 +690,20 @@ class SQLStore(Store):
                             raise
             self._ready = True
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except (DBAPIError, PoolTimeout) as error:
+    def _errors(self) -> Translated:
+        """Turns SQLAlchemy's errors into StoreError (StoreUnavailable where the
+        database is down or the pool has no connection for us)."""
+        return self._translated
+
+    def _translate(self, error: BaseException) -> StoreError:
+        if isinstance(error, DBAPIError | PoolTimeout):
             unavailable = isinstance(error, PoolTimeout) or (
                 error.connection_invalidated
                 or type(error.orig).__name__ in ("OperationalError", "InterfaceError")
             )
             cls = StoreUnavailable if unavailable else StoreError
-            raise cls(str(error).splitlines()[0], store=self.name) from error
-        except SQLAlchemyError as error:
-            raise StoreError(str(error).splitlines()[0], store=self.name) from error
+            return cls(str(error).splitlines()[0], store=self.name)
+        return StoreError(str(error).splitlines()[0], store=self.name)
 
     def _run(self, work: Callable[[Connection], _T], *, write: bool, bulk: bool = False) -> _T:
         """Run ``work`` through SQLAlchemy Core, in a transaction committed if ``write``.

@@ -169,3 +169,50 @@ def test_turns_are_given_in_arrival_order_and_waits_are_bounded() -> None:
     assert turns.acquire(timeout=0)
     turns.release()
     assert turns.acquire(timeout=0)
+
+
+def test_turns_with_slots_lend_that_many_at_once_then_queue_in_order() -> None:
+    """``Turns(size)``: the SQL store's connection slots."""
+    import threading
+    import time
+
+    from flask_cloakroom.stores.turns import Turns
+
+    slots = Turns(3)
+    assert all(slots.acquire(timeout=0) for _ in range(3))
+    started = time.monotonic()
+    assert not slots.acquire(timeout=0.1)  # all three lent: the fourth waits, then gives up
+    assert 0.05 <= time.monotonic() - started < 1.0
+    order: list[int] = []
+    threads = []
+    for i in range(4):
+
+        def wait(i: int = i) -> None:
+            assert slots.acquire(timeout=5)
+            order.append(i)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        deadline = time.monotonic() + 5
+        while len(slots._waiting) <= i and time.monotonic() < deadline:
+            time.sleep(0.001)  # it queues before the next one arrives
+        threads.append(thread)
+    # Each release hands a slot to the longest waiter (a semaphore's slots have no
+    # owner: seven taken, seven given back, whoever gives them).
+    for count in range(1, 5):
+        slots.release()
+        deadline = time.monotonic() + 5
+        while len(order) < count and time.monotonic() < deadline:
+            time.sleep(0.001)  # that waiter notes its turn before the next release
+    for thread in threads:
+        thread.join(5)
+    assert order == [0, 1, 2, 3]
+    for _ in range(3):
+        slots.release()
+    assert all(slots.acquire(timeout=0) for _ in range(3))  # all free again
+    for _ in range(3):
+        slots.release()
+    with pytest.raises(ValueError, match="released more often"):
+        slots.release()  # as BoundedSemaphore: a release without its acquire is a bug
+    with pytest.raises(ValueError, match="at least one slot"):
+        Turns(0)

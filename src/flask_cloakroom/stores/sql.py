@@ -691,7 +691,7 @@ class SQLStore(Store):
             self._ready = True
 
     def _errors(self) -> Translated:
-        """Turns SQLAlchemy's errors into StoreError (StoreUnavailable where the
+        """Translates SQLAlchemy's errors into StoreError (StoreUnavailable where the
         database is down or the pool has no connection for us)."""
         return self._translated
 

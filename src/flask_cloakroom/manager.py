@@ -481,11 +481,7 @@ class SessionManager:
         assert session.version is not None
         record = self._record(key, meta, tagged, session.version + 1)
         if self.store.save(record, expected=session.version, now=now):
-            # What _stored() does, less what an update leaves as it was (the key,
-            # the meta object, "new" and no rotation pending: _save() saw to that).
-            session.version = record.version
-            session.raw = tagged
-            session.meta_changed = False
+            self._stored(session, record, meta, tagged)
             return
         # Another request wrote since this one loaded the session.  Re-apply this
         # request's changes onto what is stored now, holding the store's lock, so

@@ -152,7 +152,11 @@ class ServerSession(dict[str, Any], SessionMixin):
         raw: dict[str, Any],
     ) -> ServerSession:
         """The session of a stored record: ``cls(data, key=..., version=..., meta=...,
-        raw=...)`` for half the cost (every request that finds its session builds one)."""
+        raw=...)`` for half the cost (every request that finds its session builds one).
+
+        It sets what ``__init__`` sets; ``test_a_loaded_session_is_what_the_constructor_builds``
+        compares the two, so an attribute added to one and not the other fails there.
+        """
         session = dict.__new__(cls)
         dict.update(session, data)
         session.key = key

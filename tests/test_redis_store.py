@@ -14,6 +14,7 @@ import ctypes
 import datetime as dt
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -260,6 +261,27 @@ def test_expired_index_entries_are_pruned_by_the_next_write(rstore: RedisStore) 
     later = NOW + 120  # all 50 are dead by now; Redis's own TTLs have not run yet
     assert rstore.save(rec(user="carol", expires=later + 60), expected=None, now=later)
     assert client.zcard(index) == 1
+
+
+def test_the_index_is_pruned_when_it_grows_not_on_every_update(rstore: RedisStore) -> None:
+    """Only an added entry can grow a bucket, so only then are its expired entries
+    removed: an update of a listed session (the usual write) is spared the prune,
+    and what it leaves is never listed."""
+    client = rstore.client
+    index = rstore.index_key("cora")
+    live = rec(user="cora", expires=NOW + 600)
+    assert rstore.save(live, expected=None, now=NOW)
+    for _ in range(20):
+        assert rstore.save(rec(user="cora", expires=NOW + 60), expected=None, now=NOW)
+    later = NOW + 120  # the 20 are dead by now; Redis's own TTLs have not run yet
+    touched = live._replace(version=2, expires_at=later + 600)
+    assert rstore.save(touched, expected=1, now=later)
+    assert client.zcard(index) == 21  # an update adds nothing, so it prunes nothing
+    assert client.zscore(*index_entry(rstore, "cora", live.key)) == math.ceil(later + 600)
+    moved = touched._replace(key=secrets.token_hex(16), version=3)
+    assert rstore.rotate(live.key, moved, expected=2, now=later)  # a login adds an entry
+    assert client.zcard(index) == 1
+    assert [r.key for r in rstore.user_records("cora", now=later)] == [moved.key]
 
 
 def test_entries_of_deleted_sessions_are_dropped_when_the_index_is_read(

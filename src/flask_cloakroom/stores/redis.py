@@ -129,17 +129,21 @@ _ELSEWHERE: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
 
 # The index update, shared by the scripts: the score only goes up (so a slow
 # writer can never lower it below a live record's expiry), expired entries are
-# pruned, and the index key lives as long as its longest-lived session.
+# pruned whenever an entry is added (only then can the index grow: an update of a
+# listed session is spared the prune), and the index key lives as long as its
+# longest-lived session.
 _INDEX_FUNCTION = """
 local function update_index(index, member, score, now, ttl, old_member)
   if old_member ~= '' and old_member ~= member then
     redis.call('ZREM', index, old_member)
   end
   local current = redis.call('ZSCORE', index, member)
-  if not current or tonumber(current) < tonumber(score) then
+  if not current then
+    redis.call('ZADD', index, score, member)
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  elseif tonumber(current) < tonumber(score) then
     redis.call('ZADD', index, score, member)
   end
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
   local left = redis.call('PTTL', index)
   if left ~= -2 and left < ttl then
     redis.call('PEXPIRE', index, ttl)

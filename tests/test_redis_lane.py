@@ -12,6 +12,8 @@ import functools
 import multiprocessing
 import secrets
 import socket
+import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -355,14 +357,65 @@ def test_exchanges_on_two_servers_finish_apart(target: Target, lane: Lane) -> No
         nowhere.close()
 
 
+def lane_sockets(lane: Lane) -> list[socket.socket]:
+    return [wire.connection._sock for wire in lane._idle]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel timeouts: Linux only")
+def test_a_plain_socket_keeps_its_timeout_in_the_kernel(target: Target, lane: Lane) -> None:
+    """No poll() before each send and receive: the socket blocks, and the kernel
+    holds the connection's timeout.  Sentinel connections go through redis-py's
+    own send and read, and keep Python's timeout."""
+    assert lane.execute("PING") == b"PONG"
+    (sock,) = lane_sockets(lane)
+    if isinstance(target.client.connection_pool, SentinelConnectionPool):
+        assert sock.gettimeout() == TIMEOUT
+        return
+    assert sock.gettimeout() is None
+    limit = struct.pack("@ll", 0, round(TIMEOUT * 1_000_000))
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        assert sock.getsockopt(socket.SOL_SOCKET, option, len(limit)) == limit
+
+
+def test_redis_pys_health_check_works_on_the_lanes_sockets(target: Target) -> None:
+    """redis-py's own PING (a health check when due) reads the socket the lane tuned."""
+    pool = target.client.connection_pool
+    client = redis.Redis(
+        connection_pool=type(pool)(
+            **{**pool.connection_kwargs, "health_check_interval": 0.05},
+            **(
+                {"service_name": pool.service_name, "sentinel_manager": pool.sentinel_manager}
+                if isinstance(pool, SentinelConnectionPool)
+                else {}
+            ),
+        )
+    )
+    lane = make_lane(client)
+    try:
+        key = f"{target.prefix}a"
+        assert lane.execute("SET", key, "value") == b"OK"
+        first = connection_id(lane)
+        before = target.admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+        time.sleep(0.1)  # the health check is due
+        assert lane.execute("GET", key) == b"value"
+        after = target.admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+        assert after > before  # the PING was sent, and its reply read by redis-py
+        assert connection_id(lane) == first  # on the same connection, still in step
+    finally:
+        lane.close()
+        client.close()
+
+
 def test_a_timed_out_reply_is_never_read_by_the_next_command(target: Target, lane: Lane) -> None:
     """The server answers the BLPOP after the client gave up; were the connection
     used again, the next GET would read that late nil instead of its own reply."""
     key = f"{target.prefix}a"
     lane.execute("SET", key, "value")
     before = connection_id(lane)
+    started = time.monotonic()
     with pytest.raises(RedisTimeoutError):
         lane.execute("BLPOP", f"{target.prefix}empty", TIMEOUT * 2)
+    assert TIMEOUT * 0.9 <= time.monotonic() - started < TIMEOUT * 2  # the socket's timeout
     time.sleep(TIMEOUT * 2)  # the late reply has been sent by now
     assert lane.execute("GET", key) == b"value"
     assert connection_id(lane) != before

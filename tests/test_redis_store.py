@@ -20,6 +20,7 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flask_cloakroom import Cloakroom, ConfigError, StoreError, StoreUnavailable, generate_key
 from flask_cloakroom.stores import Record, open_store, wrap_client
@@ -649,6 +651,14 @@ def test_unix_socket_url(spawn_redis: Callable[..., None], tmp_path: Path) -> No
         direct = redis.Redis(unix_socket_path=str(socket_path), db=2)
         assert direct.exists(store.record_name(record.key)) == 1
         direct.close()
+        # The store timeout holds on a Unix socket too (on Linux, kept by the kernel).
+        assert store._lane is not None
+        if sys.platform.startswith("linux"):
+            assert all(wire.connection._sock.gettimeout() is None for wire in store._lane._idle)
+        started = time.monotonic()
+        with pytest.raises(RedisTimeoutError):
+            store._lane.execute("BLPOP", "p:empty", 3)
+        assert 0.9 <= time.monotonic() - started < 3
     finally:
         store.close()
 
@@ -764,6 +774,8 @@ def test_tls_url(spawn_redis: Callable[..., None], tmp_path: Path) -> None:
         assert store.load(large.key) == large
         assert isinstance(store, RedisStore) and store._lane is not None
         assert all(wire.reader is not None for wire in store._lane._idle)
+        # A TLS socket keeps Python's timeout (not the kernel's, as plain sockets do).
+        assert all(wire.connection._sock.gettimeout() == 1 for wire in store._lane._idle)
     finally:
         store.close()
     # Client-side caching over TLS: its tracking connection reads TLS without blocking.

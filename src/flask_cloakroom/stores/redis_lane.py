@@ -236,6 +236,7 @@ class _Wire:
         self.pack = _packer(connection) if direct else None
         self.reader: Any = _new_reader(connection) if direct else None
         #: The socket whose timeout was last looked at (see :func:`_kernel_timeout`).
+        #: Held, even once closed, so that no new socket can take its identity.
         self.tuned: Any = None
 
     def disconnect(self) -> None:

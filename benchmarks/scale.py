@@ -26,12 +26,15 @@ the test suite's harness) and measures:
 5. **Purging expired PostgreSQL rows under load**: ``--sessions`` expired rows are
    added beside the live ones; gunicorn (1 sync worker) serves a 9:1 read/write mix
    under wrk (8 connections) before and while ``purge_expired()`` deletes them in
-   batches of the store's default size (250); p99 latency of 5-second slices during
-   the purge against the p99 before it.  Target: never over 2x.
+   batches of the store's default size (250), resting after each batch as long as it
+   took (``--pace``, default 1, as ``flask cloakroom purge``; 0: back to back); p99
+   latency of 5-second slices during the purge against the p99 before it.  Target:
+   never over 2x.
 
     /tmp/perf-venv/bin/python benchmarks/scale.py --sessions 20000     # a smoke run, ~1 min
     /tmp/perf-venv/bin/python benchmarks/scale.py                      # the report, ~15 min
     /tmp/perf-venv/bin/python benchmarks/scale.py --purge-only         # step 5 alone, ~3 min
+    /tmp/perf-venv/bin/python benchmarks/scale.py --purge-only --pace 0  # without rests
     /tmp/perf-venv/bin/python benchmarks/scale.py --memory-only        # small sessions, ~7 min
 """
 
@@ -73,7 +76,7 @@ from flask import Flask
 
 from flask_cloakroom.activity import Client
 from flask_cloakroom.manager import SessionManager
-from flask_cloakroom.stores.base import Record
+from flask_cloakroom.stores.base import PURGE_PACE, Record, paced
 from flask_cloakroom.tokens import new_session_id, store_key
 
 #: Long timeouts, so no session dies or gets a touch write during the run.
@@ -403,9 +406,10 @@ def small_session_memory(server: Any, sessions: int) -> dict[str, Any]:
 
 
 def purge_under_load(
-    dataset: Dataset, writer: Any, count: int, scratch: Path, slice_seconds: int
+    dataset: Dataset, writer: Any, count: int, scratch: Path, slice_seconds: int, pace: float
 ) -> dict[str, Any]:
-    """p99 of the app before and while purge_expired() deletes ``count`` expired rows."""
+    """p99 of the app before and while purge_expired() deletes ``count`` expired rows,
+    resting ``pace`` times each batch's time after it, as ``flask cloakroom purge`` does."""
     from flask_cloakroom.stores import open_store
 
     spec: AppSpec = dataset.app.config["PERF_SPEC"]
@@ -441,7 +445,7 @@ def purge_under_load(
 
         def purge() -> None:
             started = time.perf_counter()
-            outcome["purged"] = store.purge_expired(now=time.time())
+            outcome["purged"] = store.purge_expired(now=time.time(), progress=paced(None, pace))
             outcome["seconds"] = time.perf_counter() - started
 
         thread = threading.Thread(target=purge)
@@ -457,6 +461,7 @@ def purge_under_load(
     worst = max(r.p99_us for r in during) / 1000
     result = {
         "expired_rows": count,
+        "pace": pace,
         "purged": outcome.get("purged"),
         "purge_seconds": outcome.get("seconds"),
         "p99_ms_before": [r.p99_us / 1000 for r in before],
@@ -467,8 +472,8 @@ def purge_under_load(
         "met": worst / normal <= 2.0,
     }
     print(
-        f"  purged {result['purged']:,} rows in {result['purge_seconds']:.1f} s; p99 before "
-        f"{normal:.2f} ms, worst slice during {worst:.2f} ms ({worst / normal:.2f}x)"
+        f"  purged {result['purged']:,} rows in {result['purge_seconds']:.1f} s (pace {pace:g}); "
+        f"p99 before {normal:.2f} ms, worst slice during {worst:.2f} ms ({worst / normal:.2f}x)"
     )
     return result
 
@@ -492,6 +497,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9, help="of the per-request measure")
     parser.add_argument("--slice", type=int, default=5, help="seconds per wrk slice")
     parser.add_argument("--skip-purge", action="store_true")
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=PURGE_PACE,
+        help="the purge's rest after each batch, in times the batch's time (0: none)",
+    )
     parser.add_argument(
         "--purge-only",
         action="store_true",
@@ -540,7 +551,7 @@ def main() -> int:
             print("purge under load:")
             with scratch_dir("scale") as tmp:
                 report["purge"] = purge_under_load(
-                    pg_big, writers["postgres"], args.sessions, Path(tmp), args.slice
+                    pg_big, writers["postgres"], args.sessions, Path(tmp), args.slice, args.pace
                 )
 
         print("fill:")

@@ -221,9 +221,12 @@ def test_purge_deletes_expired_sessions(
     assert result["sessions"] == 2
     assert as_json(cli(app, "list", "--json"))["sessions"][0]["user_id"] == "carol"
     assert whoami(fresh) == "carol"
-    text = cli(app, "purge")
+    text = cli(app, "purge", "--pace", "0")
     assert text.exit_code == 0
     assert text.stdout.startswith("Deleted 0 expired session record(s)")
+    refused = cli(app, "purge", "--pace", "-1")
+    assert refused.exit_code == 2
+    assert "--pace" in refused.output
 
 
 def test_purge_shows_its_progress_and_then_the_count(

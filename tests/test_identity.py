@@ -10,6 +10,7 @@ from flask.testing import FlaskClient
 
 from flask_cloakroom import Cloakroom, NoSession
 from flask_cloakroom.stores import Store
+from flask_cloakroom.stores.base import paced
 
 from .conftest import AppFactory
 from .support import FakeClock
@@ -217,6 +218,53 @@ def test_purge_expired(make_app: AppFactory, store: Store, clock: FakeClock) -> 
         assert cloak.purge_expired() == 3
         assert cloak.purge_expired() == 0
     assert fresh.get("/whoami").get_json() == {"user": "fresh"}
+
+
+def test_a_paced_purge_rests_after_each_batch_as_long_as_pace_times_the_batch() -> None:
+    """The rest follows each batch's own time; the batch is reported before it."""
+    now = [100.0]
+    log: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        log.append(f"rest {seconds:g}")
+        now[0] += seconds
+
+    rest = paced(
+        lambda deleted: log.append(f"batch {deleted}"), 1.5, clock=lambda: now[0], sleep=sleep
+    )
+    assert rest is not None
+    now[0] += 0.2  # the first batch takes 0.2 s
+    rest(250)
+    now[0] += 0.04  # the second 0.04 s: the rest after the first is not counted in it
+    rest(7)
+    assert log == ["batch 250", f"rest {0.2 * 1.5:g}", "batch 7", f"rest {0.04 * 1.5:g}"]
+    quiet: list[float] = []
+    silent = paced(None, 2, clock=lambda: now[0], sleep=quiet.append)
+    assert silent is not None
+    now[0] += 0.5
+    silent(1)
+    assert quiet == [1.0]
+
+
+def test_pace_zero_keeps_the_callback_and_a_negative_pace_is_refused() -> None:
+    def report(deleted: int) -> None:
+        return None
+
+    assert paced(report, 0) is report
+    assert paced(None, 0) is None
+    for wrong in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="pace must be 0 or more"):
+            paced(report, wrong)
+
+
+def test_purge_expired_without_rest(make_app: AppFactory, store: Store, clock: FakeClock) -> None:
+    app, cloak, _ = make_app(store)
+    as_user(app, "gone")
+    clock.advance(minutes=40)
+    with app.app_context():
+        assert cloak.purge_expired(pace=0) == 1
+        with pytest.raises(ValueError, match="pace"):
+            cloak.purge_expired(pace=-1)
 
 
 def test_api_outside_a_request_explains_itself(make_app: AppFactory) -> None:

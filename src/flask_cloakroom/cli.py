@@ -44,7 +44,7 @@ from .crypto import generate_key, parse_key
 from .errors import CloakroomError, NotSupported, StoreError, StoreUnavailable
 from .manager import RekeyReport, SessionInfo, SessionManager
 from .stores import Store
-from .stores.base import PURGE_BATCH_SIZE
+from .stores.base import PURGE_BATCH_SIZE, PURGE_PACE, paced
 from .tokens import is_store_key
 
 _P = ParamSpec("_P")
@@ -402,7 +402,7 @@ def revoke_command(
     click.echo(f"Revoked {live} live session(s); {deleted} record(s) deleted in all.")
 
 
-def _purge_showing_progress(store: Store, now: float, batch_size: int) -> int:
+def _purge_showing_progress(store: Store, now: float, batch_size: int, pace: float) -> int:
     """Purge with a progress bar on stderr, or a spinner and a running count.
 
     The bar's total is the store's count of expired records; a store that
@@ -417,7 +417,9 @@ def _purge_showing_progress(store: Store, now: float, batch_size: int) -> int:
         total = None
     if total is not None and total > 0:
         with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
-            return store.purge_expired(now=now, batch_size=batch_size, progress=bar.update)
+            return store.purge_expired(
+                now=now, batch_size=batch_size, progress=paced(bar.update, pace)
+            )
     deleted = 0
 
     def count(gone: int) -> None:
@@ -426,7 +428,7 @@ def _purge_showing_progress(store: Store, now: float, batch_size: int) -> int:
 
     return _with_spinner(
         label,
-        lambda: store.purge_expired(now=now, batch_size=batch_size, progress=count),
+        lambda: store.purge_expired(now=now, batch_size=batch_size, progress=paced(count, pace)),
         status=lambda: f"{deleted:,} deleted",
     )
 
@@ -439,13 +441,21 @@ def _purge_showing_progress(store: Store, now: float, batch_size: int) -> int:
     show_default=True,
     help="Records deleted per transaction (SQL) or pipeline (Redis).",
 )
+@click.option(
+    "--pace",
+    type=click.FloatRange(0, 100),
+    default=PURGE_PACE,
+    show_default=True,
+    help="After each batch, rest this many times as long as the batch took (0: no rest).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_store_errors
-def purge_command(batch_size: int, as_json: bool) -> None:
+def purge_command(batch_size: int, pace: float, as_json: bool) -> None:
     """Delete expired sessions, and activity older than its retention.
 
     Run it from cron for SQL and file stores (Redis expires records itself).
-    The store deletes in batches, so it never holds long locks.  On a terminal
+    The store deletes in batches, so it never holds long locks, and rests after
+    each batch (``--pace``), so the app's requests do not queue behind it.  On a terminal
     a progress bar follows the batches when the store can count its expired
     records (memory, SQL), a spinner with a running count otherwise.
     """
@@ -454,9 +464,11 @@ def purge_command(batch_size: int, as_json: bool) -> None:
     now = manager.now()
     started = time.monotonic()
     if as_json:
-        purged = manager.store.purge_expired(now=now, batch_size=batch_size)
+        purged = manager.store.purge_expired(
+            now=now, batch_size=batch_size, progress=paced(None, pace)
+        )
     else:
-        purged = _purge_showing_progress(manager.store, now, batch_size)
+        purged = _purge_showing_progress(manager.store, now, batch_size, pace)
     pruned = manager.activity.prune(now)
     seconds = time.monotonic() - started
     if as_json:

@@ -31,6 +31,7 @@ from .manager import Clock, RekeyReport, SessionInfo, SessionManager
 from .session import ServerSession, UnavailableSession
 from .settings import load_settings
 from .stores import Store, open_store, wrap_client
+from .stores.base import PURGE_PACE
 from .stores.cookie import CookieStore
 from .tokens import is_store_key
 
@@ -442,10 +443,15 @@ class Cloakroom:
 
         return import_flask_session(self._manager(), source, key_prefix=key_prefix, table=table)
 
-    def purge_expired(self) -> int:
-        """Delete expired records from the store (and old activity); return how many."""
+    def purge_expired(self, *, pace: float = PURGE_PACE) -> int:
+        """Delete expired records from the store (and old activity); return how many.
+
+        The store deletes in batches; after each one the purge rests ``pace`` times
+        as long as the batch took (default 1.0: it keeps its connection busy half the
+        time, so the app's requests do not queue behind it), 0 for no rest.
+        """
         manager = self._manager()
-        return manager.purge(manager.now())
+        return manager.purge(manager.now(), pace=pace)
 
     def rekey(self) -> RekeyReport:
         """Re-encrypt every live session under the first ``CLOAKROOM_ENCRYPTION_KEYS`` key.

@@ -47,7 +47,7 @@ from .merges import MergeQueue
 from .policy import Policy
 from .session import Meta, ServerSession
 from .settings import Settings
-from .stores.base import Record, Store
+from .stores.base import PURGE_PACE, Record, Store, paced
 from .tokens import CookieSigner, new_session_id, store_key
 from .watch import FINGERPRINT, REAUTH, Watch
 
@@ -725,9 +725,13 @@ class SessionManager:
         self.emit("revoked", now, handle, decoded.meta if decoded else None, by=by, reason=reason)
         return True
 
-    def purge(self, now: float) -> int:
-        """Delete expired records (and activity older than its retention); return how many."""
-        purged = self.store.purge_expired(now=now)
+    def purge(self, now: float, *, pace: float = PURGE_PACE) -> int:
+        """Delete expired records (and activity older than its retention); return how many.
+
+        After each batch the purge rests ``pace`` times as long as the batch took
+        (:func:`~flask_cloakroom.stores.base.paced`).
+        """
+        purged = self.store.purge_expired(now=now, progress=paced(None, pace))
         self.activity.prune(now)
         return purged
 

@@ -21,15 +21,17 @@ from typing import NamedTuple
 from ..errors import NotSupported, StoreUnavailable
 
 #: Records deleted per batch by :meth:`Store.purge_expired` unless told otherwise.
-#: Small on purpose: on PostgreSQL under load, batches of 250 kept the app's p99
-#: within 2x of normal while a million expired rows went, where batches of 1,000
-#: pushed it to 2.1-2.3x (benchmarks/scale.py --purge-only; docs/performance.md).
+#: Small on purpose: on PostgreSQL under load, with batches of 250 the app's p99
+#: stayed within 2x of normal in five interleaved runs out of five while a million
+#: expired rows went, where batches of 1,000 pushed it to 2.1-2.3x in five of six
+#: (benchmarks/scale.py --purge-only; docs/performance.md).
 PURGE_BATCH_SIZE = 250
 #: How long a purge rests after each batch, in multiples of the time the batch took,
 #: unless told otherwise (see :func:`paced`).  At 1.0 it keeps its connection busy
-#: half the time: on PostgreSQL under load, on 2 cores, the app's p99 rose 1.45x while
-#: a million expired rows went, against 1.65x back to back, for a purge that took
-#: 17.7 s instead of 7.4 s (benchmarks/scale.py --purge-only; docs/performance.md).
+#: about half the time: on PostgreSQL under load, on 2 cores, the app's worst p99 slice
+#: while a million expired rows went was 8.0-8.7 ms with rests and 9.3-9.8 ms without
+#: (three interleaved pairs), for a purge of 18-20 s instead of 7-8 s
+#: (benchmarks/scale.py --purge-only; docs/performance.md).
 PURGE_PACE = 1.0
 
 

@@ -130,6 +130,8 @@ class Target:
     name: str
     check: Callable[[dict[str, Variant], dict[str, Any]], tuple[float | None, bool | None]]
     wanted: str
+    #: The figure of each round, for a ratio target: one bad round shows as such.
+    rounds: Callable[[dict[str, Variant]], list[float]] | None = None
 
 
 # -- the variants ----------------------------------------------------------------------
@@ -480,14 +482,19 @@ def ratio(variants: dict[str, Variant], key: str, scenario: str) -> float | None
     v = variants.get(key)
     if v is None or not v.runs[scenario]:
         return None
-    got = statistics.median(
-        mine.rate / theirs.rate
-        for mine, theirs in zip(v.runs[scenario], v.partner_runs[scenario], strict=True)
-    )
+    got = statistics.median(paired_ratios(v, scenario))
     if v.partner != BASELINE:
         base = ratio(variants, v.partner, scenario)
         return None if base is None else got * base
     return got
+
+
+def paired_ratios(v: Variant, scenario: str) -> list[float]:
+    """The variant's throughput over its partner's, run by run (round by round)."""
+    return [
+        mine.rate / theirs.rate
+        for mine, theirs in zip(v.runs[scenario], v.partner_runs[scenario], strict=True)
+    ]
 
 
 def noise(variants: dict[str, Variant], scenario: str) -> float | None:
@@ -495,10 +502,7 @@ def noise(variants: dict[str, Variant], scenario: str) -> float | None:
     v = variants.get(BASELINE)
     if v is None or not v.runs[scenario]:
         return None
-    return statistics.median(
-        abs(mine.rate / theirs.rate - 1)
-        for mine, theirs in zip(v.runs[scenario], v.partner_runs[scenario], strict=True)
-    )
+    return statistics.median(abs(r - 1) for r in paired_ratios(v, scenario))
 
 
 def speedup(variants: dict[str, Variant], key: str, scenario: str) -> float | None:
@@ -506,10 +510,7 @@ def speedup(variants: dict[str, Variant], key: str, scenario: str) -> float | No
     v = variants.get(key)
     if v is None or v.workers == 1 or not v.runs[scenario]:
         return None
-    return statistics.median(
-        mine.rate / theirs.rate
-        for mine, theirs in zip(v.runs[scenario], v.partner_runs[scenario], strict=True)
-    )
+    return statistics.median(paired_ratios(v, scenario))
 
 
 def _ratio_target(key: str, scenario: str, floor: float) -> Target:
@@ -517,7 +518,11 @@ def _ratio_target(key: str, scenario: str, floor: float) -> Target:
         got = ratio(variants, key, scenario)
         return got, None if got is None else got >= floor
 
-    return Target(f"{key} {scenario}", check, f">= {floor:.2f}x cookie")
+    def rounds(variants: dict[str, Variant]) -> list[float]:
+        v = variants.get(key)
+        return [] if v is None else paired_ratios(v, scenario)
+
+    return Target(f"{key} {scenario}", check, f">= {floor:.2f}x cookie", rounds)
 
 
 def _workers_target(key: str, scenario: str) -> Target:
@@ -648,8 +653,24 @@ def targets_report(variants: list[Variant], extra: dict[str, Any]) -> list[dict[
     out = []
     for target in TARGETS:
         got, ok = target.check(by_key, extra)
-        out.append({"target": target.name, "wanted": target.wanted, "measured": got, "met": ok})
+        row: dict[str, Any] = {
+            "target": target.name,
+            "wanted": target.wanted,
+            "measured": got,
+            "met": ok,
+        }
+        if target.rounds is not None:
+            row["rounds"] = target.rounds(by_key)
+        out.append(row)
     return out
+
+
+def rounds_text(row: dict[str, Any]) -> str:
+    """A ratio target's figure round by round, for its verdict: " (rounds 0.59 0.76 0.68)"."""
+    each = row.get("rounds")
+    if not each or len(each) < 2:
+        return ""
+    return f" (rounds {' '.join(f'{x:.2f}' for x in each)})"
 
 
 def chart(variants: list[Variant], path: Path, title: str) -> bool:
@@ -772,7 +793,7 @@ def markdown(variants: list[Variant], results: list[dict[str, Any]]) -> str:
         got = row["measured"]
         verdict = {True: "met", False: "**missed**", None: "not measured"}[row["met"]]
         shown = "-" if got is None else f"{got:.2f}"
-        out.append(f"| {row['target']} | {row['wanted']} | {shown} | {verdict} |")
+        out.append(f"| {row['target']} | {row['wanted']} | {shown} | {verdict}{rounds_text(row)} |")
     limits = limit_lines(variants)
     if limits:
         out += ["", LIMIT_HEADING, ""] + [f"- {line}" for line in limits]
@@ -959,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         got = row["measured"]
         shown = "n/a" if got is None else f"{got:.2f}"
         verdict = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
-        print(f"  {row['target']:40} {row['wanted']:28} {shown:>8}  {verdict}")
+        print(f"  {row['target']:40} {row['wanted']:28} {shown:>8}  {verdict}{rounds_text(row)}")
     limits = limit_lines(variants)
     if limits:
         print("\n" + LIMIT_HEADING + "\n  " + "\n  ".join(limits))

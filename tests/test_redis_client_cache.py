@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -97,7 +98,8 @@ def test_repeated_reads_cost_no_command_until_the_record_changes(
     assert (cache.misses, cache.hits) == (1, 19)  # one GET, then the cache
     # Another worker writes a new version: the next read has it.
     newer = rec(record.key, version=2, payload=b'{"v":2}')
-    assert RedisStore(other, prefix=cached.prefix).save(newer, expected=1, now=NOW)
+    with closing(RedisStore(other, prefix=cached.prefix)) as writer:
+        assert writer.save(newer, expected=1, now=NOW)
     settle()
     assert cached.load(record.key) == newer
     # This process's own write is visible at once, before Redis's message arrives.
@@ -122,7 +124,8 @@ def test_a_read_racing_a_write_does_not_cache_the_old_value(
     def fetch_then_write() -> bytes | None:
         value = other.get(name)
         assert value is None or isinstance(value, bytes)
-        assert RedisStore(other, prefix=cached.prefix).save(newer, expected=1, now=NOW)
+        with closing(RedisStore(other, prefix=cached.prefix)) as writer:
+            assert writer.save(newer, expected=1, now=NOW)
         settle()
         with cache._lock:  # another request takes the invalidation in meanwhile
             cache._sync()
@@ -167,7 +170,8 @@ def test_a_flush_a_restart_and_a_killed_connection_empty_the_cache(
         assert len(trackers) == 1
         admin.client_kill_filter(_id=trackers[0]["id"])
         changed = rec(record.key, version=2, payload=b"changed")
-        assert RedisStore(admin, prefix="flushable:").save(changed, expected=1, now=NOW)
+        with closing(RedisStore(admin, prefix="flushable:")) as writer:
+            assert writer.save(changed, expected=1, now=NOW)
         assert flushable.load(record.key) == changed
         time.sleep(1.1)  # RETRY_EVERY
         assert flushable.load(record.key) == changed
@@ -179,7 +183,8 @@ def test_a_flush_a_restart_and_a_killed_connection_empty_the_cache(
         assert flushable.load(record.key) == changed
         later = rec(record.key, version=3, payload=b"later")
         admin2 = controllable_redis.client(decode_responses=False)
-        assert RedisStore(admin2, prefix="flushable:").save(later, expected=2, now=NOW)
+        with closing(RedisStore(admin2, prefix="flushable:")) as writer:
+            assert writer.save(later, expected=2, now=NOW)
         admin2.close()
         time.sleep(1.1)
         assert flushable.load(record.key) == later

@@ -206,6 +206,7 @@ def test_writes_to_a_read_only_replica_are_unavailable(
         app, _, _ = make_app(store, CLOAKROOM_RETRY_AFTER=3)
         assert_unavailable(app.test_client().post("/set/x", json=1))
     finally:
+        store.close()  # its lane's connections: the client does not know them
         client.close()
 
 

@@ -112,6 +112,7 @@ def metered(request: pytest.FixtureRequest) -> Iterator[Metered]:
     traffic.reset()
     yield Metered(store, traffic, InstrumentedStore(store, traffic.finish))
     flush_prefix(client, prefix)
+    store.close()  # its lanes' connections: the client does not know them
     client.close()
 
 
@@ -213,4 +214,5 @@ def test_the_read_path_seen_by_the_server(
     finally:
         flush_prefix(admin, prefix)
         admin.close()
+        store.close()
         store.client.close()

@@ -3,12 +3,16 @@ settable clock, a counting store, and a redis-py connection class that counts tr
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from redis.connection import Connection
 
+from flask_cloakroom.stores.base import PURGE_BATCH_SIZE
 from flask_cloakroom.stores.instrumented import InstrumentedStore
+from flask_cloakroom.stores.memory import MemoryStore
 
 
 class FakeClock:
@@ -92,3 +96,28 @@ def counting_connection(traffic: TrafficSink) -> type[Connection]:
             return super().read_response(*args, **kwargs)
 
     return CountingConnection
+
+
+class SlowBatch(MemoryStore):
+    """A memory store whose purge deletes nothing in one batch that takes 20 ms, and
+    keeps how long the purge's progress callback (its rest) took, None without one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rests: list[float | None] = []
+
+    def purge_expired(
+        self,
+        *,
+        now: float,
+        batch_size: int = PURGE_BATCH_SIZE,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        if progress is None:
+            self.rests.append(None)
+            return 0
+        time.sleep(0.02)
+        started = time.monotonic()
+        progress(0)
+        self.rests.append(time.monotonic() - started)
+        return 0

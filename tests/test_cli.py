@@ -28,7 +28,7 @@ from flask_cloakroom.stores.memory import MemoryStore
 
 from .conftest import AppFactory, build_store
 from .servers import free_port
-from .support import FakeClock
+from .support import FakeClock, SlowBatch
 
 LAPTOP = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
 PHONE = (
@@ -227,6 +227,17 @@ def test_purge_deletes_expired_sessions(
     refused = cli(app, "purge", "--pace", "-1")
     assert refused.exit_code == 2
     assert "--pace" in refused.output
+
+
+def test_purge_rests_as_the_config_says_unless_told_otherwise(make_app: AppFactory) -> None:
+    slow = SlowBatch()
+    app, _, _ = make_app(slow, CLOAKROOM_PURGE_PACE=3)
+    assert as_json(cli(app, "purge", "--json"))["sessions"] == 0
+    assert cli(app, "purge", "--json", "--pace", "0").exit_code == 0
+    rest, none = slow.rests
+    assert rest is not None and rest >= 3 * 0.02  # CLOAKROOM_PURGE_PACE = 3
+    assert none is None  # --pace 0 wins: no rest
+    assert "CLOAKROOM_PURGE_PACE" in cli(app, "purge", "--help").output
 
 
 def test_purge_shows_its_progress_and_then_the_count(

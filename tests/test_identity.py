@@ -13,7 +13,7 @@ from flask_cloakroom.stores import Store
 from flask_cloakroom.stores.base import paced
 
 from .conftest import AppFactory
-from .support import FakeClock
+from .support import FakeClock, SlowBatch
 
 
 def cookie(client: FlaskClient) -> str:
@@ -265,6 +265,24 @@ def test_purge_expired_without_rest(make_app: AppFactory, store: Store, clock: F
         assert cloak.purge_expired(pace=0) == 1
         with pytest.raises(ValueError, match="pace"):
             cloak.purge_expired(pace=-1)
+
+
+def test_the_purges_pace_comes_from_the_config_unless_the_call_names_one(
+    make_app: AppFactory,
+) -> None:
+    slow = SlowBatch()
+    app, cloak, _ = make_app(slow, CLOAKROOM_PURGE_PACE=3)
+    with app.app_context():
+        cloak.purge_expired()
+        cloak.purge_expired(pace=0)
+    rest, none = slow.rests
+    assert rest is not None and rest >= 3 * 0.02  # the config's 3, not the default 1
+    assert none is None  # pace 0: no rest, and no callback at all
+    unpaced = SlowBatch()
+    app, cloak, _ = make_app(unpaced, CLOAKROOM_PURGE_PACE=0)
+    with app.app_context():
+        cloak.purge_expired()
+    assert unpaced.rests == [None]
 
 
 def test_api_outside_a_request_explains_itself(make_app: AppFactory) -> None:

@@ -44,7 +44,7 @@ from .crypto import generate_key, parse_key
 from .errors import CloakroomError, NotSupported, StoreError, StoreUnavailable
 from .manager import RekeyReport, SessionInfo, SessionManager
 from .stores import Store
-from .stores.base import PURGE_BATCH_SIZE, PURGE_PACE, paced
+from .stores.base import PURGE_BATCH_SIZE, paced
 from .tokens import is_store_key
 
 _P = ParamSpec("_P")
@@ -444,13 +444,13 @@ def _purge_showing_progress(store: Store, now: float, batch_size: int, pace: flo
 @click.option(
     "--pace",
     type=click.FloatRange(0, 100),
-    default=PURGE_PACE,
-    show_default=True,
-    help="After each batch, rest this many times as long as the batch took (0: no rest).",
+    default=None,
+    help="After each batch, rest this many times as long as the batch took (0: no rest)."
+    "  [default: CLOAKROOM_PURGE_PACE, 1.0 unless set]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_store_errors
-def purge_command(batch_size: int, pace: float, as_json: bool) -> None:
+def purge_command(batch_size: int, pace: float | None, as_json: bool) -> None:
     """Delete expired sessions, and activity older than its retention.
 
     Run it from cron for SQL and file stores (Redis expires records itself).
@@ -461,6 +461,8 @@ def purge_command(batch_size: int, pace: float, as_json: bool) -> None:
     """
     manager = _manager()
     server_state_or_refuse(manager, "purge")
+    if pace is None:
+        pace = manager.settings.purge_pace
     now = manager.now()
     started = time.monotonic()
     if as_json:

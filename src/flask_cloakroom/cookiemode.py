@@ -42,7 +42,7 @@ from .manager import (
 )
 from .session import ServerSession
 from .settings import Settings
-from .stores.base import PURGE_PACE, Store
+from .stores.base import Store
 from .tokens import store_key
 
 #: The largest Set-Cookie header (name, value and attributes) browsers reliably keep.
@@ -231,5 +231,5 @@ class CookieSessionManager(SessionManager):
     def rekey(self, now: float, *, batch_size: int = 500) -> RekeyReport:
         self._refuse("re-encrypt sessions (each cookie is re-sealed on its next response)")
 
-    def purge(self, now: float, *, pace: float = PURGE_PACE) -> int:
+    def purge(self, now: float, *, pace: float | None = None) -> int:
         return 0

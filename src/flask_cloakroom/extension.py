@@ -31,7 +31,6 @@ from .manager import Clock, RekeyReport, SessionInfo, SessionManager
 from .session import ServerSession, UnavailableSession
 from .settings import load_settings
 from .stores import Store, open_store, wrap_client
-from .stores.base import PURGE_PACE
 from .stores.cookie import CookieStore
 from .tokens import is_store_key
 
@@ -443,12 +442,13 @@ class Cloakroom:
 
         return import_flask_session(self._manager(), source, key_prefix=key_prefix, table=table)
 
-    def purge_expired(self, *, pace: float = PURGE_PACE) -> int:
+    def purge_expired(self, *, pace: float | None = None) -> int:
         """Delete expired records from the store (and old activity); return how many.
 
         The store deletes in batches; after each one the purge rests ``pace`` times
-        as long as the batch took (default 1.0: it keeps its connection busy half the
-        time, so the app's requests do not queue behind it), 0 for no rest.
+        as long as the batch took (0 for no rest). None takes ``CLOAKROOM_PURGE_PACE``
+        (default 1.0: the purge keeps its connection busy half the time, so the app's
+        requests do not queue behind it).
         """
         manager = self._manager()
         return manager.purge(manager.now(), pace=pace)

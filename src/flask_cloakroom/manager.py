@@ -47,7 +47,7 @@ from .merges import MergeQueue
 from .policy import Policy
 from .session import Meta, ServerSession
 from .settings import Settings
-from .stores.base import PURGE_PACE, Record, Store, paced
+from .stores.base import Record, Store, paced
 from .tokens import CookieSigner, new_session_id, store_key
 from .watch import FINGERPRINT, REAUTH, Watch
 
@@ -725,12 +725,14 @@ class SessionManager:
         self.emit("revoked", now, handle, decoded.meta if decoded else None, by=by, reason=reason)
         return True
 
-    def purge(self, now: float, *, pace: float = PURGE_PACE) -> int:
+    def purge(self, now: float, *, pace: float | None = None) -> int:
         """Delete expired records (and activity older than its retention); return how many.
 
         After each batch the purge rests ``pace`` times as long as the batch took
-        (:func:`~flask_cloakroom.stores.base.paced`).
+        (:func:`~flask_cloakroom.stores.base.paced`); None: ``CLOAKROOM_PURGE_PACE``.
         """
+        if pace is None:
+            pace = self.settings.purge_pace
         purged = self.store.purge_expired(now=now, progress=paced(None, pace))
         self.activity.prune(now)
         return purged

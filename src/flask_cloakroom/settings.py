@@ -25,7 +25,7 @@ from .activity import EVENT_KINDS, LOGGED_KINDS, TrustedProxies
 from .crypto import parse_key
 from .errors import ConfigError
 from .rules import parse_rules
-from .stores.base import Store
+from .stores.base import PURGE_PACE, Store
 
 PREFIX = "CLOAKROOM_"
 
@@ -110,6 +110,16 @@ def _non_negative_int(key: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError(key, f"expected a whole number, zero or more, got {value!r}")
     return value
+
+
+def _pace(key: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(
+            key, f"expected a number (times a batch's time), got {value!r}. Example: {key} = 2.0"
+        )
+    if not 0 <= value <= 100:  # NaN fails this too; the CLI's --pace has the same range
+        raise ConfigError(key, f"must be from 0 (no rest) to 100, got {value!r}")
+    return float(value)
 
 
 def _bool(key: str, value: Any) -> bool:
@@ -392,6 +402,17 @@ OPTIONS: tuple[Option, ...] = (
         _positive_duration,
     ),
     Option(
+        "PURGE_PACE",
+        "float",
+        PURGE_PACE,
+        "How long a purge (flask cloakroom purge, cloak.purge_expired()) rests after each "
+        "batch it deletes, in multiples of the time the batch took, so the app's requests "
+        "do not queue behind it on a busy database. 1.0 keeps the store half free; 0 "
+        "purges back to back, fastest. The CLI's --pace and purge_expired(pace=) override it.",
+        "3.0",
+        _pace,
+    ),
+    Option(
         "ACTIVITY_KINDS",
         "list[str]",
         LOGGED_KINDS,
@@ -554,6 +575,7 @@ class Settings:
     trusted_proxies: TrustedProxies
     geolocate: Callable[[str], str | None] | None
     activity_retention: float
+    purge_pace: float
     activity_kinds: tuple[str, ...]
     rules: dict[str, dict[str, Any]]
     max_sessions_per_user: int | None

@@ -207,6 +207,61 @@ def test_concurrent_changes_to_different_keys_are_merged(
     assert values == {"a": None, "b": 2, "c": 3}
 
 
+def test_a_login_that_races_a_write_to_its_session_keeps_both(
+    make_app: AppFactory, store: Store
+) -> None:
+    """The login's new id is written with the other request's change merged in."""
+    app, cloak, _ = make_app(store)
+    client = app.test_client()
+
+    @app.post("/login-while-someone-writes")
+    def interleaved() -> str:
+        session["b"] = 2
+        cloak.login("alice")
+        other = app.test_client()
+        other.set_cookie("session", cookie(client))
+        other.post("/set/c", json=3)  # lands first: the login's rotation finds a newer record
+        return "ok"
+
+    client.post("/set/a", json=1)
+    before = cookie(client)
+    client.post("/login-while-someone-writes")
+    assert cookie(client) != before
+    assert client.get("/whoami").get_json() == {"user": "alice"}
+    values = {k: client.get(f"/get/{k}").get_json()["value"] for k in "abc"}
+    assert values == {"a": 1, "b": 2, "c": 3}
+    stale = app.test_client()
+    stale.set_cookie("session", before)
+    assert stale.get("/whoami").get_json() == {"user": None}
+    assert stale.get("/get/c").get_json() == {"value": None}  # the old id was retired
+    assert [s["current"] for s in client.get("/sessions/alice").get_json()] == [True]
+
+
+def test_a_login_whose_session_was_ended_meanwhile_still_logs_in_afresh(
+    make_app: AppFactory, store: Store
+) -> None:
+    app, cloak, _ = make_app(store)
+    client = app.test_client()
+
+    @app.post("/login-while-someone-logs-out")
+    def interleaved() -> str:
+        cloak.login("alice")
+        other = app.test_client()
+        other.set_cookie("session", cookie(client))
+        other.post("/logout")  # ends the session the login is about to rotate
+        return "ok"
+
+    client.post("/set/a", json=1)
+    before = cookie(client)
+    client.post("/login-while-someone-logs-out")
+    assert cookie(client) != before
+    assert client.get("/whoami").get_json() == {"user": "alice"}
+    assert len(client.get("/sessions/alice").get_json()) == 1
+    stale = app.test_client()
+    stale.set_cookie("session", before)
+    assert stale.get("/whoami").get_json() == {"user": None}
+
+
 def test_purge_expired(make_app: AppFactory, store: Store, clock: FakeClock) -> None:
     app, cloak, _ = make_app(store)
     for i in range(3):

@@ -16,6 +16,7 @@ from flask_cloakroom.stores.files import FileStore
 from flask_cloakroom.stores.memory import MemoryStore
 from flask_cloakroom.stores.sql import SQLStore
 
+from .minimal_store import MinimalStore
 from .support import CountingStore, FakeClock
 
 pytest_plugins = ["tests.servers"]
@@ -23,6 +24,7 @@ pytest_plugins = ["tests.servers"]
 #: Every store backend the contract suite and the end-to-end tests run on.
 STORE_KINDS = [
     "memory",
+    "minimal",  # only the methods a store must have: the base class's defaults at work
     "sqlite",
     "files",
     "postgres",
@@ -48,6 +50,8 @@ def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> St
     store: Store
     if kind == "memory":
         return MemoryStore()
+    if kind == "minimal":
+        return MinimalStore()
     if kind == "files":
         return FileStore(str(tmp_path / "sessions"))
     if kind in ("redis", "redis_cached", "redis_cluster", "redis_sentinel"):
@@ -90,6 +94,12 @@ def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> St
 @pytest.fixture(params=STORE_KINDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """An empty store, once per backend."""
+    return build_store(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=[kind for kind in STORE_KINDS if kind != "minimal"])
+def logging_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """An empty store that keeps an activity log (every backend but the minimal one)."""
     return build_store(request.param, request, tmp_path)
 
 

@@ -82,10 +82,10 @@ def logged_kinds(app: Flask, cloak: Cloakroom, user: str | None = None) -> list[
 
 
 def test_lifecycle_events_reach_signals_logs_and_the_store(
-    make_app: AppFactory, store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    make_app: AppFactory, logging_store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="flask_cloakroom")
-    app, cloak, _ = make_app(store)
+    app, cloak, _ = make_app(logging_store)
     with captured() as events:
         client = browser(app)
         client.post("/set/cart", json=["tea"])

@@ -19,7 +19,7 @@ from click.testing import Result
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flask_cloakroom import Cloakroom
+from flask_cloakroom import Cloakroom, NotSupported
 from flask_cloakroom.cli import _with_spinner, cloakroom_group
 from flask_cloakroom.crypto import generate_key, parse_key
 from flask_cloakroom.stores import Record, Store, open_store
@@ -27,6 +27,7 @@ from flask_cloakroom.stores.files import FileStore
 from flask_cloakroom.stores.memory import MemoryStore
 
 from .conftest import AppFactory, build_store
+from .minimal_store import MinimalStore
 from .servers import free_port
 from .support import FakeClock, SlowBatch
 
@@ -69,8 +70,8 @@ def handles(app: Flask, user: str) -> dict[str, str]:
 # -- list, show, revoke on every store ---------------------------------------------------
 
 
-def test_list_show_revoke_and_activity(store: Store, make_app: AppFactory) -> None:
-    app, _, _ = make_app(store)
+def test_list_show_revoke_and_activity(logging_store: Store, make_app: AppFactory) -> None:
+    app, _, _ = make_app(logging_store)
     laptop = signed_in(app, "alice", LAPTOP)
     phone = signed_in(app, "alice", PHONE)
     signed_in(app, "bob", LAPTOP)
@@ -157,8 +158,10 @@ def handles_of_all(app: Flask) -> list[str]:
     return [s["handle"] for s in page["sessions"]]
 
 
-def test_revoke_all_asks_first_and_then_ends_everything(store: Store, make_app: AppFactory) -> None:
-    app, _, _ = make_app(store)
+def test_revoke_all_asks_first_and_then_ends_everything(
+    logging_store: Store, make_app: AppFactory
+) -> None:
+    app, _, _ = make_app(logging_store)
     clients = [signed_in(app, user) for user in ("alice", "bob", "carol")]
 
     declined = cli(app, "revoke", "--all", input="n\n")
@@ -182,15 +185,17 @@ def test_revoke_all_asks_first_and_then_ends_everything(store: Store, make_app: 
     assert "Revoked 1 live session(s)" in unattended.stdout
 
 
-def test_stats_counts_sessions_and_recent_events(store: Store, make_app: AppFactory) -> None:
-    app, _, _ = make_app(store)
+def test_stats_counts_sessions_and_recent_events(
+    logging_store: Store, make_app: AppFactory
+) -> None:
+    app, _, _ = make_app(logging_store)
     signed_in(app, "alice", LAPTOP)
     signed_in(app, "alice", PHONE)  # a new device: an anomaly (notify)
     signed_in(app, "bob")
     stats = as_json(cli(app, "stats", "--json"))
     assert stats["live_sessions"] == 3
     assert stats["ping_ms"] >= 0
-    assert stats["store"] == store.describe()
+    assert stats["store"] == logging_store.describe()
     assert stats["events"]["login"] == {"last_hour": 3, "last_day": 3}
     assert stats["events"]["anomaly"] == {"last_hour": 1, "last_day": 1}
     assert stats["events_capped"] is False
@@ -202,6 +207,21 @@ def test_stats_counts_sessions_and_recent_events(store: Store, make_app: AppFact
     lines = {line.split()[0]: line.split()[1:] for line in text.stdout.splitlines() if line}
     assert lines["logins"] == ["3", "3"]
     assert lines["anomalies"] == ["1", "1"]
+
+
+def test_a_store_without_an_activity_log_says_so(make_app: AppFactory) -> None:
+    app, cloak, _ = make_app(MinimalStore())
+    signed_in(app, "alice")
+    stats = as_json(cli(app, "stats", "--json"))
+    assert stats["live_sessions"] == 1
+    assert stats["events"] is None
+    assert "this store keeps no activity log" in cli(app, "stats").stdout
+    refused = cli(app, "activity")
+    assert refused.exit_code == 1
+    assert "the minimal store keeps no activity log" in refused.output
+    assert as_json(cli(app, "list", "--json"))["sessions"][0]["user_id"] == "alice"
+    with app.app_context(), pytest.raises(NotSupported, match="no activity log"):
+        cloak.activity()
 
 
 @pytest.fixture(params=CLOCKED_STORES)

@@ -262,6 +262,22 @@ def test_a_login_whose_session_was_ended_meanwhile_still_logs_in_afresh(
     assert stale.get("/whoami").get_json() == {"user": None}
 
 
+def test_an_expired_session_not_yet_purged_is_neither_listed_nor_revoked(
+    make_app: AppFactory, store: Store, clock: FakeClock
+) -> None:
+    """Stores may return expired records from user_records(): Cloakroom leaves them out."""
+    app, cloak, _ = make_app(store, CLOAKROOM_IDLE_TIMEOUT=600)
+    add_revoke_views(app, cloak)
+    as_user(app, "alice", "OldBrowser/1.0")
+    clock.advance(seconds=400)
+    current = as_user(app, "alice")
+    clock.advance(seconds=300)  # the first session has been idle 700 s, the second 300 s
+    listed = current.get("/sessions/alice").get_json()
+    assert [s["current"] for s in listed] == [True]
+    assert current.post("/revoke-user/alice").get_json() == {"ended": 1}
+    assert current.get("/whoami").get_json() == {"user": None}
+
+
 def test_purge_expired(make_app: AppFactory, store: Store, clock: FakeClock) -> None:
     app, cloak, _ = make_app(store)
     for i in range(3):

@@ -15,6 +15,8 @@ import pytest
 from flask_cloakroom.stores import Record, Store
 from flask_cloakroom.stores.base import EventRecord
 
+from .minimal_store import MinimalStore
+
 NOW = 2_000_000_000.0
 
 
@@ -127,12 +129,17 @@ def test_user_index_follows_a_change_of_user(store: Store) -> None:
     assert store.user_records("bob", now=NOW) == []
 
 
-def test_user_records_leave_out_expired_records(store: Store) -> None:
+def test_user_records_hold_the_live_records_and_ours_leave_out_expired_ones(
+    store: Store,
+) -> None:
     live = rec(user="alice", expires=NOW + 60)
     dead = rec(user="alice", expires=NOW - 1)
     store.save(live, expected=None, now=NOW - 100)
     store.save(dead, expected=None, now=NOW - 100)
-    assert [r.key for r in store.user_records("alice", now=NOW)] == [live.key]
+    keys = [r.key for r in store.user_records("alice", now=NOW)]
+    assert live.key in keys
+    if not isinstance(store, MinimalStore):  # the contract lets a store return them
+        assert keys == [live.key]
 
 
 def test_rotate_moves_the_record_atomically(store: Store) -> None:
@@ -268,37 +275,37 @@ def ev(at: float, kind: str = "login", user: str | None = "u", data: bytes = b"{
     return EventRecord(at, kind, user, data)
 
 
-def test_events_round_trip_newest_first(store: Store) -> None:
-    store.add_events([ev(NOW + i, data=bytes([i]) * 3) for i in range(5)])
-    store.add_events([])
-    got = store.events()
+def test_events_round_trip_newest_first(logging_store: Store) -> None:
+    logging_store.add_events([ev(NOW + i, data=bytes([i]) * 3) for i in range(5)])
+    logging_store.add_events([])
+    got = logging_store.events()
     assert [e.at for e in got] == [NOW + i for i in reversed(range(5))]
     assert got[0].data == b"\x04\x04\x04"
     assert got[0].kind == "login"
     assert got[0].user_id == "u"
 
 
-def test_events_filters_and_paging(store: Store) -> None:
-    store.add_events(
+def test_events_filters_and_paging(logging_store: Store) -> None:
+    logging_store.add_events(
         [ev(NOW + i, kind="login" if i % 2 else "logout", user=f"u{i % 3}") for i in range(30)]
     )
-    assert {e.user_id for e in store.events(user_id="u1", limit=100)} == {"u1"}
-    assert len(store.events(user_id="u1", limit=100)) == 10
-    assert {e.kind for e in store.events(kinds=["logout"], limit=100)} == {"logout"}
-    assert [e.at for e in store.events(since=NOW + 27)] == [NOW + 29, NOW + 28, NOW + 27]
-    page = store.events(limit=4)
-    older = store.events(before=page[-1].at, limit=4)
+    assert {e.user_id for e in logging_store.events(user_id="u1", limit=100)} == {"u1"}
+    assert len(logging_store.events(user_id="u1", limit=100)) == 10
+    assert {e.kind for e in logging_store.events(kinds=["logout"], limit=100)} == {"logout"}
+    assert [e.at for e in logging_store.events(since=NOW + 27)] == [NOW + 29, NOW + 28, NOW + 27]
+    page = logging_store.events(limit=4)
+    older = logging_store.events(before=page[-1].at, limit=4)
     assert [e.at for e in page + older] == [NOW + 29 - i for i in range(8)]
-    assert store.events(user_id="nobody") == []
+    assert logging_store.events(user_id="nobody") == []
 
 
-def test_events_across_days_and_pruning(store: Store) -> None:
+def test_events_across_days_and_pruning(logging_store: Store) -> None:
     day = 86400.0
-    store.add_events([ev(NOW - 3 * day), ev(NOW - 2 * day), ev(NOW - 1), ev(NOW)])
-    assert len(store.events(since=NOW - 2.5 * day)) == 3
-    pruned = store.prune_events(before=NOW - 1.5 * day)
+    logging_store.add_events([ev(NOW - 3 * day), ev(NOW - 2 * day), ev(NOW - 1), ev(NOW)])
+    assert len(logging_store.events(since=NOW - 2.5 * day)) == 3
+    pruned = logging_store.prune_events(before=NOW - 1.5 * day)
     assert pruned >= 1  # whole-day stores may keep the boundary day
-    remaining = [e.at for e in store.events()]
+    remaining = [e.at for e in logging_store.events()]
     assert NOW - 3 * day not in remaining
     assert remaining[:2] == [NOW, NOW - 1]
 

@@ -214,3 +214,46 @@ def test_server_side_operations_explain_why_they_cannot_work(clock: FakeClock) -
         with pytest.raises(NotSupported, match="revoke"):
             cloak.revoke_user("alice")
         assert cloak.purge_expired() == 0
+
+
+def test_a_password_change_ends_the_users_other_cookies_through_the_fingerprint(
+    clock: FakeClock,
+) -> None:
+    passwords = {"alice": "hash-1"}
+    app, cloak = make(clock, CLOAKROOM_CREDENTIAL_FINGERPRINT=passwords.get)
+
+    @app.post("/password")
+    def change_password() -> Any:
+        passwords["alice"] = "hash-2"
+        return jsonify(ended=cloak.credentials_changed())
+
+    laptop, phone = app.test_client(), app.test_client()
+    laptop.post("/login/alice")
+    phone.post("/login/alice")
+    stolen = cookie(laptop)  # copied before the change
+    assert laptop.post("/password").get_json() == {"ended": 0}  # no store: nothing to count
+    assert laptop.get("/whoami").get_json() == {"user": "alice"}  # re-sealed, new fingerprint
+    assert phone.get("/whoami").get_json() == {"user": None}
+    thief = app.test_client()
+    thief.set_cookie("session", stolen)
+    assert thief.get("/whoami").get_json() == {"user": None}
+
+
+def test_without_a_fingerprint_a_password_change_cannot_end_other_cookies_and_says_so(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, cloak = make(clock)
+
+    @app.post("/password")
+    def change_password() -> Any:
+        return jsonify(ended=cloak.credentials_changed())
+
+    laptop, phone = app.test_client(), app.test_client()
+    laptop.post("/login/alice")
+    phone.post("/login/alice")
+    with caplog.at_level("WARNING", logger="flask_cloakroom"):
+        assert laptop.post("/password").get_json() == {"ended": 0}
+    assert "without CLOAKROOM_CREDENTIAL_FINGERPRINT" in caplog.text
+    # The documented limit: the other browser stays signed in until its cookie expires.
+    assert phone.get("/whoami").get_json() == {"user": "alice"}
+    assert laptop.get("/whoami").get_json() == {"user": "alice"}

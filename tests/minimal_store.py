@@ -32,11 +32,8 @@ class MinimalStore(Store):
     def save(self, record: Record, *, expected: int | None, now: float) -> bool:
         with self._lock:
             current = self._records.get(record.key)
-            if (
-                (current is not None)
-                if expected is None
-                else (current is None or current.version != expected)
-            ):
+            stored_version = None if current is None else current.version
+            if stored_version != expected:  # create: nothing there; update: the same version
                 return False
             self._records[record.key] = record
             return True

@@ -1048,3 +1048,26 @@ def test_the_documented_acl_is_enough_for_the_client_cache(
         admin.acl_deluser(user)
         flush_prefix(admin, prefix)
         admin.close()
+
+
+def test_waiting_for_replicas_on_a_cluster_asks_each_node_that_was_written(
+    clustered: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WAIT goes to the record's node (and, for a login, also the index's); the
+    test Cluster has no replicas, so every write stands and a warning says so."""
+    waiting = RedisStore(
+        clustered.client, prefix=clustered.prefix, wait_replicas=1, wait_timeout=0.2
+    )
+    try:
+        old = rec(user="wanda")
+        with caplog.at_level(logging.WARNING, logger="flask_cloakroom"):
+            assert waiting.save(old, expected=None, now=NOW)
+            new = rec(user="wanda", payload=b'{"v":2}')
+            assert waiting.rotate(old.key, new, expected=1, now=NOW)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings and all("only 0 of 1 replicas acknowledged" in w for w in warnings)
+        assert clustered.load(old.key) is None
+        assert clustered.load(new.key) == new
+        assert clustered.user_records("wanda", now=NOW) == [new]
+    finally:
+        waiting.close()

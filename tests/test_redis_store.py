@@ -991,7 +991,9 @@ def test_the_documented_acl_is_enough(controllable_redis: ControllableRedis) -> 
         assert store.prune_events(before=NOW + 86400 * 2) == 1
         store.preload_scripts()
         store.ping()
-        waiting = open_redis_store(url, prefix=prefix, timeout=0.2, wait_replicas=1)
+        # WAIT blocks for half the timeout (no replica answers); the other half is the
+        # reply's margin, which 0.1 s was not on a busy 2-core machine.
+        waiting = open_redis_store(url, prefix=prefix, timeout=1.0, wait_replicas=1)
         assert waiting.save(rec(), expected=None, now=NOW)  # WAIT: no replica, a warning
         waiting.close()
         outside = open_redis_store(url, prefix="other:", timeout=1, wait_replicas=0)

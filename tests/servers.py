@@ -40,6 +40,8 @@ Fixtures (a test that asks for a backend that cannot be had is skipped, loudly):
     ``stop()``/``start()``/``kill()`` (and ``kill_node(i)``/``start_node(i)``,
     ``kill_master()``/``wait_for_failover()``). One per session, handed to each test
     running and healthy again, whatever the previous test did to it.
+``controllable_redis_cluster_replicated``: the same cluster with one replica per master,
+    so that killing a master makes the cluster promote its replica.
 
 Helpers: ``flush_prefix(url_or_client, prefix)`` deletes a prefix's keys (every master of
 a cluster); ``available_backends()`` says which backends can run and why not.
@@ -127,7 +129,10 @@ ENV_REQUIRE_BACKENDS: Final = "CLOAKROOM_TEST_REQUIRE_BACKENDS"
 #: Backends behind the shared, session-scoped fixtures (env var or throwaway server).
 BACKENDS: Final = ("redis", "redis_cluster", "redis_sentinel", "postgres", "mysql")
 #: Backends behind the controllable fixtures (always throwaway processes).
-CONTROLLABLE_BACKENDS: Final = tuple(f"controllable_{name}" for name in BACKENDS)
+CONTROLLABLE_BACKENDS: Final = (
+    *(f"controllable_{name}" for name in BACKENDS),
+    "controllable_redis_cluster_replicated",
+)
 ALL_BACKENDS: Final = BACKENDS + CONTROLLABLE_BACKENDS
 
 _ENV_FOR_BACKEND: Final = {
@@ -1126,12 +1131,19 @@ def _cluster_info(client: redis.Redis) -> dict[str, str]:
 
 
 class ControllableRedisCluster:
-    """A throwaway Redis Cluster of three masters (no replicas).
+    """A throwaway Redis Cluster of three masters (no replicas by default).
 
-    ``kill_node(i)`` SIGKILLs one master: after ``node_timeout_ms`` the others mark it
-    failed and the cluster refuses queries (its slots have no replica).
+    ``kill_node(i)`` SIGKILLs one master (``pause_node(i)`` SIGSTOPs it, until
+    ``resume_node(i)``): after ``node_timeout_ms`` the others mark it failed and the
+    cluster refuses queries (its slots have no replica).
     ``start_node(i)`` restarts it on the same port with its nodes.conf, and waits until
     every node reports cluster_state:ok again.
+
+    With ``replicas=n``, nodes ``masters + i * n + j`` (``j < n``) replicate master
+    ``i``: a killed master is replaced by its replica once the cluster has marked it
+    failed; restarted, the old master rejoins as a replica of the promoted one.
+    ``ensure_healthy()`` then fails the roles back over (CLUSTER FAILOVER), so that
+    node ``i`` is master ``i`` again.
     """
 
     def __init__(
@@ -1140,10 +1152,13 @@ class ControllableRedisCluster:
         program: _Program | None = None,
         *,
         masters: int = 3,
+        replicas: int = 0,
         node_timeout_ms: int = 1000,
     ) -> None:
         self.program = program or _find_redis_server()
         self.prefix = harness.prefix
+        self.masters = masters
+        self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         config = [
             "cluster-enabled yes",
@@ -1155,7 +1170,7 @@ class ControllableRedisCluster:
         self._closed = False
         harness.on_cleanup("redis cluster", self.destroy)
         try:
-            for index in range(masters):
+            for index in range(masters * (1 + replicas)):
                 self._nodes.append(
                     _RedisNode(
                         harness,
@@ -1177,18 +1192,34 @@ class ControllableRedisCluster:
     def _create(self) -> None:
         clients = [node.client() for node in self._nodes]
         try:
-            count = len(clients)
-            for index, client in enumerate(clients):
+            count = self.masters
+            for index, client in enumerate(clients[:count]):
                 _command(client, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
                 low = index * CLUSTER_SLOTS // count
                 high = (index + 1) * CLUSTER_SLOTS // count
                 _command(client, "CLUSTER", "ADDSLOTS", *range(low, high))
             for node in self._nodes[1:]:
                 _command(clients[0], "CLUSTER", "MEET", node.host, node.port)
+            for index in range(count, len(self._nodes)):
+                master = self.master_of(index)
+                master_id = str(_command(clients[master], "CLUSTER", "MYID"))
+                # the replica must have heard of its master (gossip) before it can follow it
+                _wait_for(
+                    f"{self._nodes[index].name} to replicate {self._nodes[master].name}",
+                    functools.partial(_cluster_replicate, clients[index], master_id),
+                    timeout=_START_TIMEOUT,
+                    process=self._nodes[index].process,
+                )
         finally:
             for client in clients:
                 client.close()
         self.wait_until_ok()
+
+    def master_of(self, index: int) -> int:
+        """The index of the node that node ``index`` was created to replicate (or itself)."""
+        if index < self.masters:
+            return index
+        return (index - self.masters) // self.replicas
 
     @property
     def nodes(self) -> list[Address]:
@@ -1215,14 +1246,23 @@ class ControllableRedisCluster:
             info = _cluster_info(client)
         finally:
             client.close()
-        return (
+        if not (
             info.get("cluster_state") == "ok"
             and info.get("cluster_slots_ok") == str(CLUSTER_SLOTS)
             and info.get("cluster_known_nodes") == str(len(self._nodes))
-        )
+        ):
+            return False
+        if not self.replicas:
+            return True
+        # whichever nodes are replicas now (a failover swaps roles): each has a live link
+        replication = node.info("replication")
+        if replication.get("role") == "master":
+            return int(replication.get("connected_slaves", 0)) == self.replicas
+        return bool(replication.get("master_link_status") == "up")
 
     def wait_until_ok(self, timeout: float = _START_TIMEOUT) -> None:
-        """Wait until every node reports cluster_state:ok with all slots served."""
+        """Wait until every node reports cluster_state:ok with all slots served (and,
+        with replicas, every replica's link to its master is up)."""
         for node in self._nodes:
             _wait_for(
                 f"{node.name} to report cluster_state:ok",
@@ -1247,6 +1287,18 @@ class ControllableRedisCluster:
         self.wait_until_ok(timeout)
         return node.address
 
+    def pause_node(self, index: int) -> Address:
+        """SIGSTOP one node: it hangs (connections to it time out) rather than refusing."""
+        node = self._nodes[index]
+        node.process.send(signal.SIGSTOP)
+        return node.address
+
+    def resume_node(self, index: int) -> Address:
+        """SIGCONT a paused node (does not wait for the cluster to settle)."""
+        node = self._nodes[index]
+        node.process.send(signal.SIGCONT)
+        return node.address
+
     def start(self) -> None:
         for node in self._nodes:
             node.launch()
@@ -1262,14 +1314,54 @@ class ControllableRedisCluster:
         for node in self._nodes:
             node.kill()
 
+    def is_master(self, index: int) -> bool:
+        return bool(self._nodes[index].info("replication").get("role") == "master")
+
     def ensure_healthy(self) -> None:
+        for index in range(len(self._nodes)):  # a paused node would never answer
+            self.resume_node(index)
         self.start()
+        if not self.replicas:
+            return
+        # A master that was killed came back as a replica of the one promoted in its
+        # place: fail over back to it (CLUSTER FAILOVER, coordinated: no write is lost).
+        for index in range(self.masters):
+            if not self.is_master(index):
+                _wait_for(
+                    f"{self._nodes[index].name} to be a master again",
+                    functools.partial(self._fail_back, index, [float("-inf")]),
+                    timeout=_START_TIMEOUT,
+                    process=self._nodes[index].process,
+                )
+        self.wait_until_ok()
+        demoted = [i for i in range(self.masters) if not self.is_master(i)]
+        if demoted:  # a failover raced the restart: let the harness build a fresh cluster
+            raise ServerError(f"cluster nodes {demoted} are replicas, not masters")
+
+    def _fail_back(self, index: int, last_request: list[float]) -> bool:
+        """True once node ``index`` is a master; else asks it to fail over to itself,
+        again when a manual failover has had time to run out (5 s) on a busy machine."""
+        if self.is_master(index):
+            return True
+        if time.monotonic() - last_request[0] > 6.0:
+            last_request[0] = time.monotonic()
+            client = self._nodes[index].client(socket_timeout=2.0)
+            try:
+                _command(client, "CLUSTER", "FAILOVER")
+            finally:
+                client.close()
+        return False
 
     def destroy(self) -> None:
         if not self._closed:
             self._closed = True
             for node in self._nodes:
                 node.kill()
+
+
+def _cluster_replicate(client: redis.Redis, master_id: str) -> bool:
+    _command(client, "CLUSTER", "REPLICATE", master_id)
+    return True
 
 
 class ControllableRedisSentinel:
@@ -2284,6 +2376,12 @@ def _controllable_factory(name: str) -> Callable[[_Harness], Any]:
             program = _find_redis_server()
             server = _with_port_retries(lambda: ControllableRedisCluster(h, program))
             h.set_source(name, _redis_source(program) + ", 3 masters")
+        elif name == "controllable_redis_cluster_replicated":
+            program = _find_redis_server()
+            server = _with_port_retries(
+                lambda: ControllableRedisCluster(h, program, replicas=1, node_timeout_ms=1000)
+            )
+            h.set_source(name, _redis_source(program) + ", 3 masters with a replica each")
         elif name == "controllable_redis_sentinel":
             program = _find_redis_server()
             server = _with_port_retries(lambda: ControllableRedisSentinel(h, program))
@@ -2446,6 +2544,18 @@ def controllable_redis_cluster(_cloakroom_harness: _Harness) -> ControllableRedi
 
 
 @pytest.fixture
+def controllable_redis_cluster_replicated(
+    _cloakroom_harness: _Harness,
+) -> ControllableRedisCluster:
+    """A throwaway Redis Cluster of 3 masters with a replica each, the test may kill a
+    master of (the cluster promotes its replica)."""
+    server: ControllableRedisCluster = _controllable(
+        _cloakroom_harness, "controllable_redis_cluster_replicated"
+    )
+    return server
+
+
+@pytest.fixture
 def controllable_redis_sentinel(_cloakroom_harness: _Harness) -> ControllableRedisSentinel:
     """A throwaway master + replica + sentinel; the test may kill the master."""
     server: ControllableRedisSentinel = _controllable(
@@ -2497,14 +2607,14 @@ def pytest_terminal_summary(
         if status.state == "ok":
             seconds = f"ready in {status.seconds:.2f}s" if status.seconds is not None else ""
             terminalreporter.write_line(
-                f"  {status.name:<28} OK    {status.source or ''} [{seconds}]", green=True
+                f"  {status.name:<38} OK    {status.source or ''} [{seconds}]", green=True
             )
     for status in missing:
         tests = skipped.get(status.name, 0)
         failed = errored.get(status.name, 0)
         counted = f"{tests} test(s) SKIPPED" + (f", {failed} ERRORED" if failed else "")
         terminalreporter.write_line(
-            f"  {status.name:<28} DID NOT RUN ({counted}): {status.reason}", red=True, bold=True
+            f"  {status.name:<38} DID NOT RUN ({counted}): {status.reason}", red=True, bold=True
         )
     for error in h.cleanup_errors:
         terminalreporter.write_line(f"  cleanup error: {error}", yellow=True)
@@ -2541,10 +2651,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 h.get(name, _FACTORIES[name])
             except BackendUnavailable as exc:
                 failures += 1
-                print(f"{name:<28} UNAVAILABLE: {exc}", flush=True)
+                print(f"{name:<38} UNAVAILABLE: {exc}", flush=True)
                 continue
             status = h.status[name]
-            print(f"{name:<28} ok in {status.seconds or 0:.2f}s: {status.source}", flush=True)
+            print(f"{name:<38} ok in {status.seconds or 0:.2f}s: {status.source}", flush=True)
     finally:
         started = time.perf_counter()
         h.cleanup()

@@ -8,6 +8,7 @@ session, and recovery without restarting the app.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -359,5 +360,94 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
         for node in nodes:
             try:
                 node.config_set("cluster-require-full-coverage", "yes")
+            finally:
+                node.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["killed", "hung"])
+def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
+    make_app: AppFactory,
+    controllable_redis_cluster_replicated: ControllableRedisCluster,
+    keys: Keys,
+    failure: str,
+) -> None:
+    """A master with a replica is killed (connections refused: the store retries through
+    the Cluster client) or hangs (SIGSTOP: commands time out and the store re-reads the
+    slot table): its sessions answer 503 until the cluster has promoted the replica, then
+    work again with their data, without restarting the app or the store; the other
+    shards' sessions work throughout."""
+    cluster = controllable_redis_cluster_replicated
+    prefix = keys.on(cluster)
+    nodes = [cluster.node_client(i) for i in range(len(cluster.nodes))]
+    for node in nodes:  # let the other shards serve while one has no master
+        node.config_set("cluster-require-full-coverage", "no")
+    admin: Any = cluster.client()
+    store = open_redis_store(cluster.url, prefix=prefix, timeout=0.5, wait_replicas=0)
+    assert isinstance(store, RedisStore)
+    try:
+        app, _, _ = make_app(store, CLOAKROOM_RETRY_AFTER=3)
+        dead = cluster.nodes[0]
+        dead_name = f"{dead[0]}:{dead[1]}"
+
+        def node_of(key: str) -> str:
+            return str(admin.get_node_from_key(key).name)
+
+        visitors: list[tuple[FlaskClient, int, bool]] = []
+        for i in range(12):
+            web = app.test_client()
+            assert web.post("/set/x", json=i).status_code == 200
+            on_dead = node_of(store.record_name(session_key(web))) == dead_name
+            visitors.append((web, i, on_dead))
+        assert any(on_dead for _, _, on_dead in visitors)
+        assert not all(on_dead for _, _, on_dead in visitors)
+
+        # WAIT counts the writes of its own connection: write on master 0, after the
+        # sessions, and wait until the replica has it (and so everything before it).
+        fence = next(
+            k for k in (f"{prefix}fence{n}" for n in range(1000)) if node_of(k) == dead_name
+        )
+        master: Any = nodes[0]
+        master.set(fence, 1)
+        assert master.execute_command("WAIT", 1, 5000) == 1
+
+        if failure == "killed":
+            cluster.kill_node(0)
+        else:
+            cluster.pause_node(0)
+        pending = {i: web for web, i, on_dead in visitors if on_dead}
+        unavailable = 0
+        deadline = time.monotonic() + 20
+        while pending and time.monotonic() < deadline:
+            for i, web in list(pending.items()):
+                response = timed(lambda web=web: web.get("/get/x"), limit=3.0)
+                if response.status_code == 200:  # promoted: the replicated data is there
+                    assert response.get_json() == {"value": i}
+                    del pending[i]
+                else:
+                    assert_unavailable(response)
+                    unavailable += 1
+            for web, i, on_dead in visitors:
+                if not on_dead:
+                    response = timed(lambda web=web: web.get("/get/x"), limit=3.0)
+                    assert response.status_code == 200
+                    assert response.get_json() == {"value": i}
+            time.sleep(0.1)
+        assert not pending, f"sessions {sorted(pending)} still unavailable after 20 s"
+        assert unavailable  # the outage was seen: the promotion is not instant
+        assert cluster.running[0] is (failure == "hung")  # not restarted: the replica serves
+
+        for web, i, _ in visitors:
+            assert web.get("/get/x").get_json() == {"value": i}
+            assert web.post("/set/x", json=i + 100).status_code == 200
+            assert web.get("/get/x").get_json() == {"value": i + 100}
+    finally:
+        store.close()
+        admin.close()
+        cluster.resume_node(0)  # a hung master comes back (as a replica)
+        for node in nodes:
+            try:
+                with contextlib.suppress(redis.ConnectionError):  # the killed master
+                    node.config_set("cluster-require-full-coverage", "yes")
             finally:
                 node.close()

@@ -1073,3 +1073,22 @@ def test_waiting_for_replicas_on_a_cluster_asks_each_node_that_was_written(
         assert clustered.user_records("wanda", now=NOW) == [new]
     finally:
         waiting.close()
+
+
+def test_a_node_lane_closes_its_sockets_when_redis_py_drops_the_nodes_client(
+    standalone: RedisStore, redis_server: RedisServer
+) -> None:
+    """A Cluster's topology changes (a failover): redis-py replaces a node's client, and
+    the store's lane for the old one closes its connections then, not at some GC."""
+    import gc
+
+    node_client: Any = redis.Redis.from_url(redis_server.url)
+    lane = standalone._node_lane(node_client)
+    assert lane.execute("PING") == b"PONG"
+    (wire,) = lane._idle
+    sock = wire.connection._sock
+    assert sock is not None and sock.fileno() >= 0
+    del node_client, lane
+    gc.collect()
+    assert wire.connection._sock is None
+    assert sock.fileno() == -1  # closed by the lane, so no ResourceWarning later

@@ -566,7 +566,13 @@ class RedisStore(Store):
     def _node_lane(self, node_client: Any) -> Lane:
         lane = self._node_lanes.get(node_client)
         if lane is None:
-            lane = self._node_lanes.setdefault(node_client, Lane(node_client.connection_pool))
+            fresh = Lane(node_client.connection_pool)
+            lane = self._node_lanes.setdefault(node_client, fresh)
+            if lane is fresh:
+                # When redis-py drops the node's client (the topology changed: a
+                # failover, a node removed), the lane goes too: close its sockets then,
+                # rather than leave them to the garbage collector.
+                weakref.finalize(node_client, fresh.close)
         return lane
 
     def _refresh_topology(self, client: Any, failed: str) -> None:

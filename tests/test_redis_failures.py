@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,13 +294,30 @@ def test_sessions_acknowledged_before_a_failover_survive_it(
     assert late.get("/whoami").get_json() == {"user": "late"}
 
 
-@pytest.mark.slow
-def test_a_dead_cluster_master_fails_only_its_own_sessions(
-    make_app: AppFactory, controllable_redis_cluster: ControllableRedisCluster, keys: Keys
-) -> None:
-    cluster = controllable_redis_cluster
+@dataclass
+class Shards:
+    """Sessions made through an app on a Cluster, each with whether its record is on
+    master 0, the one the test takes down."""
+
+    prefix: str
+    store: RedisStore
+    node_of: Callable[[str], str]
+    dead_name: str
+    #: (browser, the value it set, whether its record is on master 0)
+    visitors: list[tuple[FlaskClient, int, bool]]
+    #: A client of each node, masters first.
+    nodes: list[Any]
+
+
+@contextlib.contextmanager
+def sessions_across_shards(
+    make_app: AppFactory, cluster: ControllableRedisCluster, keys: Keys, count: int
+) -> Iterator[Shards]:
+    """``count`` sessions, each with ``x`` set, some of them on master 0 and some not; the
+    shards left serve while one has no master.  Undone afterwards (a node the test hung
+    is woken; a dead one is left to the harness)."""
     prefix = keys.on(cluster)
-    nodes = [cluster.node_client(i) for i in range(3)]
+    nodes = [cluster.node_client(i) for i in range(len(cluster.nodes))]
     for node in nodes:  # let the other shards serve while one has no master
         node.config_set("cluster-require-full-coverage", "no")
     admin: Any = cluster.client()
@@ -315,13 +332,38 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
             return str(admin.get_node_from_key(key).name)
 
         visitors: list[tuple[FlaskClient, int, bool]] = []
-        for i in range(24):
+        for i in range(count):
             web = app.test_client()
-            web.post("/set/x", json=i)
+            assert web.post("/set/x", json=i).status_code == 200
             on_dead = node_of(store.record_name(session_key(web))) == dead_name
             visitors.append((web, i, on_dead))
         assert any(on_dead for _, _, on_dead in visitors)
         assert not all(on_dead for _, _, on_dead in visitors)
+        yield Shards(prefix, store, node_of, dead_name, visitors, nodes)
+    finally:
+        store.close()
+        admin.close()
+        cluster.resume_node(0)  # a master the test hung answers again (as a replica)
+        for node in nodes:
+            try:
+                with contextlib.suppress(redis.ConnectionError):  # a node left dead
+                    node.config_set("cluster-require-full-coverage", "yes")
+            finally:
+                node.close()
+
+
+@pytest.mark.slow
+def test_a_dead_cluster_master_fails_only_its_own_sessions(
+    make_app: AppFactory, controllable_redis_cluster: ControllableRedisCluster, keys: Keys
+) -> None:
+    cluster = controllable_redis_cluster
+    with sessions_across_shards(make_app, cluster, keys, 24) as shards:
+        store, node_of, dead_name, visitors = (
+            shards.store,
+            shards.node_of,
+            shards.dead_name,
+            shards.visitors,
+        )
 
         cluster.kill_node(0)
         for phase in ("just killed", "marked failed by the cluster"):
@@ -354,14 +396,6 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
             assert response.status_code == 200
             if not on_dead:
                 assert response.get_json() == {"value": i}
-    finally:
-        store.close()
-        admin.close()
-        for node in nodes:
-            try:
-                node.config_set("cluster-require-full-coverage", "yes")
-            finally:
-                node.close()
 
 
 @pytest.mark.slow
@@ -378,36 +412,20 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
     work again with their data, without restarting the app or the store; the other
     shards' sessions work throughout."""
     cluster = controllable_redis_cluster_replicated
-    prefix = keys.on(cluster)
-    nodes = [cluster.node_client(i) for i in range(len(cluster.nodes))]
-    for node in nodes:  # let the other shards serve while one has no master
-        node.config_set("cluster-require-full-coverage", "no")
-    admin: Any = cluster.client()
-    store = open_redis_store(cluster.url, prefix=prefix, timeout=0.5, wait_replicas=0)
-    assert isinstance(store, RedisStore)
-    try:
-        app, _, _ = make_app(store, CLOAKROOM_RETRY_AFTER=3)
-        dead = cluster.nodes[0]
-        dead_name = f"{dead[0]}:{dead[1]}"
-
-        def node_of(key: str) -> str:
-            return str(admin.get_node_from_key(key).name)
-
-        visitors: list[tuple[FlaskClient, int, bool]] = []
-        for i in range(12):
-            web = app.test_client()
-            assert web.post("/set/x", json=i).status_code == 200
-            on_dead = node_of(store.record_name(session_key(web))) == dead_name
-            visitors.append((web, i, on_dead))
-        assert any(on_dead for _, _, on_dead in visitors)
-        assert not all(on_dead for _, _, on_dead in visitors)
+    with sessions_across_shards(make_app, cluster, keys, 12) as shards:
+        prefix, node_of, dead_name, visitors = (
+            shards.prefix,
+            shards.node_of,
+            shards.dead_name,
+            shards.visitors,
+        )
 
         # WAIT counts the writes of its own connection: write on master 0, after the
         # sessions, and wait until the replica has it (and so everything before it).
         fence = next(
             k for k in (f"{prefix}fence{n}" for n in range(1000)) if node_of(k) == dead_name
         )
-        master: Any = nodes[0]
+        master: Any = shards.nodes[0]
         master.set(fence, 1)
         assert master.execute_command("WAIT", 1, 5000) == 1
 
@@ -441,13 +459,3 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
             assert web.get("/get/x").get_json() == {"value": i}
             assert web.post("/set/x", json=i + 100).status_code == 200
             assert web.get("/get/x").get_json() == {"value": i + 100}
-    finally:
-        store.close()
-        admin.close()
-        cluster.resume_node(0)  # a hung master comes back (as a replica)
-        for node in nodes:
-            try:
-                with contextlib.suppress(redis.ConnectionError):  # the killed master
-                    node.config_set("cluster-require-full-coverage", "yes")
-            finally:
-                node.close()

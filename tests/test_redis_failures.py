@@ -358,16 +358,9 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
 ) -> None:
     cluster = controllable_redis_cluster
     with sessions_across_shards(make_app, cluster, keys, 24) as shards:
-        store, node_of, dead_name, visitors = (
-            shards.store,
-            shards.node_of,
-            shards.dead_name,
-            shards.visitors,
-        )
-
         cluster.kill_node(0)
         for phase in ("just killed", "marked failed by the cluster"):
-            for web, i, on_dead in visitors:
+            for web, i, on_dead in shards.visitors:
                 response = timed(lambda web=web: web.get("/get/x"))
                 if on_dead:
                     assert_unavailable(response)
@@ -379,19 +372,23 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
         # A new session whose record lands on a live shard but whose user index is on the
         # dead one: the write fails, and the record is taken back rather than left unindexed.
         user = next(
-            u for u in (f"user{n}" for n in range(1000)) if node_of(store.index_key(u)) == dead_name
+            u
+            for u in (f"user{n}" for n in range(1000))
+            if shards.node_of(shards.store.index_key(u)) == shards.dead_name
         )
         key = next(
             k
             for k in (secrets.token_hex(16) for _ in range(1000))
-            if node_of(store.record_name(k)) != dead_name
+            if shards.node_of(shards.store.record_name(k)) != shards.dead_name
         )
         with pytest.raises(StoreUnavailable):
-            store.save(Record(key, user, time.time() + 60, 1, b"x"), expected=None, now=time.time())
-        assert store.load(key) is None
+            shards.store.save(
+                Record(key, user, time.time() + 60, 1, b"x"), expected=None, now=time.time()
+            )
+        assert shards.store.load(key) is None
 
         cluster.start_node(0)  # back (empty: it had no replica and no persistence)
-        for web, i, on_dead in visitors:
+        for web, i, on_dead in shards.visitors:
             response = web.get("/get/x")
             assert response.status_code == 200
             if not on_dead:
@@ -413,17 +410,12 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
     shards' sessions work throughout."""
     cluster = controllable_redis_cluster_replicated
     with sessions_across_shards(make_app, cluster, keys, 12) as shards:
-        prefix, node_of, dead_name, visitors = (
-            shards.prefix,
-            shards.node_of,
-            shards.dead_name,
-            shards.visitors,
-        )
-
         # WAIT counts the writes of its own connection: write on master 0, after the
         # sessions, and wait until the replica has it (and so everything before it).
         fence = next(
-            k for k in (f"{prefix}fence{n}" for n in range(1000)) if node_of(k) == dead_name
+            k
+            for k in (f"{shards.prefix}fence{n}" for n in range(1000))
+            if shards.node_of(k) == shards.dead_name
         )
         master: Any = shards.nodes[0]
         master.set(fence, 1)
@@ -433,7 +425,7 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
             cluster.kill_node(0)
         else:
             cluster.pause_node(0)
-        pending = {i: web for web, i, on_dead in visitors if on_dead}
+        pending = {i: web for web, i, on_dead in shards.visitors if on_dead}
         unavailable = 0
         deadline = time.monotonic() + 20
         while pending and time.monotonic() < deadline:
@@ -445,7 +437,7 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
                 else:
                     assert_unavailable(response)
                     unavailable += 1
-            for web, i, on_dead in visitors:
+            for web, i, on_dead in shards.visitors:
                 if not on_dead:
                     response = timed(lambda web=web: web.get("/get/x"), limit=3.0)
                     assert response.status_code == 200
@@ -455,7 +447,7 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
         assert unavailable  # the outage was seen: the promotion is not instant
         assert cluster.running[0] is (failure == "hung")  # not restarted: the replica serves
 
-        for web, i, _ in visitors:
+        for web, i, _ in shards.visitors:
             assert web.get("/get/x").get_json() == {"value": i}
             assert web.post("/set/x", json=i + 100).status_code == 200
             assert web.get("/get/x").get_json() == {"value": i + 100}

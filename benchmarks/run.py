@@ -219,6 +219,9 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
 
     if "redis" in urls:
         cloakroom("redis", "Redis", "redis", urls["redis"])
+        redis_encrypted(
+            "redis-nopoll", ", no busy polling", config={"CLOAKROOM_REDIS_BUSY_POLL": 0}
+        )
         redis_encrypted("redis-nolane", ", no lane (redis-py's execute_command)", redis_lane=False)
     if "redis_cluster" in urls:
         cloakroom("cluster", "Redis Cluster", "redis-cluster", urls["redis_cluster"])
@@ -226,7 +229,7 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
         redis_encrypted("redis-cache", " + client cache", client_cache=True)
     twins = []
     for v in out:
-        if v.key in (BASELINE, "sqlite-enc", "postgres-enc", "redis-enc"):
+        if v.key in (BASELINE, "sqlite-enc", "postgres-enc", "redis-enc", "redis-nopoll"):
             label = f"{v.label}, 2 workers"
             twins.append(Variant(f"{v.key}-x2", label, v.spec, v.store, 2, partner=v.key))
     return out + twins

@@ -18,9 +18,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis
+from flask import Flask
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
@@ -28,8 +30,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import SentinelConnectionPool
 
+from flask_cloakroom import Cloakroom
+from flask_cloakroom.errors import ConfigError
 from flask_cloakroom.stores import redis_lane, resp
-from flask_cloakroom.stores.base import Record
+from flask_cloakroom.stores.base import REDIS_BUSY_POLL_US, Record
 from flask_cloakroom.stores.redis import RedisStore, open_redis_store
 from flask_cloakroom.stores.redis_lane import Lane, lane_for
 
@@ -98,8 +102,9 @@ def lane(target: Target) -> Iterator[Lane]:
     made.close()
 
 
-def make_lane(client: redis.Redis) -> Lane:
-    made = lane_for(client)
+def make_lane(client: redis.Redis, busy_poll_us: int = REDIS_BUSY_POLL_US) -> Lane:
+    """The lane a store makes: polling for replies as by default, unless told otherwise."""
+    made = lane_for(client, busy_poll=busy_poll_us / 1_000_000)
     assert made is not None
     return made
 
@@ -377,6 +382,63 @@ def test_a_plain_socket_keeps_its_timeout_in_the_kernel(target: Target, lane: La
         assert sock.getsockopt(socket.SOL_SOCKET, option, len(limit)) == limit
 
 
+def lane_wire(lane: Lane) -> Any:
+    (wire,) = lane._idle
+    return wire
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="blocking sockets: Linux only")
+def test_a_quick_reply_is_polled_for_and_a_slow_one_slept_for(target: Target) -> None:
+    """A reply that comes within the polling time is taken without sleeping (a hit); a
+    wait that outlasts it sleeps in recv and gets its reply all the same (a miss), and
+    the next waits skip the polling: one after the first miss, then twice as many after
+    each miss in a row, until a hit starts it all over."""
+    lane = make_lane(target.client, busy_poll_us=1000)
+    key, empty = f"{target.prefix}a", f"{target.prefix}empty"
+    try:
+        assert lane.execute("SET", key, "value") == b"OK"
+        wire = lane_wire(lane)
+        if isinstance(target.client.connection_pool, SentinelConnectionPool):
+            # Through redis-py's own read (it must see READONLY replies): never polled.
+            assert lane.execute("GET", key) == b"value"
+            assert (wire.pollable, wire.hits, wire.misses) == (False, 0, 0)
+            return
+        assert wire.pollable
+        for _ in range(50):
+            assert lane.execute("GET", key) == b"value"
+        assert wire.hits > wire.misses  # a loopback Redis answers within a millisecond
+        wire.hits = wire.misses = wire.skip = 0
+        wire.backoff = 1
+        skipped = []
+        for _ in range(7):  # each BLPOP's nil comes after 50 ms: no poll waits that long
+            assert lane.execute("BLPOP", empty, 0.05) is None
+            skipped.append(wire.skip)
+        # missed (skip 1), skipped, missed (skip 2), skipped twice, missed (skip 4), ...
+        assert (wire.misses, skipped) == (3, [1, 0, 2, 1, 0, 4, 3])
+        while wire.skip:
+            assert lane.execute("GET", key) == b"value"  # skipped: no poll, no miss
+        assert wire.misses == 3
+        for _ in range(20):
+            assert lane.execute("GET", key) == b"value"
+        assert wire.hits > 0 and wire.backoff == 1  # polling again, from the start
+    finally:
+        lane.close()
+
+
+def test_no_polling_when_it_is_off(target: Target) -> None:
+    lane = make_lane(target.client, busy_poll_us=0)
+    try:
+        key = f"{target.prefix}a"
+        assert lane.execute("SET", key, "value") == b"OK"
+        for _ in range(10):
+            assert lane.execute("GET", key) == b"value"
+        wire = lane_wire(lane)
+        assert not wire.pollable
+        assert (wire.hits, wire.misses) == (0, 0)
+    finally:
+        lane.close()
+
+
 def test_redis_pys_health_check_works_on_the_lanes_sockets(target: Target) -> None:
     """redis-py's own PING (a health check when due) reads the socket the lane tuned."""
     pool = target.client.connection_pool
@@ -552,3 +614,43 @@ def test_a_cluster_store_with_a_stale_slot_table_still_lands_every_write(
     finally:
         store.close()
         flush_prefix(redis_cluster.url, prefix)
+
+
+def test_the_store_polls_as_configured(
+    redis_server: RedisServer, redis_cluster: RedisClusterServer
+) -> None:
+    """CLOAKROOM_REDIS_BUSY_POLL reaches every lane of the store (a Cluster's node lanes
+    too); 0 turns polling off; a value out of range fails at start-up, naming the key."""
+    prefix = f"{redis_server.prefix}lane:{secrets.token_hex(4)}:"
+    for micros in (250, 0):
+        app = Flask(__name__)
+        app.config.update(
+            SECRET_KEY="s" * 32,
+            CLOAKROOM_STORE=redis_server.url,
+            CLOAKROOM_REDIS_PREFIX=prefix,
+            CLOAKROOM_REDIS_BUSY_POLL=micros,
+        )
+        Cloakroom(app)
+        store = app.extensions["cloakroom"].store
+        assert isinstance(store, RedisStore) and store._lane is not None
+        try:
+            assert store.load(secrets.token_hex(16)) is None
+            wire = lane_wire(store._lane)
+            assert (wire.busy_poll, wire.pollable) == (micros / 1_000_000, micros > 0)
+        finally:
+            store.close()
+    cluster = open_redis_store(
+        redis_cluster.url, prefix=prefix, timeout=1.0, wait_replicas=0, busy_poll_us=250
+    )
+    assert isinstance(cluster, RedisStore)
+    try:
+        for n in range(30):  # keys on every node, most likely
+            assert cluster.load(f"{n:032x}") is None
+        lanes = list(cluster._node_lanes.values())
+        assert lanes and all(lane_wire(lane).busy_poll == 250 / 1_000_000 for lane in lanes)
+    finally:
+        cluster.close()
+    bad: Any
+    for bad in (-1, 1001, 50.0, True, "50"):
+        with pytest.raises(ConfigError, match="CLOAKROOM_REDIS_BUSY_POLL"):
+            RedisStore(redis.Redis(), busy_poll_us=bad)

@@ -774,8 +774,11 @@ def test_tls_url(spawn_redis: Callable[..., None], tmp_path: Path) -> None:
         assert store.load(large.key) == large
         assert isinstance(store, RedisStore) and store._lane is not None
         assert all(wire.reader is not None for wire in store._lane._idle)
-        # A TLS socket keeps Python's timeout (not the kernel's, as plain sockets do).
+        # A TLS socket keeps Python's timeout (not the kernel's, as plain sockets do),
+        # and is never polled for a reply (an SSL socket's recv takes no flags).
         assert all(wire.connection._sock.gettimeout() == 1 for wire in store._lane._idle)
+        assert all(wire.busy_poll > 0 for wire in store._lane._idle)
+        assert not any(wire.pollable for wire in store._lane._idle)
     finally:
         store.close()
     # Client-side caching over TLS: its tracking connection reads TLS without blocking.

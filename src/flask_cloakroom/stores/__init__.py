@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Record, Store
+from .base import REDIS_BUSY_POLL_US, Record, Store
 
 __all__ = ["Record", "Store", "open_store"]
 
@@ -37,6 +37,7 @@ def open_store(
     redis_prefix: str = "cloakroom:",
     redis_wait_replicas: int = 0,
     redis_client_cache: int = 0,
+    redis_busy_poll_us: int = REDIS_BUSY_POLL_US,
 ) -> Store:
     """Open the store a ``CLOAKROOM_STORE`` URL names.
 
@@ -75,6 +76,7 @@ def open_store(
             timeout=timeout,
             wait_replicas=redis_wait_replicas,
             client_cache=redis_client_cache,
+            busy_poll_us=redis_busy_poll_us,
         )
         return store
     return _open_sql(url, scheme, sql_table, timeout)
@@ -87,6 +89,7 @@ def wrap_client(
     redis_prefix: str = "cloakroom:",
     redis_wait_replicas: int = 0,
     redis_client_cache: int = 0,
+    redis_busy_poll_us: int = REDIS_BUSY_POLL_US,
     timeout: float = 1.0,
 ) -> Store:
     """Make a store around a ready client: a redis-py client or an SQLAlchemy engine."""
@@ -102,6 +105,7 @@ def wrap_client(
             wait_replicas=redis_wait_replicas,
             wait_timeout=timeout,
             client_cache=redis_client_cache,
+            busy_poll_us=redis_busy_poll_us,
         )
         return store
     raise ConfigError(_KEY, f"cannot make a store from a {type(client).__name__}")

@@ -74,7 +74,15 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..tokens import is_store_key
-from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, Translated
+from .base import (
+    PURGE_BATCH_SIZE,
+    REDIS_BUSY_POLL_US,
+    EventRecord,
+    Record,
+    Store,
+    Translated,
+    busy_poll_micros,
+)
 from .redis_cache import RecordCache
 from .redis_lane import Lane, lane_for
 from .turns import Turns
@@ -85,6 +93,7 @@ logger = logging.getLogger("flask_cloakroom")
 
 _KEY: Final = "CLOAKROOM_STORE"
 _CACHE_KEY: Final = "CLOAKROOM_REDIS_CLIENT_CACHE"
+_BUSY_POLL_KEY: Final = "CLOAKROOM_REDIS_BUSY_POLL"
 #: How many keys one MGET / DEL / pipeline carries.
 _CHUNK: Final = 500
 #: How many SCAN calls one :meth:`RedisStore.scan` page may make to fill itself.
@@ -334,7 +343,9 @@ class RedisStore(Store):
 
     Single commands and one-node pipelines go through a lane
     (:mod:`~flask_cloakroom.stores.redis_lane`): connections made by the client's pool,
-    one per thread using the store at once, closed by :meth:`close`.
+    one per thread using the store at once, closed by :meth:`close`.  The lane waits
+    for a reply by polling its socket for up to ``busy_poll_us`` microseconds before
+    it sleeps (0: it sleeps at once; see docs/redis.md, "Busy polling").
     """
 
     _cache: RecordCache | None
@@ -348,6 +359,7 @@ class RedisStore(Store):
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         client_cache: int = 0,
+        busy_poll_us: int = REDIS_BUSY_POLL_US,
     ) -> None:
         self._setup(
             client=client,
@@ -355,6 +367,7 @@ class RedisStore(Store):
             prefix=prefix,
             wait_replicas=wait_replicas,
             wait_timeout=wait_timeout,
+            busy_poll_us=busy_poll_us,
             cluster=isinstance(client, RedisCluster),
             where=_where(client),
         )
@@ -364,7 +377,7 @@ class RedisStore(Store):
                     f"RedisStore needs a redis.Redis or redis.cluster.RedisCluster client, "
                     f"got {type(client).__name__}"
                 )
-            self._lane = lane_for(client)
+            self._lane = lane_for(client, busy_poll=self._busy_poll)
         if not isinstance(client_cache, int) or client_cache < 0:
             raise ConfigError(_CACHE_KEY, f"expected 0 (off) or more, got {client_cache!r}")
         if client_cache:
@@ -387,6 +400,7 @@ class RedisStore(Store):
         prefix: str,
         wait_replicas: int,
         wait_timeout: float,
+        busy_poll_us: int,
     ) -> RedisStore:
         """A Cluster store whose client is made on first use (a down cluster must not
         stop the app from starting)."""
@@ -397,6 +411,7 @@ class RedisStore(Store):
             prefix=prefix,
             wait_replicas=wait_replicas,
             wait_timeout=wait_timeout,
+            busy_poll_us=busy_poll_us,
             cluster=True,
             where=where,
         )
@@ -411,6 +426,7 @@ class RedisStore(Store):
         prefix: str,
         wait_replicas: int,
         wait_timeout: float,
+        busy_poll_us: int,
         cluster: bool,
         where: str,
     ) -> None:
@@ -434,6 +450,7 @@ class RedisStore(Store):
         self.cluster = cluster
         self.wait_replicas = wait_replicas
         self.wait_millis = max(1, int(wait_timeout * 500))
+        self._busy_poll = _busy_poll_seconds(busy_poll_us)
         self._lock_timeout = wait_timeout
         self._cache = None
         self._lane = None
@@ -566,7 +583,7 @@ class RedisStore(Store):
     def _node_lane(self, node_client: Any) -> Lane:
         lane = self._node_lanes.get(node_client)
         if lane is None:
-            fresh = Lane(node_client.connection_pool)
+            fresh = Lane(node_client.connection_pool, busy_poll=self._busy_poll)
             lane = self._node_lanes.setdefault(node_client, fresh)
             if lane is fresh:
                 # When redis-py drops the node's client (the topology changed: a
@@ -1399,8 +1416,18 @@ def _parse_cursor(cursor: str | None) -> tuple[int, int]:
 # -- opening from a URL ------------------------------------------------------------
 
 
+def _busy_poll_seconds(micros: Any) -> float:
+    return busy_poll_micros(_BUSY_POLL_KEY, micros) / 1_000_000
+
+
 def open_redis_store(
-    url: str, *, prefix: str, timeout: float, wait_replicas: int, client_cache: int = 0
+    url: str,
+    *,
+    prefix: str,
+    timeout: float,
+    wait_replicas: int,
+    client_cache: int = 0,
+    busy_poll_us: int = REDIS_BUSY_POLL_US,
 ) -> Store:
     """Open a Redis store from a ``CLOAKROOM_STORE`` URL.
 
@@ -1412,7 +1439,8 @@ def open_redis_store(
     socket timeout of every connection; a timeout is not retried, a dropped
     connection is retried once (on Sentinel, against the new master).  Nothing
     connects here: a Redis that is down does not stop the app from starting.
-    ``client_cache`` > 0 turns on client-side caching (standalone URLs only).
+    ``client_cache`` > 0 turns on client-side caching (standalone URLs only);
+    ``busy_poll_us`` is :class:`RedisStore`'s.
     """
     scheme = url.split("://", 1)[0].lower()
     if client_cache and scheme in ("redis+cluster", "redis+sentinel"):
@@ -1425,7 +1453,7 @@ def open_redis_store(
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
     }
-    store_options = _StoreOptions(prefix, wait_replicas, timeout, client_cache)
+    store_options = _StoreOptions(prefix, wait_replicas, timeout, client_cache, busy_poll_us)
     if scheme == "redis+cluster":
         return _open_cluster(url, options, store_options)
     # One retry, for a connection that died while idle in the pool (a restarted
@@ -1449,6 +1477,7 @@ class _StoreOptions:
     wait_replicas: int
     wait_timeout: float
     client_cache: int = 0
+    busy_poll_us: int = REDIS_BUSY_POLL_US
 
     def make(self, client: Any) -> RedisStore:
         """A store that owns ``client`` (it closes it)."""
@@ -1458,6 +1487,7 @@ class _StoreOptions:
             wait_replicas=self.wait_replicas,
             wait_timeout=self.wait_timeout,
             client_cache=self.client_cache,
+            busy_poll_us=self.busy_poll_us,
         )
         store._owns_client = True
         return store
@@ -1595,6 +1625,7 @@ def _open_cluster(url: str, options: dict[str, Any], store_options: _StoreOption
         prefix=store_options.prefix,
         wait_replicas=store_options.wait_replicas,
         wait_timeout=store_options.wait_timeout,
+        busy_poll_us=store_options.busy_poll_us,
     )
 
 

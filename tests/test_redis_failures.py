@@ -1,6 +1,7 @@
 """Redis failures, for real: a restart, a hung server, a read-only replica, a Sentinel
-failover, a Cluster master killed, replicas that do not acknowledge. Every test drives a
-Flask app (or the store) against throwaway servers it may stop, pause or kill.
+failover, a Cluster master killed, replicas that do not acknowledge, a Cluster resharded
+under the app. Every test drives a Flask app (or the store) against throwaway servers it
+may stop, pause, kill or reshard.
 
 What must hold: a clean 503 (never a 500, a hang or a silent logout), no half-written
 session, and recovery without restarting the app.
@@ -451,3 +452,172 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
             assert web.get("/get/x").get_json() == {"value": i}
             assert web.post("/set/x", json=i + 100).status_code == 200
             assert web.get("/get/x").get_json() == {"value": i + 100}
+
+
+@dataclass
+class Resharding:
+    """Moves slots between the masters of a Cluster as ``redis-cli --cluster reshard``
+    does, one step at a time, so that a test can look halfway; remembers each slot's
+    first owner, to give it back."""
+
+    cluster: ControllableRedisCluster
+    #: A client of each master.
+    masters: list[Any]
+    #: slot -> (the master it was on, the master it was moved to)
+    moved: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def keys(self, master: int, slot: int) -> list[str]:
+        """The keys that ``master`` holds in ``slot``."""
+        return list(self.masters[master].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000))
+
+    def owner(self, slot: int, *, asking: int) -> int:
+        """The master that serves ``slot``, as master ``asking`` sees it."""
+        ports = [port for _, port in self.cluster.nodes]
+        for start, end, master, *_ in self.masters[asking].execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return ports.index(int(master[1]))
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def move(self, slot: int, source: int, target: int, *, only: list[str] | None = None) -> None:
+        """Move ``slot`` from master ``source`` to master ``target``: the target imports
+        it, the source migrates it, MIGRATE takes its keys across, then every master is
+        told the new owner.  With ``only``, just those keys go and the slot is left
+        half-moved: the source answers ASK for the keys it no longer has.  Moving it
+        again without ``only`` finishes the move."""
+        self.moved.setdefault(slot, (source, target))
+        ids = [str(master.execute_command("CLUSTER", "MYID")) for master in self.masters]
+        self.masters[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        self.masters[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        host, port = self.cluster.nodes[target]
+        if only is not None:
+            if only:
+                self.masters[source].execute_command(
+                    "MIGRATE", host, port, "", 0, 5000, "KEYS", *only
+                )
+            return
+        while batch := self.keys(source, slot):
+            self.masters[source].execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *batch)
+        others = [m for m in range(len(self.masters)) if m not in (source, target)]
+        for master in (target, source, *others):
+            self.masters[master].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
+    def undo(self) -> None:
+        """Give every slot moved back to its first owner, with its keys."""
+        for slot, (source, target) in list(self.moved.items()):
+            if self.owner(slot, asking=source) == source:  # left half-moved
+                self.move(slot, source, target)
+            self.move(slot, target, source)
+
+
+@contextlib.contextmanager
+def resharding(cluster: ControllableRedisCluster) -> Iterator[Resharding]:
+    """A :class:`Resharding` of ``cluster``; afterwards its slots are put back."""
+    masters = [cluster.node_client(i) for i in range(cluster.masters)]
+    reshard = Resharding(cluster, masters)
+    try:
+        yield reshard
+    finally:
+        try:
+            reshard.undo()
+        finally:
+            for master in masters:
+                master.close()
+
+
+def test_a_cluster_resharding_keeps_the_sessions(
+    make_app: AppFactory, controllable_redis_cluster: ControllableRedisCluster, keys: Keys
+) -> None:
+    """An operator reshards a Cluster (``redis-cli --cluster reshard``, or adding a
+    master): slot by slot, the new master imports the slot, the old one migrates it and
+    MIGRATE moves its keys across, then every master is told the new owner.  Halfway, the
+    old master answers ASK for a key it no longer has; afterwards the app's slot table is
+    stale, and the old master answers MOVED.  The store hands such a command to the
+    Cluster client, which follows it and fixes its table.  Through both phases, without
+    restarting the app, every session is read and written with its data, the user's
+    session list finds them all, and logout and revocation still end them."""
+    cluster = controllable_redis_cluster
+    store = open_redis_store(cluster.url, prefix=keys.on(cluster), timeout=0.5, wait_replicas=0)
+    assert isinstance(store, RedisStore)
+    try:
+        app, cloak, _ = make_app(store)
+        visitors: dict[str, tuple[FlaskClient, int]] = {}
+        for i in range(9):
+            web = app.test_client()
+            assert web.post("/login/alice").status_code == 200
+            assert web.post("/set/x", json=i).status_code == 200
+            visitors[session_key(web)] = (web, i)
+        ports = [port for _, port in cluster.nodes]
+
+        def master_of(key: str) -> int:
+            """The master that the app's slot table names for a session's record."""
+            return ports.index(store.client.get_node_from_key(store.record_name(key)).port)
+
+        def slot_of(key: str) -> int:
+            return int(store.client.keyslot(store.record_name(key)))
+
+        def listed() -> set[str]:
+            return {s["handle"] for s in app.test_client().get("/sessions/alice").get_json()}
+
+        # Two sessions of the master with the most (three at least), in two slots: the
+        # record of one is moved first, the other's stays on the old master until the end.
+        source = max(range(cluster.masters), key=lambda m: sum(master_of(k) == m for k in visitors))
+        target = (source + 1) % cluster.masters
+        moved, *others = [k for k in visitors if master_of(k) == source]
+        staying = next(k for k in others if slot_of(k) != slot_of(moved))
+        # A record key of a new session in the moved record's slot.
+        fresh = next(
+            k for k in iter(lambda: secrets.token_hex(16), "") if slot_of(k) == slot_of(moved)
+        )
+
+        with resharding(cluster) as reshard:
+            reshard.move(slot_of(moved), source, target, only=[store.record_name(moved)])
+            reshard.move(slot_of(staying), source, target, only=[])
+            assert store.record_name(moved) in reshard.keys(target, slot_of(moved))
+            assert store.record_name(moved) not in reshard.keys(source, slot_of(moved))
+            assert store.record_name(staying) in reshard.keys(source, slot_of(staying))
+
+            # Halfway: the moved record is reached through ASK, the other one directly.
+            for key in (moved, staying):
+                web, i = visitors[key]
+                assert web.get("/get/x").get_json() == {"value": i}
+                assert web.post("/set/x", json=i + 100).status_code == 200
+                assert web.get("/get/x").get_json() == {"value": i + 100}
+                assert web.get("/whoami").get_json() == {"user": "alice"}
+            assert listed() == set(visitors)
+            # A new session in the half-moved slot is created on the new master.
+            now = time.time()
+            assert store.save(Record(fresh, None, now + 60, 1, b"new"), expected=None, now=now)
+            assert store.record_name(fresh) in reshard.keys(target, slot_of(moved))
+
+            reshard.move(slot_of(moved), source, target)
+            reshard.move(slot_of(staying), source, target)
+            assert reshard.keys(source, slot_of(moved)) == []
+            assert reshard.keys(source, slot_of(staying)) == []
+            assert store.record_name(staying) in reshard.keys(target, slot_of(staying))
+
+            # Done: the app's table still names the old master, which answers MOVED.
+            assert [master_of(moved), master_of(staying)] == [source, source]
+            for key in (moved, staying):
+                web, i = visitors[key]
+                assert web.get("/get/x").get_json() == {"value": i + 100}
+                assert web.post("/set/x", json=i + 200).status_code == 200
+                assert web.get("/get/x").get_json() == {"value": i + 200}
+            assert [master_of(moved), master_of(staying)] == [target, target]  # learnt
+            loaded = store.load(fresh)
+            assert loaded is not None
+            assert loaded.payload == b"new"
+            assert listed() == set(visitors)
+
+            # Logout and revocation end the sessions on their new master.
+            assert visitors[moved][0].post("/logout").status_code == 200
+            with app.app_context():
+                assert cloak.revoke(staying)
+            for key in (moved, staying):
+                web, _ = visitors[key]
+                assert web.get("/whoami").get_json() == {"user": None}
+                assert web.get("/get/x").get_json() == {"value": None}
+                assert store.load(key) is None
+                assert store.record_name(key) not in reshard.keys(target, slot_of(key))
+            assert listed() == set(visitors) - {moved, staying}
+    finally:
+        store.close()

@@ -257,3 +257,18 @@ def test_without_a_fingerprint_a_password_change_cannot_end_other_cookies_and_sa
     # The documented limit: the other browser stays signed in until its cookie expires.
     assert phone.get("/whoami").get_json() == {"user": "alice"}
     assert laptop.get("/whoami").get_json() == {"user": "alice"}
+
+
+def test_only_the_first_four_cookies_of_the_name_are_tried(clock: FakeClock) -> None:
+    """A browser may send several cookies of the session's name (a parent domain's, an
+    old path's): the first that opens wins.  Each costs a decryption, so no more than
+    four are tried: a good cookie after four bad ones is not, however many are sent."""
+    app, _ = make(clock)
+    client = app.test_client()
+    client.post("/login/alice")
+    good = cookie(client)
+    for bad_before, opened in ((3, "alice"), (4, None)):
+        jar = "; ".join([f"session=garbage{n}" for n in range(bad_before)] + [f"session={good}"])
+        fresh = app.test_client(use_cookies=False)
+        response = fresh.get("/whoami", headers={"Cookie": jar})
+        assert response.get_json() == {"user": opened}

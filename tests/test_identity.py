@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -9,8 +10,10 @@ from flask import Flask, jsonify, request, session
 from flask.testing import FlaskClient
 
 from flask_cloakroom import Cloakroom, NoSession
+from flask_cloakroom.manager import MIN_WRITE_ATTEMPTS
 from flask_cloakroom.stores import Store
-from flask_cloakroom.stores.base import paced
+from flask_cloakroom.stores.base import Record, paced
+from flask_cloakroom.stores.memory import MemoryStore
 
 from .conftest import AppFactory
 from .support import FakeClock, SlowBatch
@@ -260,6 +263,79 @@ def test_a_login_whose_session_was_ended_meanwhile_still_logs_in_afresh(
     stale = app.test_client()
     stale.set_cookie("session", before)
     assert stale.get("/whoami").get_json() == {"user": None}
+
+
+def test_a_write_racing_a_logout_does_not_bring_the_session_back(
+    make_app: AppFactory, store: Store
+) -> None:
+    """A request writes to a session that another request logs out meanwhile: its write
+    loses the race, finds the session gone, and drops its changes; it must never write
+    the session back (a logout that does not end the session)."""
+    app, cloak, _ = make_app(store)
+
+    @app.post("/write-while-someone-logs-out")
+    def interleaved() -> str:
+        session["b"] = 2
+        other = app.test_client()
+        other.set_cookie("session", before)
+        assert other.post("/logout").status_code == 200
+        return "ok"
+
+    client = as_user(app, "alice")
+    before = cookie(client)
+    assert client.post("/write-while-someone-logs-out").status_code == 200
+    assert client.get("/whoami").get_json() == {"user": None}
+    assert client.get("/get/b").get_json() == {"value": None}
+    assert client.get("/get/cart").get_json() == {"value": None}
+    replay = app.test_client()
+    replay.set_cookie("session", before)
+    assert replay.get("/whoami").get_json() == {"user": None}
+    with app.test_request_context():
+        assert cloak.sessions("alice") == []
+
+
+class EverRaced(MemoryStore):
+    """A memory store on which, while ``racing``, another writer always gets to a
+    session first: every rotation finds the record one version newer than the request
+    had loaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.racing = True
+        self.rotations = 0
+
+    def rotate(self, old_key: str, record: Record, *, expected: int, now: float) -> bool:
+        self.rotations += 1
+        current = self.load(old_key)
+        if self.racing and current is not None:
+            newer = current._replace(version=current.version + 1)
+            assert self.save(newer, expected=current.version, now=now)
+        return super().rotate(old_key, record, expected=expected, now=now)
+
+
+def test_a_login_that_loses_every_race_gives_up_after_the_store_timeout(
+    make_app: AppFactory,
+) -> None:
+    """Retries back off, so a login racing writes that never stop answers 503 once the
+    store timeout has passed, not never; the session it was rotating is left as it was
+    (not logged in, its data kept), and the next login goes through."""
+    store = EverRaced()
+    app, _, _ = make_app(store, CLOAKROOM_STORE_TIMEOUT=0.2)
+    client = app.test_client()
+    client.post("/set/cart", json=["book"])
+    before = cookie(client)
+    started = time.monotonic()
+    response = client.post("/login/alice")
+    assert response.status_code == 503
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert store.rotations >= MIN_WRITE_ATTEMPTS
+    assert cookie(client) == before
+    assert client.get("/whoami").get_json() == {"user": None}
+    assert client.get("/get/cart").get_json() == {"value": ["book"]}
+    store.racing = False
+    assert client.post("/login/alice").status_code == 200
+    assert client.get("/whoami").get_json() == {"user": "alice"}
+    assert client.get("/get/cart").get_json() == {"value": ["book"]}
 
 
 def test_an_expired_session_not_yet_purged_is_neither_listed_nor_revoked(

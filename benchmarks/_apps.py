@@ -56,7 +56,7 @@ from werkzeug.test import EnvironBuilder
 
 from flask_cloakroom import Cloakroom
 from flask_cloakroom.stores import Store
-from flask_cloakroom.stores.base import REDIS_BUSY_POLL_US
+from flask_cloakroom.stores.base import BUSY_POLL_US
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -76,8 +76,8 @@ CART = ["tea", "pen", "notebook"]
 #: CLOAKROOM_REDIS_CLIENT_CACHE of the variants with the client-side cache.
 CLIENT_CACHE = 10_000
 #: Seconds the bare Redis round trips poll for their reply before sleeping (the store's
-#: default CLOAKROOM_REDIS_BUSY_POLL), so that the limit stays a limit.
-BUSY_POLL = REDIS_BUSY_POLL_US / 1_000_000
+#: default CLOAKROOM_BUSY_POLL), so that the limit stays a limit.
+BUSY_POLL = BUSY_POLL_US / 1_000_000
 PREFS = {"theme": "dark", "lang": "en"}
 
 
@@ -139,8 +139,9 @@ class BareTripsInterface(StaticSessionInterface):
     A read-only request makes one round trip, a modifying one two: on Redis a ``GET``
     (and a ``SET`` of a 300-byte value) on a plain socket, no client library, polled
     for the reply before sleeping as the store's lane is by default; on
-    PostgreSQL a ``SELECT`` by primary key (and an ``UPDATE`` committed durably)
-    through psycopg.  Each worker process opens its own connection on its first request.
+    PostgreSQL a ``SELECT`` by primary key (and an ``UPDATE`` committed durably) as
+    prepared statements on libpq, polled for as the store's are by default.  Each
+    worker process opens its own connection on its first request.
     """
 
     def __init__(self, url: str, name: str) -> None:
@@ -190,6 +191,8 @@ class BareTripsInterface(StaticSessionInterface):
         from psycopg import sql
         from sqlalchemy.engine import make_url
 
+        from flask_cloakroom.stores.sql_pq import PQCursor, PQStatement
+
         url = make_url(self.url)
         conn = psycopg.connect(
             host=url.host, port=url.port, user=url.username, dbname=url.database, autocommit=True
@@ -199,17 +202,27 @@ class BareTripsInterface(StaticSessionInterface):
         conn.execute(sql.SQL(create).format(table))
         insert = "INSERT INTO {} VALUES ('k', 1, %s) ON CONFLICT (key) DO NOTHING"
         conn.execute(sql.SQL(insert).format(table), (value,))
-        cursor = conn.cursor()
-        select = sql.SQL("SELECT version, payload FROM {} WHERE key = 'k'").format(table)
-        update = sql.SQL(
-            "UPDATE {} SET version = version + 1, payload = %s WHERE key = 'k'"
-        ).format(table)
+        # Prepared statements on libpq, polled for as the store's are by default.
+        cursor = PQCursor(conn, {}, {}, BUSY_POLL)
+        quoted = table.as_bytes(conn)
+        select = PQStatement(
+            b"bare_select",
+            b"SELECT version, payload FROM %s WHERE key = 'k'" % quoted,
+            (),
+            returns_rows=True,
+        )
+        update = PQStatement(
+            b"bare_update",
+            b"UPDATE %s SET version = version + 1, payload = $1 WHERE key = 'k'" % quoted,
+            ("payload",),
+            returns_rows=False,
+        )
 
         def postgres_trip(write: bool) -> None:
             if write:
-                cursor.execute(update, (value,), prepare=True)
+                cursor.execute(update, (value,))
             else:
-                cursor.execute(select, prepare=True)
+                cursor.execute(select)
                 cursor.fetchone()
 
         return postgres_trip

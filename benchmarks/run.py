@@ -205,6 +205,15 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
             urls["postgres_async"],
             shapes=("enc",),
         )
+        spec = AppSpec(
+            "cloakroom",
+            urls["postgres"],
+            encrypted=True,
+            table=f"cloakroom_perf_{token()}",
+            config={"CLOAKROOM_BUSY_POLL": 0},
+        )
+        label = "Cloakroom PostgreSQL + encryption, no busy polling"
+        out.append(Variant("postgres-nopoll", label, spec, "postgres"))
 
     def redis_encrypted(key: str, label: str, **options: Any) -> None:
         """A variant of Cloakroom on standalone Redis with encryption, and ``options``."""
@@ -219,9 +228,7 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
 
     if "redis" in urls:
         cloakroom("redis", "Redis", "redis", urls["redis"])
-        redis_encrypted(
-            "redis-nopoll", ", no busy polling", config={"CLOAKROOM_REDIS_BUSY_POLL": 0}
-        )
+        redis_encrypted("redis-nopoll", ", no busy polling", config={"CLOAKROOM_BUSY_POLL": 0})
         redis_encrypted("redis-nolane", ", no lane (redis-py's execute_command)", redis_lane=False)
     if "redis_cluster" in urls:
         cloakroom("cluster", "Redis Cluster", "redis-cluster", urls["redis_cluster"])
@@ -229,7 +236,7 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
         redis_encrypted("redis-cache", " + client cache", client_cache=True)
     twins = []
     for v in out:
-        if v.key in (BASELINE, "sqlite-enc", "postgres-enc", "redis-enc", "redis-nopoll"):
+        if v.key in (BASELINE, "sqlite-enc", "postgres-enc", "redis-enc") or "nopoll" in v.key:
             label = f"{v.label}, 2 workers"
             twins.append(Variant(f"{v.key}-x2", label, v.spec, v.store, 2, partner=v.key))
     return out + twins

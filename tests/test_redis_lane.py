@@ -33,7 +33,7 @@ from redis.sentinel import SentinelConnectionPool
 from flask_cloakroom import Cloakroom
 from flask_cloakroom.errors import ConfigError
 from flask_cloakroom.stores import redis_lane, resp
-from flask_cloakroom.stores.base import REDIS_BUSY_POLL_US, Record
+from flask_cloakroom.stores.base import BUSY_POLL_US, Record
 from flask_cloakroom.stores.redis import RedisStore, open_redis_store
 from flask_cloakroom.stores.redis_lane import Lane, lane_for
 
@@ -102,7 +102,7 @@ def lane(target: Target) -> Iterator[Lane]:
     made.close()
 
 
-def make_lane(client: redis.Redis, busy_poll_us: int = REDIS_BUSY_POLL_US) -> Lane:
+def make_lane(client: redis.Redis, busy_poll_us: int = BUSY_POLL_US) -> Lane:
     """The lane a store makes: polling for replies as by default, unless told otherwise."""
     made = lane_for(client, busy_poll=busy_poll_us / 1_000_000)
     assert made is not None
@@ -619,7 +619,7 @@ def test_a_cluster_store_with_a_stale_slot_table_still_lands_every_write(
 def test_the_store_polls_as_configured(
     redis_server: RedisServer, redis_cluster: RedisClusterServer
 ) -> None:
-    """CLOAKROOM_REDIS_BUSY_POLL reaches every lane of the store (a Cluster's node lanes
+    """CLOAKROOM_BUSY_POLL reaches every lane of the store (a Cluster's node lanes
     too); 0 turns polling off; a value out of range fails at start-up, naming the key."""
     prefix = f"{redis_server.prefix}lane:{secrets.token_hex(4)}:"
     for micros in (250, 0):
@@ -628,7 +628,7 @@ def test_the_store_polls_as_configured(
             SECRET_KEY="s" * 32,
             CLOAKROOM_STORE=redis_server.url,
             CLOAKROOM_REDIS_PREFIX=prefix,
-            CLOAKROOM_REDIS_BUSY_POLL=micros,
+            CLOAKROOM_BUSY_POLL=micros,
         )
         Cloakroom(app)
         store = app.extensions["cloakroom"].store
@@ -652,5 +652,5 @@ def test_the_store_polls_as_configured(
         cluster.close()
     bad: Any
     for bad in (-1, 1001, 50.0, True, "50"):
-        with pytest.raises(ConfigError, match="CLOAKROOM_REDIS_BUSY_POLL"):
+        with pytest.raises(ConfigError, match="CLOAKROOM_BUSY_POLL"):
             RedisStore(redis.Redis(), busy_poll_us=bad)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy import select
 
 from flask_cloakroom.stores import open_store
 from flask_cloakroom.stores.base import Record
@@ -100,7 +103,8 @@ def test_a_statement_the_server_forgot_is_prepared_again(pg_store: SQLStore) -> 
     assert all(load_name in conn.prepared for conn in pg_store._connections._idle)
 
 
-def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore) -> None:
+@pytest.mark.parametrize("busy_poll", [0.0, 0.0001], ids=["asleep", "polled"])
+def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore, busy_poll: float) -> None:
     from flask_cloakroom.stores.sql_pq import PQCursor, PQStatement
 
     pg_store.ping()
@@ -108,7 +112,7 @@ def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore) -> None
         raw = conn.connection.dbapi_connection
         assert isinstance(raw, psycopg.Connection)
         raw.autocommit = True
-        cursor = PQCursor(raw, {})
+        cursor = PQCursor(raw, {}, {}, busy_poll)
         broken = PQStatement(b"cloakroom_test", b"SELECT 1/$1::int", ("n",), returns_rows=True)
         cursor.execute(broken, (1,))
         assert cursor.fetchone() == (1,)
@@ -116,6 +120,55 @@ def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore) -> None
             cursor.execute(broken, (0,))
         with pytest.raises(psycopg.errors.UndefinedTable):
             cursor.execute("SELECT * FROM cloakroom_no_such_table")
+
+
+def test_a_quick_answer_is_polled_for_and_a_slow_one_slept_for(postgres_url: str) -> None:
+    """Each statement keeps its own polling count on its connection: a quick one (a
+    load) stays polled for; one that waits longer than the polling time (an update
+    held up by a row lock, as a durable commit's fsync would) gets its answer all the
+    same, asleep, and its next wait skips the polling; then it is polled for again."""
+    store = open_store(postgres_url, sql_table="cr_pq_" + secrets.token_hex(4), busy_poll_us=1000)
+    assert isinstance(store, SQLStore) and store._pq is not None
+    try:
+        load, update = store._pq["load"].name, store._pq["update"].name
+        record = Record("f" * 32, "alice", NOW + 60, 1, b"payload")
+        assert store.save(record, expected=None, now=NOW)
+        for _ in range(20):
+            assert store.load(record.key) == record
+        (conn,) = store._connections._idle
+        assert conn.polls[load] == [0, 1]  # polled for, and answered within a millisecond
+        with store.engine.connect() as other:  # holds the row's lock for 50 ms
+            key = store.table.c.key
+            other.execute(select(key).where(key == record.key).with_for_update())
+            timer = threading.Timer(0.05, other.rollback)
+            timer.start()
+            started = time.monotonic()
+            assert store.save(record._replace(version=2), expected=1, now=NOW)  # asleep
+            assert time.monotonic() - started >= 0.04
+            timer.join()
+        assert conn.polls[update] == [1, 2]  # a miss: the next wait skips the polling
+        assert store.save(record._replace(version=3), expected=2, now=NOW)
+        assert conn.polls[update] == [0, 2]  # skipped
+        assert store.save(record._replace(version=4), expected=3, now=NOW)
+        # Polled for again: answered in time (starts over), or a miss (skips two next).
+        assert conn.polls[update] in ([0, 1], [2, 4])
+        assert store.load(record.key) == record._replace(version=4)
+    finally:
+        store.table.drop(store.engine, checkfirst=True)
+        store.close()
+
+
+def test_no_polling_when_it_is_off(postgres_url: str) -> None:
+    store = open_store(postgres_url, sql_table="cr_pq_" + secrets.token_hex(4), busy_poll_us=0)
+    assert isinstance(store, SQLStore)
+    try:
+        record = Record("g" * 32, None, NOW + 60, 1, b"p")
+        assert store.save(record, expected=None, now=NOW)
+        assert store.load(record.key) == record
+        assert [conn.polls for conn in store._connections._idle] == [{}]
+    finally:
+        store.table.drop(store.engine, checkfirst=True)
+        store.close()
 
 
 def test_a_table_it_cannot_read_sends_the_store_back_to_psycopgs_cursors(

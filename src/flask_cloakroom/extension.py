@@ -93,7 +93,7 @@ class Cloakroom:
             "redis_prefix": settings.redis_prefix,
             "redis_wait_replicas": settings.redis_wait_replicas,
             "redis_client_cache": settings.redis_client_cache,
-            "redis_busy_poll_us": settings.redis_busy_poll,
+            "busy_poll_us": settings.busy_poll,
         }
         if isinstance(store, str):
             store = open_store(store, **options)

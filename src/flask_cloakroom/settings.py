@@ -25,7 +25,7 @@ from .activity import EVENT_KINDS, LOGGED_KINDS, TrustedProxies
 from .crypto import parse_key
 from .errors import ConfigError
 from .rules import parse_rules
-from .stores.base import PURGE_PACE, REDIS_BUSY_POLL_US, Store, busy_poll_micros
+from .stores.base import BUSY_POLL_US, PURGE_PACE, Store, busy_poll_micros
 
 PREFIX = "CLOAKROOM_"
 
@@ -373,16 +373,17 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative_int,
     ),
     Option(
-        "REDIS_BUSY_POLL",
+        "BUSY_POLL",
         "int",
-        REDIS_BUSY_POLL_US,
-        "Microseconds each Redis connection asks its socket for a reply again and again "
-        "before it sleeps until the reply comes. A Redis on the same machine answers in "
-        "that time, so the worker is never put to sleep and woken again: 20 to 30 µs "
-        "less a round trip on a virtual machine. A wait that runs out sleeps as before, "
-        "and later waits skip the polling for a while, so a distant Redis costs almost "
-        "no CPU. 0 turns it off; at most 1000. Linux, plain TCP and Unix sockets (not "
-        "TLS). See docs/redis.md.",
+        BUSY_POLL_US,
+        "Microseconds a Redis or PostgreSQL connection asks for the server's answer "
+        "again and again before it sleeps until the answer comes. A server on the same "
+        "machine answers in that time, so the worker is never put to sleep and woken "
+        "again: about 30 µs less a round trip on a virtual machine. A wait that runs out "
+        "sleeps as before, and later waits (of that statement, on PostgreSQL) skip the "
+        "polling for a while, so a distant server or a slow statement costs almost no "
+        "CPU. 0 turns it off; at most 1000. Redis: plain TCP and Unix sockets on Linux "
+        "(not TLS). PostgreSQL: through psycopg 3. See docs/redis.md and docs/stores.md.",
         "0",
         busy_poll_micros,
     ),
@@ -603,7 +604,7 @@ class Settings:
     redis_prefix: str
     redis_wait_replicas: int
     redis_client_cache: int
-    redis_busy_poll: int
+    busy_poll: int
     store_timeout: float
     on_store_error: Callable[[Exception], Any] | None
     retry_after: int

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from ..errors import ConfigError
-from .base import REDIS_BUSY_POLL_US, Record, Store
+from .base import BUSY_POLL_US, Record, Store
 
 __all__ = ["Record", "Store", "open_store"]
 
@@ -37,7 +37,7 @@ def open_store(
     redis_prefix: str = "cloakroom:",
     redis_wait_replicas: int = 0,
     redis_client_cache: int = 0,
-    redis_busy_poll_us: int = REDIS_BUSY_POLL_US,
+    busy_poll_us: int = BUSY_POLL_US,
 ) -> Store:
     """Open the store a ``CLOAKROOM_STORE`` URL names.
 
@@ -45,7 +45,9 @@ def open_store(
     ``unix://``, ``redis+sentinel://``, ``redis+cluster://``) and any SQLAlchemy
     URL (``sqlite:///path``, ``postgresql+psycopg://...``, ``mysql+pymysql://...``).
     ``timeout`` (seconds) bounds connecting, waiting for locks and pooled
-    connections, and each operation.  Raises
+    connections, and each operation.  ``busy_poll_us`` is how long a Redis or
+    PostgreSQL connection polls for an answer before it sleeps
+    (``CLOAKROOM_BUSY_POLL``).  Raises
     :class:`~flask_cloakroom.errors.ConfigError` for an unknown scheme or a
     missing driver.
     """
@@ -76,10 +78,10 @@ def open_store(
             timeout=timeout,
             wait_replicas=redis_wait_replicas,
             client_cache=redis_client_cache,
-            busy_poll_us=redis_busy_poll_us,
+            busy_poll_us=busy_poll_us,
         )
         return store
-    return _open_sql(url, scheme, sql_table, timeout)
+    return _open_sql(url, scheme, sql_table, timeout, busy_poll_us)
 
 
 def wrap_client(
@@ -89,7 +91,7 @@ def wrap_client(
     redis_prefix: str = "cloakroom:",
     redis_wait_replicas: int = 0,
     redis_client_cache: int = 0,
-    redis_busy_poll_us: int = REDIS_BUSY_POLL_US,
+    busy_poll_us: int = BUSY_POLL_US,
     timeout: float = 1.0,
 ) -> Store:
     """Make a store around a ready client: a redis-py client or an SQLAlchemy engine."""
@@ -97,7 +99,7 @@ def wrap_client(
     if module.startswith("sqlalchemy."):
         from .sql import SQLStore
 
-        return SQLStore(client, table=sql_table, busy_timeout=timeout)
+        return SQLStore(client, table=sql_table, busy_timeout=timeout, busy_poll_us=busy_poll_us)
     if module.startswith("redis."):
         store: Store = _import_redis().RedisStore(
             client,
@@ -105,7 +107,7 @@ def wrap_client(
             wait_replicas=redis_wait_replicas,
             wait_timeout=timeout,
             client_cache=redis_client_cache,
-            busy_poll_us=redis_busy_poll_us,
+            busy_poll_us=busy_poll_us,
         )
         return store
     raise ConfigError(_KEY, f"cannot make a store from a {type(client).__name__}")
@@ -121,7 +123,7 @@ def _import_redis() -> Any:
     return redis_store
 
 
-def _open_sql(url: str, scheme: str, sql_table: str, timeout: float) -> Store:
+def _open_sql(url: str, scheme: str, sql_table: str, timeout: float, busy_poll_us: int) -> Store:
     try:
         from sqlalchemy import make_url
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -180,7 +182,7 @@ def _open_sql(url: str, scheme: str, sql_table: str, timeout: float) -> Store:
         ) from error
     from .sql import SQLStore
 
-    return SQLStore(engine, table=sql_table, busy_timeout=timeout)
+    return SQLStore(engine, table=sql_table, busy_timeout=timeout, busy_poll_us=busy_poll_us)
 
 
 def _engine_options(backend: str, driver: str, timeout: float) -> dict[str, Any]:

@@ -33,24 +33,24 @@ PURGE_BATCH_SIZE = 250
 #: (three interleaved pairs), for a purge of 18-20 s instead of 7-8 s
 #: (benchmarks/scale.py --purge-only; docs/performance.md).
 PURGE_PACE = 1.0
-#: The default of ``CLOAKROOM_REDIS_BUSY_POLL``: microseconds a Redis store's
-#: connection polls for a reply before it sleeps (docs/redis.md, "Busy polling").
-REDIS_BUSY_POLL_US = 100
+#: The default of ``CLOAKROOM_BUSY_POLL``: microseconds a Redis or PostgreSQL store's
+#: connection polls for an answer before it sleeps (docs/redis.md, "Busy polling").
+BUSY_POLL_US = 100
 #: Its highest value: a millisecond.
-REDIS_BUSY_POLL_MAX_US = 1000
+BUSY_POLL_MAX_US = 1000
 
 
 def busy_poll_micros(key: str, value: Any) -> int:
-    """``value`` if it is a valid ``CLOAKROOM_REDIS_BUSY_POLL``, else a ConfigError."""
+    """``value`` if it is a valid ``CLOAKROOM_BUSY_POLL``, else a ConfigError."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(
             key, f"expected a whole number of microseconds, got {value!r}. Example: {key} = 50"
         )
-    if not 0 <= value <= REDIS_BUSY_POLL_MAX_US:
+    if not 0 <= value <= BUSY_POLL_MAX_US:
         raise ConfigError(
             key,
             f"must be from 0 (never poll: wait for Redis's reply asleep) to "
-            f"{REDIS_BUSY_POLL_MAX_US} microseconds, got {value!r}",
+            f"{BUSY_POLL_MAX_US} microseconds, got {value!r}",
         )
     return value
 

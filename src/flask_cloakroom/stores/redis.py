@@ -75,8 +75,8 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from ..errors import ConfigError, StoreError, StoreUnavailable
 from ..tokens import is_store_key
 from .base import (
+    BUSY_POLL_US,
     PURGE_BATCH_SIZE,
-    REDIS_BUSY_POLL_US,
     EventRecord,
     Record,
     Store,
@@ -93,7 +93,7 @@ logger = logging.getLogger("flask_cloakroom")
 
 _KEY: Final = "CLOAKROOM_STORE"
 _CACHE_KEY: Final = "CLOAKROOM_REDIS_CLIENT_CACHE"
-_BUSY_POLL_KEY: Final = "CLOAKROOM_REDIS_BUSY_POLL"
+_BUSY_POLL_KEY: Final = "CLOAKROOM_BUSY_POLL"
 #: How many keys one MGET / DEL / pipeline carries.
 _CHUNK: Final = 500
 #: How many SCAN calls one :meth:`RedisStore.scan` page may make to fill itself.
@@ -359,7 +359,7 @@ class RedisStore(Store):
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         client_cache: int = 0,
-        busy_poll_us: int = REDIS_BUSY_POLL_US,
+        busy_poll_us: int = BUSY_POLL_US,
     ) -> None:
         self._setup(
             client=client,
@@ -1427,7 +1427,7 @@ def open_redis_store(
     timeout: float,
     wait_replicas: int,
     client_cache: int = 0,
-    busy_poll_us: int = REDIS_BUSY_POLL_US,
+    busy_poll_us: int = BUSY_POLL_US,
 ) -> Store:
     """Open a Redis store from a ``CLOAKROOM_STORE`` URL.
 
@@ -1477,7 +1477,7 @@ class _StoreOptions:
     wait_replicas: int
     wait_timeout: float
     client_cache: int = 0
-    busy_poll_us: int = REDIS_BUSY_POLL_US
+    busy_poll_us: int = BUSY_POLL_US
 
     def make(self, client: Any) -> RedisStore:
         """A store that owns ``client`` (it closes it)."""

@@ -69,7 +69,15 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreError, StoreUnavailable
-from .base import PURGE_BATCH_SIZE, EventRecord, Record, Store, Translated
+from .base import (
+    BUSY_POLL_US,
+    PURGE_BATCH_SIZE,
+    EventRecord,
+    Record,
+    Store,
+    Translated,
+    busy_poll_micros,
+)
 from .turns import Turns
 
 logger = logging.getLogger("flask_cloakroom")
@@ -285,13 +293,15 @@ class _Deadline:
 class _Conn:
     """A DBAPI connection of :class:`_Connections`, with what the store keeps about it."""
 
-    __slots__ = ("dbapi", "fd", "pooled", "prepared")
+    __slots__ = ("dbapi", "fd", "polls", "pooled", "prepared")
 
     def __init__(self, dbapi: Any) -> None:
         self.dbapi = dbapi
         self.pooled = False  # True once it has been idle in the pool
         #: The statements prepared on it by the libpq path (sql_pq.py), by name.
         self.prepared: dict[bytes, Any] = {}
+        #: And how their busy polling goes, by name (sql_pq.py).
+        self.polls: dict[bytes, list[int]] = {}
         # A duplicate of its socket's descriptor, for the watchdog (a plain
         # descriptor: a socket object could make the socket non-blocking under
         # socket.setdefaulttimeout()).  None if the driver does not show its
@@ -421,6 +431,9 @@ class SQLStore(Store):
     waits for another process's write lock before the store gives up, and
     how long any statement of a session load, save or delete may wait for
     the database before its connection is broken and the store gives up.
+    ``busy_poll_us``: on PostgreSQL through psycopg 3, how long the hot statements
+    poll for their result before they wait asleep (``CLOAKROOM_BUSY_POLL``; see
+    :mod:`~flask_cloakroom.stores.sql_pq`).
     """
 
     def __init__(
@@ -430,8 +443,10 @@ class SQLStore(Store):
         table: str = "cloakroom_sessions",
         create_table: bool = True,
         busy_timeout: float = 5.0,
+        busy_poll_us: int = BUSY_POLL_US,
     ) -> None:
         self.engine = engine
+        self._busy_poll = busy_poll_micros("CLOAKROOM_BUSY_POLL", busy_poll_us) / 1_000_000
         self._translated = Translated(SQLAlchemyError, self._translate)
         metadata = MetaData()
         self.table = sessions_table(table, metadata)
@@ -666,7 +681,7 @@ class SQLStore(Store):
         """A cursor for the hot statements: on libpq for PostgreSQL through psycopg 3
         (:mod:`.sql_pq`), else the DBAPI's own."""
         if self._pq is not None:
-            return self._pq_cursor(conn.dbapi, conn.prepared)
+            return self._pq_cursor(conn.dbapi, conn.prepared, conn.polls, self._busy_poll)
         return conn.dbapi.cursor()
 
     def _release(self, conn: _Conn, late: bool) -> None:

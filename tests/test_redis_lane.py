@@ -33,7 +33,7 @@ from redis.sentinel import SentinelConnectionPool
 from flask_cloakroom import Cloakroom
 from flask_cloakroom.errors import ConfigError
 from flask_cloakroom.stores import redis_lane, resp
-from flask_cloakroom.stores.base import BUSY_POLL_US, Record
+from flask_cloakroom.stores.base import BUSY_POLL_US, PollBackoff, Record
 from flask_cloakroom.stores.redis import RedisStore, open_redis_store
 from flask_cloakroom.stores.redis_lane import Lane, lane_for
 
@@ -401,26 +401,25 @@ def test_a_quick_reply_is_polled_for_and_a_slow_one_slept_for(target: Target) ->
         if isinstance(target.client.connection_pool, SentinelConnectionPool):
             # Through redis-py's own read (it must see READONLY replies): never polled.
             assert lane.execute("GET", key) == b"value"
-            assert (wire.pollable, wire.hits, wire.misses) == (False, 0, 0)
+            assert (wire.pollable, wire.polling.hits, wire.polling.misses) == (False, 0, 0)
             return
         assert wire.pollable
         for _ in range(50):
             assert lane.execute("GET", key) == b"value"
-        assert wire.hits > wire.misses  # a loopback Redis answers within a millisecond
-        wire.hits = wire.misses = wire.skip = 0
-        wire.backoff = 1
+        assert wire.polling.hits > wire.polling.misses  # loopback Redis: within a millisecond
+        polling = wire.polling = PollBackoff()  # counted afresh from here
         skipped = []
         for _ in range(7):  # each BLPOP's nil comes after 50 ms: no poll waits that long
             assert lane.execute("BLPOP", empty, 0.05) is None
-            skipped.append(wire.skip)
+            skipped.append(polling.skip)
         # missed (skip 1), skipped, missed (skip 2), skipped twice, missed (skip 4), ...
-        assert (wire.misses, skipped) == (3, [1, 0, 2, 1, 0, 4, 3])
-        while wire.skip:
+        assert (polling.misses, skipped) == (3, [1, 0, 2, 1, 0, 4, 3])
+        while polling.skip:
             assert lane.execute("GET", key) == b"value"  # skipped: no poll, no miss
-        assert wire.misses == 3
+        assert polling.misses == 3
         for _ in range(20):
             assert lane.execute("GET", key) == b"value"
-        assert wire.hits > 0 and wire.backoff == 1  # polling again, from the start
+        assert polling.hits > 0 and polling.backoff == 1  # polling again, from the start
     finally:
         lane.close()
 
@@ -434,7 +433,7 @@ def test_no_polling_when_it_is_off(target: Target) -> None:
             assert lane.execute("GET", key) == b"value"
         wire = lane_wire(lane)
         assert not wire.pollable
-        assert (wire.hits, wire.misses) == (0, 0)
+        assert (wire.polling.hits, wire.polling.misses) == (0, 0)
     finally:
         lane.close()
 

@@ -22,7 +22,7 @@ from psycopg import sql
 from sqlalchemy import select
 
 from flask_cloakroom.stores import open_store
-from flask_cloakroom.stores.base import Record
+from flask_cloakroom.stores.base import PollBackoff, Record
 from flask_cloakroom.stores.sql import SQLStore
 
 NOW = 1_900_000_000.0
@@ -122,6 +122,11 @@ def test_an_error_reply_is_psycopgs_exception_for_it(pg_store: SQLStore, busy_po
             cursor.execute("SELECT * FROM cloakroom_no_such_table")
 
 
+def state(polling: PollBackoff) -> tuple[int, int]:
+    """Waits left to skip the polling for, and how many the next miss skips."""
+    return polling.skip, polling.backoff
+
+
 def test_a_quick_answer_is_polled_for_and_a_slow_one_slept_for(postgres_url: str) -> None:
     """Each statement keeps its own polling count on its connection: a quick one (a
     load) stays polled for; one that waits longer than the polling time (an update
@@ -136,7 +141,8 @@ def test_a_quick_answer_is_polled_for_and_a_slow_one_slept_for(postgres_url: str
         for _ in range(20):
             assert store.load(record.key) == record
         (conn,) = store._connections._idle
-        assert conn.polls[load] == [0, 1]  # polled for, and answered within a millisecond
+        assert state(conn.polls[load]) == (0, 1)  # polled for, answered within a millisecond
+        assert conn.polls[load].hits >= 1
         with store.engine.connect() as other:  # holds the row's lock for 50 ms
             key = store.table.c.key
             other.execute(select(key).where(key == record.key).with_for_update())
@@ -146,12 +152,13 @@ def test_a_quick_answer_is_polled_for_and_a_slow_one_slept_for(postgres_url: str
             assert store.save(record._replace(version=2), expected=1, now=NOW)  # asleep
             assert time.monotonic() - started >= 0.04
             timer.join()
-        assert conn.polls[update] == [1, 2]  # a miss: the next wait skips the polling
+        assert state(conn.polls[update]) == (1, 2)  # a miss: the next wait skips the polling
+        assert conn.polls[update].misses == 1
         assert store.save(record._replace(version=3), expected=2, now=NOW)
-        assert conn.polls[update] == [0, 2]  # skipped
+        assert state(conn.polls[update]) == (0, 2)  # skipped
         assert store.save(record._replace(version=4), expected=3, now=NOW)
         # Polled for again: answered in time (starts over), or a miss (skips two next).
-        assert conn.polls[update] in ([0, 1], [2, 4])
+        assert state(conn.polls[update]) in ((0, 1), (2, 4))
         assert store.load(record.key) == record._replace(version=4)
     finally:
         store.table.drop(store.engine, checkfirst=True)

@@ -49,10 +49,48 @@ def busy_poll_micros(key: str, value: Any) -> int:
     if not 0 <= value <= BUSY_POLL_MAX_US:
         raise ConfigError(
             key,
-            f"must be from 0 (never poll: wait for Redis's reply asleep) to "
+            f"must be from 0 (never poll: wait for the server's answer asleep) to "
             f"{BUSY_POLL_MAX_US} microseconds, got {value!r}",
         )
     return value
+
+
+class PollBackoff:
+    """Whether a connection's next wait for an answer should busy-poll first.
+
+    Always, until a poll runs out (a miss): then the polling is skipped for the next
+    wait, then for twice as many after each further miss with no answer polled in
+    between, up to 1,024 waits, so a server whose answers never come within the
+    polling time costs next to no CPU.  An answer polled for in time (a hit) starts
+    the count over.  ``hits`` and ``misses`` count the polls.
+    """
+
+    __slots__ = ("backoff", "hits", "misses", "skip")
+
+    #: The most waits skipped after a run of misses.
+    MAX_SKIP = 1024
+
+    def __init__(self) -> None:
+        self.skip = 0  # waits left to skip the polling for
+        self.backoff = 1  # how many the next miss skips
+        self.hits = 0
+        self.misses = 0
+
+    def due(self) -> bool:
+        """Whether to poll this wait (``False``: sleep, and count it as skipped)."""
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def hit(self) -> None:
+        self.hits += 1
+        self.backoff = 1
+
+    def miss(self) -> None:
+        self.misses += 1
+        self.skip = self.backoff
+        self.backoff = min(self.backoff * 2, self.MAX_SKIP)
 
 
 def paced(

@@ -85,6 +85,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE as HIREDIS_AVAILABLE
 
 from . import resp
+from .base import PollBackoff
 
 __all__ = ["Exchange", "Lane", "lane_for"]
 
@@ -96,8 +97,6 @@ _RECV: Final = 65536
 _KERNEL_TIMEOUTS: Final = sys.platform.startswith("linux")
 #: The flag of a ``recv`` that never waits (0 where the platform has none: no polling).
 _DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)
-#: Most waits a socket skips the polling for after its polls kept running out.
-_MAX_SKIP: Final = 1024
 
 
 def _push_classes() -> tuple[type, ...]:
@@ -245,18 +244,7 @@ class _Wire:
     reader of its replies when the lane talks to its socket directly (both ``None``
     otherwise)."""
 
-    __slots__ = (
-        "backoff",
-        "busy_poll",
-        "connection",
-        "hits",
-        "misses",
-        "pack",
-        "pollable",
-        "reader",
-        "skip",
-        "tuned",
-    )
+    __slots__ = ("busy_poll", "connection", "pack", "pollable", "polling", "reader", "tuned")
 
     def __init__(self, connection: Any, direct: bool, busy_poll: float = 0.0) -> None:
         self.connection = connection
@@ -266,15 +254,10 @@ class _Wire:
         #: Held, even once closed, so that no new socket can take its identity.
         self.tuned: Any = None
         #: Seconds to poll for a reply before sleeping; whether ``tuned`` may be polled
-        #: (a blocking plain socket); waits left to skip polling for, and how many the
-        #: next miss skips.
+        #: (a blocking plain socket); when to.
         self.busy_poll = busy_poll
         self.pollable = False
-        self.skip = 0
-        self.backoff = 1
-        #: Waits that polling ended (the reply came) and that it did not.
-        self.hits = 0
-        self.misses = 0
+        self.polling = PollBackoff()
 
     def disconnect(self) -> None:
         self.connection.disconnect()
@@ -362,8 +345,8 @@ class _Wire:
     def _poll(self, sock: socket.socket) -> bytes | None:
         """What ``sock`` has, asked for until it comes or ``busy_poll`` runs out
         (``None``: sleep in ``recv`` instead)."""
-        if self.skip:
-            self.skip -= 1
+        polling = self.polling
+        if not polling.due():
             return None
         deadline = time.perf_counter() + self.busy_poll
         while True:
@@ -372,12 +355,9 @@ class _Wire:
             except BlockingIOError:
                 if time.perf_counter() < deadline:
                     continue
-                self.misses += 1
-                self.skip = self.backoff
-                self.backoff = min(self.backoff * 2, _MAX_SKIP)
+                polling.miss()
                 return None
-            self.hits += 1
-            self.backoff = 1
+            polling.hit()
             return data
 
     # -- through redis-py ------------------------------------------------------------

@@ -73,6 +73,7 @@ from .base import (
     BUSY_POLL_US,
     PURGE_BATCH_SIZE,
     EventRecord,
+    PollBackoff,
     Record,
     Store,
     Translated,
@@ -301,7 +302,7 @@ class _Conn:
         #: The statements prepared on it by the libpq path (sql_pq.py), by name.
         self.prepared: dict[bytes, Any] = {}
         #: And how their busy polling goes, by name (sql_pq.py).
-        self.polls: dict[bytes, list[int]] = {}
+        self.polls: dict[bytes, PollBackoff] = {}
         # A duplicate of its socket's descriptor, for the watchdog (a plain
         # descriptor: a socket object could make the socket non-blocking under
         # socket.setdefaulttimeout()).  None if the driver does not show its

@@ -49,13 +49,13 @@ from typing import Any
 import psycopg
 from psycopg import errors, pq
 
+from .base import PollBackoff
+
 __all__ = ["PQCursor", "PQStatement", "Unsupported"]
 
 _OK = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 _UNKNOWN_STATEMENT = b"26000"
 _ALREADY_PREPARED = b"42P05"
-#: Most waits a statement skips the polling for after its polls kept running out.
-_MAX_SKIP = 1024
 
 
 def _sqlstate(result: Any) -> bytes | None:
@@ -111,8 +111,8 @@ class PQCursor:
     in order, or plain SQL with no parameters (``BEGIN``, ``COMMIT``); then
     ``fetchone``, ``fetchall`` and ``rowcount`` as a DBAPI cursor has them.
     ``prepared`` is the connection's: the names prepared on it, and the converters
-    of their columns; ``polls`` too: each statement's ``[skip, backoff]`` of busy
-    polling (``busy_poll``: seconds, 0 for none; see the module).
+    of their columns; ``polls`` too: each statement's :class:`~.base.PollBackoff`
+    (``busy_poll``: seconds to poll for a result, 0 for none; see the module).
     """
 
     __slots__ = ("_busy_poll", "_converters", "_pgconn", "_polls", "_prepared", "_result")
@@ -121,7 +121,7 @@ class PQCursor:
         self,
         connection: psycopg.Connection[Any],
         prepared: dict[bytes, Any],
-        polls: dict[bytes, list[int]] | None = None,
+        polls: dict[bytes, PollBackoff] | None = None,
         busy_poll: float = 0.0,
     ) -> None:
         self._pgconn = connection.pgconn
@@ -168,11 +168,10 @@ class PQCursor:
         pgconn = self._pgconn
         if not self._busy_poll:
             return pgconn.exec_prepared(name, values, formats, 1)
-        poll = self._polls.get(name)
-        if poll is None:
-            poll = self._polls[name] = [0, 1]
-        if poll[0]:
-            poll[0] -= 1
+        polling = self._polls.get(name)
+        if polling is None:
+            polling = self._polls[name] = PollBackoff()
+        if not polling.due():
             return pgconn.exec_prepared(name, values, formats, 1)
         pgconn.send_query_prepared(name, values, formats, 1)
         while pgconn.flush():  # a non-blocking connection that could not send it all
@@ -181,10 +180,10 @@ class PQCursor:
         pgconn.consume_input()
         while pgconn.is_busy():
             if time.perf_counter() >= deadline:
-                poll[0], poll[1] = poll[1], min(poll[1] * 2, _MAX_SKIP)
+                polling.miss()
                 return self._finish()
             pgconn.consume_input()
-        poll[1] = 1
+        polling.hit()
         return self._finish()
 
     def _finish(self) -> Any:

@@ -34,6 +34,13 @@ def as_user(app: Flask, user: str, agent: str = "TestBrowser/1.0") -> FlaskClien
     return client
 
 
+def same_session(app: Flask, value: str) -> FlaskClient:
+    """Another browser holding the session cookie ``value``: a concurrent request."""
+    other = app.test_client()
+    other.set_cookie("session", value)
+    return other
+
+
 def add_revoke_views(app: Flask, cloak: Cloakroom) -> None:
     @app.post("/revoke/<handle>")
     def revoke(handle: str) -> Any:
@@ -110,8 +117,7 @@ def test_rotate_gives_a_new_id_and_kills_the_old(make_app: AppFactory, store: St
     client.post("/rotate")
     assert cookie(client) != old
     assert client.get("/whoami").get_json() == {"user": "alice"}
-    replay = app.test_client()
-    replay.set_cookie("session", old)
+    replay = same_session(app, old)
     assert replay.get("/whoami").get_json() == {"user": None}
 
 
@@ -198,8 +204,7 @@ def test_concurrent_changes_to_different_keys_are_merged(
     @app.post("/write-b-while-someone-writes-c")
     def interleaved() -> str:
         session["b"] = 2
-        other = app.test_client()
-        other.set_cookie("session", cookie(client))
+        other = same_session(app, cookie(client))
         other.post("/set/c", json=3)  # a concurrent request on the same session wins the race
         other.post("/pop/a")
         return "ok"
@@ -221,9 +226,8 @@ def test_a_login_that_races_a_write_to_its_session_keeps_both(
     def interleaved() -> str:
         session["b"] = 2
         cloak.login("alice")
-        other = app.test_client()
-        other.set_cookie("session", cookie(client))
-        other.post("/set/c", json=3)  # lands first: the login's rotation finds a newer record
+        # Lands first: the login's rotation finds a newer record.
+        same_session(app, cookie(client)).post("/set/c", json=3)
         return "ok"
 
     client.post("/set/a", json=1)
@@ -233,8 +237,7 @@ def test_a_login_that_races_a_write_to_its_session_keeps_both(
     assert client.get("/whoami").get_json() == {"user": "alice"}
     values = {k: client.get(f"/get/{k}").get_json()["value"] for k in "abc"}
     assert values == {"a": 1, "b": 2, "c": 3}
-    stale = app.test_client()
-    stale.set_cookie("session", before)
+    stale = same_session(app, before)
     assert stale.get("/whoami").get_json() == {"user": None}
     assert stale.get("/get/c").get_json() == {"value": None}  # the old id was retired
     assert [s["current"] for s in client.get("/sessions/alice").get_json()] == [True]
@@ -249,9 +252,8 @@ def test_a_login_whose_session_was_ended_meanwhile_still_logs_in_afresh(
     @app.post("/login-while-someone-logs-out")
     def interleaved() -> str:
         cloak.login("alice")
-        other = app.test_client()
-        other.set_cookie("session", cookie(client))
-        other.post("/logout")  # ends the session the login is about to rotate
+        # Ends the session the login is about to rotate.
+        same_session(app, cookie(client)).post("/logout")
         return "ok"
 
     client.post("/set/a", json=1)
@@ -260,8 +262,7 @@ def test_a_login_whose_session_was_ended_meanwhile_still_logs_in_afresh(
     assert cookie(client) != before
     assert client.get("/whoami").get_json() == {"user": "alice"}
     assert len(client.get("/sessions/alice").get_json()) == 1
-    stale = app.test_client()
-    stale.set_cookie("session", before)
+    stale = same_session(app, before)
     assert stale.get("/whoami").get_json() == {"user": None}
 
 
@@ -276,9 +277,7 @@ def test_a_write_racing_a_logout_does_not_bring_the_session_back(
     @app.post("/write-while-someone-logs-out")
     def interleaved() -> str:
         session["b"] = 2
-        other = app.test_client()
-        other.set_cookie("session", before)
-        assert other.post("/logout").status_code == 200
+        assert same_session(app, before).post("/logout").status_code == 200
         return "ok"
 
     client = as_user(app, "alice")
@@ -287,8 +286,7 @@ def test_a_write_racing_a_logout_does_not_bring_the_session_back(
     assert client.get("/whoami").get_json() == {"user": None}
     assert client.get("/get/b").get_json() == {"value": None}
     assert client.get("/get/cart").get_json() == {"value": None}
-    replay = app.test_client()
-    replay.set_cookie("session", before)
+    replay = same_session(app, before)
     assert replay.get("/whoami").get_json() == {"user": None}
     with app.test_request_context():
         assert cloak.sessions("alice") == []

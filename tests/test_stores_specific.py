@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -128,6 +129,56 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     store.count(now=0)
     assert os.path.exists(tmp_path / "w.db-wal")
 
+
+
+def test_a_sqlite_write_tries_a_lock_held_elsewhere_again_soon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's write holds SQLite's lock for tens of microseconds: a write that
+    finds it taken tries again after 50 µs, then 100, 200 ... up to 1 ms between tries
+    (SQLite's own busy handler, which would sleep a whole millisecond first, is off), and
+    goes through once the lock is free."""
+    import sqlite3
+
+    from flask_cloakroom.stores import sql
+
+    path = tmp_path / "busy.db"
+    store = SQLStore(create_engine(f"sqlite:///{path}"), busy_timeout=5)
+    assert store.save(Record("a" * 32, None, 1e10, 1, b"first"), expected=None, now=0)
+    waits: list[float] = []
+
+    class Clock:
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            time.sleep(seconds)
+
+    monkeypatch.setattr(sql, "time", Clock)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the lock taken as another process would take it
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(5)
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert locked.wait(5)
+    threading.Timer(0.02, release.set).start()
+    assert store.save(Record("a" * 32, None, 1e10, 2, b"second"), expected=1, now=0)
+    holder.join(5)
+    assert release.is_set(), "the write went through while the lock was held"
+    assert store.load("a" * 32) == Record("a" * 32, None, 1e10, 2, b"second")
+    assert len(waits) >= 7, waits  # 20 ms at the most 1 ms apart
+    assert waits[:6] == [50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1e-3]
+    assert set(waits[5:]) == {1e-3}
+    assert list(itertools.islice(sql.sqlite_retry_delays(1.0, 3.0), 4)) == [1.0, 2.0, 3.0, 3.0]
+    store.close()
 
 # -- Turns: the in-process write queue of SQLite and of Redis's locked updates ----------
 

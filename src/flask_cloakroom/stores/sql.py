@@ -229,9 +229,24 @@ def _shut_down(fd: int) -> None:
 
 _WATCHDOG = _Watchdog()
 
-#: SQLite's busy timeout on the request path's connections (milliseconds); the store
-#: then tries again every millisecond until the store timeout (SQLStore._sqlite_polling).
-_SQLITE_BUSY_MS: Final = 5
+#: How long the store waits before it tries SQLite's lock again, the first time and
+#: at most (seconds): it doubles from the first to the most (SQLStore._sqlite_polling).
+#: Another process's write holds the lock for tens of microseconds, so SQLite's own
+#: busy handler, which first sleeps a whole millisecond (then 2, 5, 10 ...), is off on
+#: the request path's connections: with two workers writing, a write that found the
+#: lock taken lost a millisecond where a tenth of one was enough.
+SQLITE_RETRY_FIRST: Final = 50e-6
+SQLITE_RETRY_MOST: Final = 1e-3
+
+
+def sqlite_retry_delays(
+    first: float = SQLITE_RETRY_FIRST, most: float = SQLITE_RETRY_MOST
+) -> Iterator[float]:
+    """The waits between tries of a locked SQLite database: doubling, then ``most``."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, most)
 
 
 class _SQLiteBusy(Exception):
@@ -361,10 +376,11 @@ class _Connections:
         proxied.detach()
         self._engine.dialect.set_isolation_level(conn, "AUTOCOMMIT")
         if self._engine.dialect.name == "sqlite":
-            # SQLite's own busy handler sleeps longer and longer (up to 100 ms) between
-            # tries, so a writer of another process could keep missing the lock until
-            # its timeout; the store polls every millisecond itself (_sqlite_polling).
-            conn.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+            # SQLite's own busy handler sleeps longer and longer (1 ms first, up to
+            # 100 ms) between tries, so a writer of another process would wait far
+            # longer than the lock is held, or keep missing it until its timeout; the
+            # store tries again itself, sooner (_sqlite_polling).
+            conn.execute("PRAGMA busy_timeout=0")
         return _Conn(conn)
 
     def flush(self) -> None:
@@ -591,9 +607,10 @@ class SQLStore(Store):
             return -1
 
     def _sqlite_polling(self, work: Callable[[Any], _T]) -> _T:
-        """Run ``work`` on SQLite, trying again every millisecond while another process
-        holds the database's lock, until the store timeout."""
+        """Run ``work`` on SQLite, trying again while another process holds the
+        database's lock (after :func:`sqlite_retry_delays`), until the store timeout."""
         deadline = time.monotonic() + self._timeout
+        delays = sqlite_retry_delays()
         while True:
             try:
                 return self._with_cursor(work)
@@ -602,7 +619,7 @@ class SQLStore(Store):
                     raise StoreUnavailable(
                         f"{busy} (for {self._timeout:g} s)", store=self.name
                     ) from busy
-            time.sleep(0.001)
+            time.sleep(next(delays))
 
     def _with_cursor(self, work: Callable[[Any], _T]) -> _T:
         """Run ``work`` on a cursor of a raw autocommit connection, mapping errors.

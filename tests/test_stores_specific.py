@@ -130,7 +130,6 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     assert os.path.exists(tmp_path / "w.db-wal")
 
 
-
 def test_a_sqlite_write_tries_a_lock_held_elsewhere_again_soon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,6 +178,7 @@ def test_a_sqlite_write_tries_a_lock_held_elsewhere_again_soon(
     assert set(waits[5:]) == {1e-3}
     assert list(itertools.islice(sql.sqlite_retry_delays(1.0, 3.0), 4)) == [1.0, 2.0, 3.0, 3.0]
     store.close()
+
 
 # -- Turns: the in-process write queue of SQLite and of Redis's locked updates ----------
 

@@ -973,7 +973,17 @@ class RedisStore(Store):
         attempt = 0
         while True:
             with self._errors():
-                reply = self._run(_script(_LOCK_SCRIPT, [lock, name], [token, ttl]))
+                try:
+                    reply = self._run(_script(_LOCK_SCRIPT, [lock, name], [token, ttl]))
+                except (TryAgainError, ClusterError) as error:
+                    # A resharding is moving the slot of the record and its lock, and
+                    # one of the two has gone across: a script on both is refused
+                    # (TRYAGAIN; the Cluster client gives up after a few tries with
+                    # "TTL exhausted") until the slot has moved.  Wait for that as for
+                    # a lock that is taken.  A slot without a master fails at once.
+                    if isinstance(error, ClusterDownError) or time.monotonic() >= deadline:
+                        raise
+                    reply = (0,)
             if int(reply[0]):
                 break
             if time.monotonic() >= deadline:

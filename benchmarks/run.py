@@ -9,7 +9,7 @@ read-only ``GET /read`` and a modifying ``POST /write``) on:
   ``synchronous_commit=off``), Redis and Redis Cluster; each with encryption and
   activity tracking on (the configuration the targets are for), with encryption
   off, and with both off;
-* the 2-worker twins of a few variants (the workers target), and Redis with
+* the 2-worker twins of a few variants (the workers target) and of the limits, and Redis with
   client-side caching (``CLOAKROOM_REDIS_CLIENT_CACHE``; ``client_cache.py``).
 
 Each variant is served by its own gunicorn (sync workers) on a free loopback port,
@@ -236,7 +236,11 @@ def make_variants(urls: dict[str, str], scratch: Path, *, client_cache: bool) ->
         redis_encrypted("redis-cache", " + client cache", client_cache=True)
     twins = []
     for v in out:
-        if v.key in (BASELINE, "sqlite-enc", "postgres-enc", "redis-enc") or "nopoll" in v.key:
+        if (
+            v.key in (BASELINE, "sqlite-enc", "postgres-enc", "redis-enc")
+            or "nopoll" in v.key
+            or v.key.startswith("limit-")
+        ):
             label = f"{v.label}, 2 workers"
             twins.append(Variant(f"{v.key}-x2", label, v.spec, v.store, 2, partner=v.key))
     return out + twins

@@ -272,6 +272,8 @@ def select(variants: list[Variant], only: str | None, *, quick: bool) -> list[Va
     if not wanted:
         return variants
     chosen = {v.key for v in variants if any(v.key.startswith(w) for w in wanted)}
+    if quick:  # the limits' 2-worker twins would take --quick past two minutes
+        chosen -= {v.key for v in variants if v.key.startswith("limit-") and v.workers > 1}
     chosen.add(BASELINE)
     chosen |= {v.partner for v in variants if v.key in chosen}
     return [v for v in variants if v.key in chosen]

@@ -756,7 +756,8 @@ def chart(variants: list[Variant], path: Path, title: str) -> bool:
         lines.Line2D([], [], color="#2f855a", linewidth=2.5, label="target, met"),
         lines.Line2D([], [], color="#c53030", linewidth=2.5, label="target, missed"),
     ]
-    axes[1].legend(handles=legend, loc="lower right", fontsize=7)
+    # Below the plots, where it hides no bar.
+    figure.legend(handles=legend, loc="outside lower center", ncols=3, fontsize=7)
     figure.suptitle(title, fontsize=9)
     figure.savefig(path, dpi=110)
     pyplot.close(figure)

@@ -239,14 +239,12 @@ SQLITE_RETRY_FIRST: Final = 50e-6
 SQLITE_RETRY_MOST: Final = 1e-3
 
 
-def sqlite_retry_delays(
-    first: float = SQLITE_RETRY_FIRST, most: float = SQLITE_RETRY_MOST
-) -> Iterator[float]:
-    """The waits between tries of a locked SQLite database: doubling, then ``most``."""
-    delay = first
+def sqlite_retry_delays() -> Iterator[float]:
+    """The waits between tries of a locked SQLite database: doubling, then the most."""
+    delay = SQLITE_RETRY_FIRST
     while True:
         yield delay
-        delay = min(delay * 2, most)
+        delay = min(delay * 2, SQLITE_RETRY_MOST)
 
 
 class _SQLiteBusy(Exception):

@@ -55,6 +55,11 @@ def busy_poll_micros(key: str, value: Any) -> int:
     return value
 
 
+def busy_poll_seconds(micros: Any) -> float:
+    """A store's ``busy_poll_us`` in seconds, checked as ``CLOAKROOM_BUSY_POLL`` is."""
+    return busy_poll_micros("CLOAKROOM_BUSY_POLL", micros) / 1_000_000
+
+
 class PollBackoff:
     """Whether a connection's next wait for an answer should busy-poll first.
 

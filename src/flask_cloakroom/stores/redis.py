@@ -81,7 +81,7 @@ from .base import (
     Record,
     Store,
     Translated,
-    busy_poll_micros,
+    busy_poll_seconds,
 )
 from .redis_cache import RecordCache
 from .redis_lane import Lane, lane_for
@@ -93,7 +93,6 @@ logger = logging.getLogger("flask_cloakroom")
 
 _KEY: Final = "CLOAKROOM_STORE"
 _CACHE_KEY: Final = "CLOAKROOM_REDIS_CLIENT_CACHE"
-_BUSY_POLL_KEY: Final = "CLOAKROOM_BUSY_POLL"
 #: How many keys one MGET / DEL / pipeline carries.
 _CHUNK: Final = 500
 #: How many SCAN calls one :meth:`RedisStore.scan` page may make to fill itself.
@@ -450,7 +449,7 @@ class RedisStore(Store):
         self.cluster = cluster
         self.wait_replicas = wait_replicas
         self.wait_millis = max(1, int(wait_timeout * 500))
-        self._busy_poll = _busy_poll_seconds(busy_poll_us)
+        self._busy_poll = busy_poll_seconds(busy_poll_us)
         self._lock_timeout = wait_timeout
         self._cache = None
         self._lane = None
@@ -1424,10 +1423,6 @@ def _parse_cursor(cursor: str | None) -> tuple[int, int]:
 
 
 # -- opening from a URL ------------------------------------------------------------
-
-
-def _busy_poll_seconds(micros: Any) -> float:
-    return busy_poll_micros(_BUSY_POLL_KEY, micros) / 1_000_000
 
 
 def open_redis_store(

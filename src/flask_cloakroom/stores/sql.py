@@ -77,7 +77,7 @@ from .base import (
     Record,
     Store,
     Translated,
-    busy_poll_micros,
+    busy_poll_seconds,
 )
 from .turns import Turns
 
@@ -461,7 +461,7 @@ class SQLStore(Store):
         busy_poll_us: int = BUSY_POLL_US,
     ) -> None:
         self.engine = engine
-        self._busy_poll = busy_poll_micros("CLOAKROOM_BUSY_POLL", busy_poll_us) / 1_000_000
+        self._busy_poll = busy_poll_seconds(busy_poll_us)
         self._translated = Translated(SQLAlchemyError, self._translate)
         metadata = MetaData()
         self.table = sessions_table(table, metadata)

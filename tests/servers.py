@@ -1083,6 +1083,11 @@ class ControllableRedis:
         return self._node.running
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id (None while it is not started)."""
+        return self._node.process.pid
+
+    @property
     def log_path(self) -> Path:
         return self._node.process.log_path
 

@@ -35,7 +35,7 @@ Set up once (wrk from the OS; the rest in a virtualenv of its own)::
 Run::
 
     /tmp/perf-venv/bin/python benchmarks/run.py --quick    # under two minutes
-    /tmp/perf-venv/bin/python benchmarks/run.py            # 5 s x 3 rounds: ~15 minutes
+    /tmp/perf-venv/bin/python benchmarks/run.py            # 3 s x 3 rounds: ~20 minutes
     /tmp/perf-venv/bin/python benchmarks/run.py --only cookie,sqlite --duration 10
 
 wrk, gunicorn and the stores share the machine: on a 2-core machine the numbers are

@@ -8,11 +8,14 @@ clients that must see every command (one connection, redis-py's own cache) get n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
+import os
 import secrets
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +35,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from flask_cloakroom import Cloakroom
 from flask_cloakroom.errors import ConfigError
-from flask_cloakroom.stores import redis_lane, resp
+from flask_cloakroom.stores import base, redis_lane, resp
 from flask_cloakroom.stores.base import BUSY_POLL_US, PollBackoff, Record
 from flask_cloakroom.stores.redis import RedisStore, open_redis_store
 from flask_cloakroom.stores.redis_lane import Lane, lane_for
@@ -407,7 +410,8 @@ def test_a_quick_reply_is_polled_for_and_a_slow_one_slept_for(target: Target) ->
         for _ in range(50):
             assert lane.execute("GET", key) == b"value"
         assert wire.polling.hits > wire.polling.misses  # loopback Redis: within a millisecond
-        polling = wire.polling = PollBackoff()  # counted afresh from here
+        # Counted afresh from here, and never crowded: the sequence below is the backoff's.
+        polling = wire.polling = PollBackoff(crowded=lambda: False)
         skipped = []
         for _ in range(7):  # each BLPOP's nil comes after 50 ms: no poll waits that long
             assert lane.execute("BLPOP", empty, 0.05) is None
@@ -422,6 +426,117 @@ def test_a_quick_reply_is_polled_for_and_a_slow_one_slept_for(target: Target) ->
         assert polling.hits > 0 and polling.backoff == 1  # polling again, from the start
     finally:
         lane.close()
+
+
+@contextlib.contextmanager
+def cpus_crowded() -> Iterator[None]:
+    """Three busy processes per CPU for the duration: every runnable thread, this one
+    included, then waits for a CPU about two thirds of the time."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(3 * (os.cpu_count() or 1))
+    ]
+    try:
+        time.sleep(0.1)
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
+
+
+@pytest.mark.skipif(not os.path.exists(base.SCHEDSTAT), reason="no per-thread schedstat")
+def test_a_worker_crowded_off_the_cpus_sleeps_instead_of_polling(target: Target) -> None:
+    """While the thread waits for a CPU more than half the time (more busy processes
+    than CPUs), its waits for replies are not polled: polling would take a CPU that
+    another worker or the Redis server needs.  Once the CPUs are free again, it polls."""
+    lane = make_lane(target.client, busy_poll_us=1000)
+    key = f"{target.prefix}crowded"
+    try:
+        assert lane.execute("SET", key, "value") == b"OK"
+        wire = lane_wire(lane)
+        if not wire.pollable:  # through redis-py's own read: never polled
+            return
+        polling = wire.polling = PollBackoff()
+        with cpus_crowded():
+            deadline = time.monotonic() + 10
+            while polling.crowds < 20 and time.monotonic() < deadline:
+                assert lane.execute("GET", key) == b"value"
+        assert polling.crowds >= 20
+        hits = polling.hits
+        deadline = time.monotonic() + 10
+        while polling.hits < hits + 20 and time.monotonic() < deadline:
+            assert lane.execute("GET", key) == b"value"
+        assert polling.hits >= hits + 20  # polled again
+    finally:
+        lane.close()
+
+
+def test_crowding_is_judged_from_the_threads_own_wait_for_a_cpu() -> None:
+    """cpu_crowded() is the share of the last ~20 ms that this thread spent waiting in a
+    run queue: high with three busy processes per CPU, low without them."""
+    if not os.path.exists(base.SCHEDSTAT):
+        pytest.skip("no per-thread schedstat")
+
+    def share(seconds: float) -> float:
+        seen = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            seen.append(base.cpu_crowded())
+        return sum(seen) / len(seen)
+
+    share(0.05)  # the first look only starts the count
+    with cpus_crowded():
+        crowded = share(1.0)
+    alone = share(1.0)
+    assert crowded > 0.5, crowded
+    assert alone < 0.2, alone
+
+
+def test_without_schedstat_a_thread_is_never_crowded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel keeps no per-thread statistics (not Linux), polling goes on as
+    configured, and the file is not looked for again on every wait."""
+    monkeypatch.setattr(base, "SCHEDSTAT", "/nonexistent/schedstat")
+    seen: list[tuple[bool, bool, float]] = []
+
+    def look() -> None:  # a new thread: its own state
+        first = base.cpu_crowded()
+        seen.append((first, base._crowding.unreadable, base._crowding.until))
+
+    thread = threading.Thread(target=look)
+    thread.start()
+    thread.join()
+    assert seen == [(False, True, float("inf"))]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forked_worker_reads_its_own_schedstat() -> None:
+    """gunicorn forks its workers: a child must not go on reading its parent's thread."""
+    if not os.path.exists(base.SCHEDSTAT):
+        pytest.skip("no per-thread schedstat")
+    base.cpu_crowded()
+    parent = base._crowding.stat
+    assert parent is not None and parent.pid == os.getpid()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whose statistics it reads, then leave at once
+        code = 1
+        try:
+            base._crowding.until = 0.0
+            base.cpu_crowded()
+            stat = base._crowding.stat
+            code = 0 if stat is not None and stat.pid == os.getpid() else 2
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    try:
+        assert os.read(read, 1) == b"\x00"
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert base._crowding.stat is parent  # the parent's own is untouched
 
 
 def test_no_polling_when_it_is_off(target: Target) -> None:

@@ -382,7 +382,9 @@ OPTIONS: tuple[Option, ...] = (
         "again: about 30 µs less a round trip on a virtual machine. A wait that runs out "
         "sleeps as before, and later waits (of that statement, on PostgreSQL) skip the "
         "polling for a while, so a distant server or a slow statement costs almost no "
-        "CPU. 0 turns it off; at most 1000. Redis: plain TCP and Unix sockets on Linux "
+        "CPU; and a worker that has been waiting for a CPU more than half the time "
+        "(more busy workers than cores) sleeps instead of polling until that passes. "
+        "0 turns it off; at most 1000. Redis: plain TCP and Unix sockets on Linux "
         "(not TLS). PostgreSQL: through psycopg 3. See docs/redis.md and docs/stores.md.",
         "0",
         busy_poll_micros,

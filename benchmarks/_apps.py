@@ -1140,6 +1140,26 @@ def save_results(result: dict[str, Any], path: Path | None, stem: str) -> Path:
     return out
 
 
+def finish_run(
+    stem: str, record: dict[str, Any], path: Path | None, started: float, failures: list[str]
+) -> int:
+    """Save a run's ``record`` with the machine, the source and the failures; say where
+    and how long it took; the exit status (1 if any request failed)."""
+    record = {
+        "machine": machine(),
+        "source": source_identity(),
+        "cpus": os.cpu_count(),
+        **record,
+        "failures": failures,
+    }
+    saved = save_results(record, path, stem)
+    print(f"\nresults: {saved}\ntook {time.monotonic() - started:.0f} s")
+    if failures:
+        print("FAILED requests:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
 def scratch_dir(name: str) -> contextlib.AbstractContextManager[str]:
     import tempfile
 

@@ -21,7 +21,6 @@ Run (the perf virtualenv of ``run.py``; the machine otherwise idle)::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -37,12 +36,11 @@ from _apps import (
     cpu_busy,
     find_gunicorn,
     find_wrk,
+    finish_run,
     http_request,
     log_in,
     machine,
-    save_results,
     scratch_dir,
-    source_identity,
     start_gunicorn,
     token,
     wait_ready,
@@ -198,22 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['polling_on_cpu']:.0%} / {r['polling_waiting']:.0%}; "
             f"{r['off_on_cpu']:.0%} / {r['off_waiting']:.0%}   (pairs {pairs})"
         )
-    result = {
-        "machine": info,
-        "source": source_identity(),
+    record = {
         "busy_poll_us": BUSY_POLL_US,
         "rounds": args.rounds,
         "duration": args.duration,
-        "cpus": os.cpu_count(),
         "rows": rows,
-        "failures": failures,
     }
-    path = save_results(result, args.output, "polling")
-    print(f"\nresults: {path}\ntook {time.monotonic() - started:.0f} s")
-    if failures:
-        print("FAILED requests:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return finish_run("polling", record, args.output, started, failures)
 
 
 if __name__ == "__main__":

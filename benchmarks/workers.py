@@ -41,10 +41,9 @@ from _apps import (
     cpu_busy,
     find_gunicorn,
     find_wrk,
+    finish_run,
     machine,
-    save_results,
     scratch_dir,
-    source_identity,
 )
 from run import BASELINE, SCENARIOS, Variant, make_variants, select, serving
 
@@ -250,22 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print()
     print(LEGEND)
-    result = {
-        "machine": info,
-        "source": source_identity(),
+    record = {
         "baseline": BASELINE,
         "rounds": args.rounds,
         "duration": args.duration,
-        "cpus": cpus,
         "rows": rows,
-        "failures": failures,
     }
-    path = save_results(result, args.output, "workers")
-    print(f"\nresults: {path}\ntook {time.monotonic() - started:.0f} s")
-    if failures:
-        print("FAILED requests:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return finish_run("workers", record, args.output, started, failures)
 
 
 if __name__ == "__main__":

@@ -421,9 +421,14 @@ def test_a_quick_reply_is_polled_for_and_a_slow_one_slept_for(target: Target) ->
         while polling.skip:
             assert lane.execute("GET", key) == b"value"  # skipped: no poll, no miss
         assert polling.misses == 3
+        # Polling again, and a hit starts the count over.  Checked right at the first hit:
+        # a later stray miss (a 1 ms hiccup of the machine) would double it again.
         for _ in range(20):
+            hits = polling.hits
             assert lane.execute("GET", key) == b"value"
-        assert polling.hits > 0 and polling.backoff == 1  # polling again, from the start
+            if polling.hits > hits:
+                break
+        assert polling.hits > 0 and polling.backoff == 1
     finally:
         lane.close()
 
@@ -498,16 +503,16 @@ def test_without_schedstat_a_thread_is_never_crowded(monkeypatch: pytest.MonkeyP
     """Where the kernel keeps no per-thread statistics (not Linux), polling goes on as
     configured, and the file is not looked for again on every wait."""
     monkeypatch.setattr(base, "SCHEDSTAT", "/nonexistent/schedstat")
-    seen: list[tuple[bool, bool, float]] = []
+    seen: list[tuple[bool, object, float]] = []
 
     def look() -> None:  # a new thread: its own state
         first = base.cpu_crowded()
-        seen.append((first, base._crowding.unreadable, base._crowding.until))
+        seen.append((first, base._crowding.stat, base._crowding.until_ns))
 
     thread = threading.Thread(target=look)
     thread.start()
     thread.join()
-    assert seen == [(False, True, float("inf"))]
+    assert seen == [(False, None, float("inf"))]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
@@ -523,7 +528,7 @@ def test_a_forked_worker_reads_its_own_schedstat() -> None:
     if pid == 0:  # the child: report whose statistics it reads, then leave at once
         code = 1
         try:
-            base._crowding.until = 0.0
+            base._crowding.until_ns = 0
             base.cpu_crowded()
             stat = base._crowding.stat
             code = 0 if stat is not None and stat.pid == os.getpid() else 2

@@ -96,15 +96,15 @@ class _Schedstat:
 
 
 class _Crowding(threading.local):
-    """Per thread: when to look again, what was seen last, and the verdict."""
+    """Per thread: the open file, what was seen last, the verdict, when to look again
+    (never again where there is no such file)."""
 
     def __init__(self) -> None:
         self.stat: _Schedstat | None = None
-        self.unreadable = False
-        self.until = 0.0
         self.crowded = False
         self.at_ns = 0
         self.waited_ns = 0
+        self.until_ns: float = 0
 
 
 _crowding = _Crowding()
@@ -119,35 +119,25 @@ def cpu_crowded() -> bool:
     would use.  Always ``False`` where the kernel keeps no such statistics (not Linux).
     """
     state = _crowding
-    now = time.perf_counter()
-    if now < state.until:
+    now_ns = time.monotonic_ns()
+    if now_ns < state.until_ns:
         return state.crowded
-    return _look_again(state, now)
-
-
-def _look_again(state: _Crowding, now: float) -> bool:
-    if state.unreadable:
-        state.until = float("inf")
-        return False
     try:
         stat = state.stat
-        if stat is None or stat.pid != os.getpid():  # none yet, or a forked parent's
+        fresh = stat is None or stat.pid != os.getpid()  # none yet, or a forked parent's
+        if fresh:
             stat = state.stat = _Schedstat()
-            state.at_ns, state.waited_ns = time.monotonic_ns(), stat.waited_ns()
-            state.until = now + CROWDED_SAMPLE
-            state.crowded = False
-            return False
-        at_ns, waited_ns = time.monotonic_ns(), stat.waited_ns()
-    except (OSError, ValueError, IndexError):
-        state.unreadable = True
+        assert stat is not None
+        waited_ns = stat.waited_ns()
+        elapsed_ns = now_ns - state.at_ns
+        state.crowded = not fresh and (waited_ns - state.waited_ns) > CROWDED_SHARE * elapsed_ns
+        state.at_ns, state.waited_ns = now_ns, waited_ns
+    except (OSError, ValueError, IndexError):  # no such file here: never poll for it again
         state.stat = None
-        state.until = float("inf")
         state.crowded = False
+        state.until_ns = float("inf")
         return False
-    elapsed = at_ns - state.at_ns
-    state.crowded = elapsed > 0 and (waited_ns - state.waited_ns) > CROWDED_SHARE * elapsed
-    state.at_ns, state.waited_ns = at_ns, waited_ns
-    state.until = now + CROWDED_SAMPLE
+    state.until_ns = now_ns + CROWDED_SAMPLE * 1e9
     return state.crowded
 
 

@@ -515,6 +515,40 @@ def test_without_schedstat_a_thread_is_never_crowded(monkeypatch: pytest.MonkeyP
     assert seen == [(False, None, float("inf"))]
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_greenlets_of_one_thread_share_its_schedstat_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under gevent or eventlet, threading.local is per greenlet, so every request has
+    a state of its own; they share their kernel thread's one open file, not one each."""
+    if not os.path.exists(base.SCHEDSTAT):
+        pytest.skip("no per-thread schedstat")
+    base.cpu_crowded()
+    before = open_fds()
+    states = []
+    for _ in range(20):  # twenty greenlets' states, alive at once
+        state = base._Crowding()
+        monkeypatch.setattr(base, "_crowding", state)
+        assert base.cpu_crowded() is False  # a first look: nothing to compare with yet
+        states.append(state)
+    assert len({id(state.stat) for state in states}) == 1
+    assert open_fds() <= before + 1
+
+
+def test_a_threads_schedstat_file_is_closed_when_the_thread_ends() -> None:
+    """A thread per request (Flask's development server) must not leave a file each."""
+    if not os.path.exists(base.SCHEDSTAT):
+        pytest.skip("no per-thread schedstat")
+    base.cpu_crowded()
+    before, held = open_fds(), len(base._files)
+    for _ in range(200):
+        thread = threading.Thread(target=base.cpu_crowded)
+        thread.start()
+        thread.join()
+    assert (open_fds(), len(base._files)) == (before, held)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
 def test_a_forked_worker_reads_its_own_schedstat() -> None:
     """gunicorn forks its workers: a child must not go on reading its parent's thread."""

@@ -17,6 +17,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -78,15 +79,16 @@ CROWDED_SHARE = 0.5
 
 
 class _Schedstat:
-    """A thread's open schedstat file, closed when the thread's state goes."""
+    """A kernel thread's open schedstat file."""
 
-    __slots__ = ("fd", "pid")
+    __slots__ = ("__weakref__", "fd", "pid")
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.fd = os.open(SCHEDSTAT, os.O_RDONLY | os.O_CLOEXEC)
 
     def waited_ns(self) -> int:
+        """Nanoseconds the thread has waited for a CPU, so far."""
         return int(os.pread(self.fd, 128, 0).split()[1])
 
     def __del__(self) -> None:
@@ -95,9 +97,25 @@ class _Schedstat:
             os.close(self.fd)
 
 
+#: The open files, by kernel thread id: one a thread, not one a ``threading.local``
+#: (with gevent or eventlet, that is one a greenlet: a file a request).  Each is held by
+#: the states that read it, so a thread's is closed when the thread ends (its state
+#: goes), and under gevent when no greenlet of the thread has a state any more.
+_files: weakref.WeakValueDictionary[int, _Schedstat] = weakref.WeakValueDictionary()
+
+
+def _schedstat() -> _Schedstat:
+    """The calling kernel thread's open file (opened anew after a fork)."""
+    tid = threading.get_native_id()
+    stat = _files.get(tid)
+    if stat is None or stat.pid != os.getpid():
+        stat = _files[tid] = _Schedstat()
+    return stat
+
+
 class _Crowding(threading.local):
-    """Per thread: the open file, what was seen last, the verdict, when to look again
-    (never again where there is no such file)."""
+    """Per thread (per greenlet under gevent): the file read last, what it said then,
+    the verdict, and when to look again (never, where there is no such file)."""
 
     def __init__(self) -> None:
         self.stat: _Schedstat | None = None
@@ -123,20 +141,16 @@ def cpu_crowded() -> bool:
     if now_ns < state.until_ns:
         return state.crowded
     try:
-        stat = state.stat
-        fresh = stat is None or stat.pid != os.getpid()  # none yet, or a forked parent's
-        if fresh:
-            stat = state.stat = _Schedstat()
-        assert stat is not None
+        stat = _schedstat()
         waited_ns = stat.waited_ns()
-        elapsed_ns = now_ns - state.at_ns
-        state.crowded = not fresh and (waited_ns - state.waited_ns) > CROWDED_SHARE * elapsed_ns
-        state.at_ns, state.waited_ns = now_ns, waited_ns
-    except (OSError, ValueError, IndexError):  # no such file here: never poll for it again
-        state.stat = None
+    except (OSError, ValueError, IndexError):  # no such file here: never look again
         state.crowded = False
         state.until_ns = float("inf")
         return False
+    elapsed_ns = now_ns - state.at_ns
+    fresh = state.stat is not stat  # nothing of this file's to compare with yet
+    state.crowded = not fresh and waited_ns - state.waited_ns > CROWDED_SHARE * elapsed_ns
+    state.stat, state.at_ns, state.waited_ns = stat, now_ns, waited_ns
     state.until_ns = now_ns + CROWDED_SAMPLE * 1e9
     return state.crowded
 

@@ -57,8 +57,6 @@ POLLS = (BUSY_POLL_US, 0)
 class Served:
     """One store at one polling setting, served by its gunicorn."""
 
-    store: str
-    poll: int
     server: Gunicorn
     cookies: list[str] = field(default_factory=list)
     rates: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SCENARIOS})
@@ -82,11 +80,9 @@ def measure(served: Served, wrk: Wrk, scenario: str, seconds: int) -> int:
     wall = time.monotonic_ns() - started
     after = {pid: schedstat(pid) for pid in pids}
     served.rates[scenario].append(result.rate)
-    on_cpu = statistics.mean((after[p][0] - before[p][0]) / wall for p in pids)
-    served.on_cpu[scenario].append(on_cpu)
-    served.waiting[scenario].append(
-        statistics.mean((after[p][1] - before[p][1]) / wall for p in pids)
-    )
+    for index, shares in enumerate((served.on_cpu, served.waiting)):
+        spent = statistics.mean((after[p][index] - before[p][index]) / wall for p in pids)
+        shares[scenario].append(spent)
     return result.failures
 
 
@@ -109,7 +105,7 @@ def run_workers(
                     config={"CLOAKROOM_BUSY_POLL": poll},
                 )
                 server = start_gunicorn(spec, workers=workers, scratch=scratch, program=program)
-                served[store, poll] = Served(store, poll, server)
+                served[store, poll] = Served(server)
         for s in served.values():
             wait_ready(s.server)
             s.cookies = log_in(s.server.port, [f"user{i}" for i in range(8)])

@@ -80,11 +80,8 @@ class Pair:
 
 def store_root(v: Variant, servers: Servers) -> int | None:
     """The process whose tree is the variant's store server (None: in the worker)."""
-    if v.store in ("redis", "postgres"):
-        server = servers.redis if v.store == "redis" else servers.postgres
-        pid: int | None = server.pid if v.store == "redis" else server.process.pid
-        return pid
-    return None
+    server = {"redis": servers.redis, "postgres": servers.postgres}.get(v.store)
+    return None if server is None else server.pid
 
 
 def measured(

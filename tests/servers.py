@@ -1762,6 +1762,11 @@ class ControllablePostgres:
         return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{database}"
 
     @property
+    def pid(self) -> int | None:
+        """The postmaster's process id (None while it is not started)."""
+        return self.process.pid
+
+    @property
     def running(self) -> bool:
         return self.process.running
 

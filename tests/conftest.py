@@ -38,9 +38,9 @@ STORE_KINDS = [
 CLIENT_CACHE = 1000
 
 
-def _sql_store(url: str) -> SQLStore:
+def _sql_store(url: str, *, async_commit: bool = False) -> SQLStore:
     table = "cr_test_" + secrets.token_hex(4)
-    store = open_store(url, sql_table=table)
+    store = open_store(url, sql_table=table, sql_async_commit=async_commit)
     assert isinstance(store, SQLStore)
     return store
 
@@ -75,8 +75,9 @@ def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> St
         return store
     if kind == "sqlite":
         store = _sql_store(f"sqlite:///{tmp_path / 'sessions.sqlite3'}")
-    elif kind == "postgres":
-        store = _sql_store(request.getfixturevalue("postgres_url"))
+    elif kind in ("postgres", "postgres_async"):
+        url = request.getfixturevalue("postgres_url")
+        store = _sql_store(url, async_commit=kind == "postgres_async")
     elif kind == "mysql":
         store = _sql_store(request.getfixturevalue("mysql_url"))
     else:  # pragma: no cover

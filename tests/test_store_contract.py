@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import secrets
 import threading
+from pathlib import Path
 
 import pytest
 
 from flask_cloakroom.stores import Record, Store
 from flask_cloakroom.stores.base import EventRecord
 
+from .conftest import STORE_KINDS, build_store
 from .minimal_store import MinimalStore
 
 NOW = 2_000_000_000.0
+
+
+@pytest.fixture(params=[*STORE_KINDS, "postgres_async"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """An empty store, once per backend, and once more on PostgreSQL with
+    asynchronous commits (CLOAKROOM_SQL_ASYNC_COMMIT), whose deletions take
+    another path."""
+    return build_store(request.param, request, tmp_path)
 
 
 def rec(

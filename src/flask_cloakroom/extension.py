@@ -94,7 +94,15 @@ class Cloakroom:
             "redis_wait_replicas": settings.redis_wait_replicas,
             "redis_client_cache": settings.redis_client_cache,
             "busy_poll_us": settings.busy_poll,
+            "sql_async_commit": settings.sql_async_commit,
         }
+        if settings.sql_async_commit and isinstance(store, Store):
+            raise ConfigError(
+                "CLOAKROOM_SQL_ASYNC_COMMIT",
+                "applies to the store Cloakroom opens from CLOAKROOM_STORE or an SQLAlchemy "
+                "engine; for a store you built, pass SQLStore(engine, async_commit=True) "
+                "and leave this key unset",
+            )
         if isinstance(store, str):
             store = open_store(store, **options)
         elif not isinstance(store, Store):

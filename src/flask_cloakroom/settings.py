@@ -306,6 +306,20 @@ OPTIONS: tuple[Option, ...] = (
         _identifier,
     ),
     Option(
+        "SQL_ASYNC_COMMIT",
+        "bool",
+        False,
+        "PostgreSQL only: commit session writes without waiting for them to reach the "
+        "disk (synchronous_commit = off on the store's own connections), for faster "
+        "writes. A crash of the database server (not of the app) can lose the writes of "
+        "its last moments (up to about three times wal_writer_delay: 0.6 s by default): "
+        "those sessions read back as they were before. Logouts, revocations and every "
+        "other deletion stay durable, and nothing is ever corrupted. Other databases: "
+        "a ConfigError. See docs/stores.md.",
+        "True",
+        _bool,
+    ),
+    Option(
         "ENCRYPTION_KEYS",
         "list[str] | None",
         None,
@@ -586,6 +600,7 @@ class Settings:
     max_record_size: int
     decoded_cache_size: int
     sql_table: str
+    sql_async_commit: bool
     encryption_keys: tuple[tuple[str, bytes], ...]
     encryption_accept_plaintext: bool
     hash_user_ids: bool

@@ -18,6 +18,11 @@ from .base import BUSY_POLL_US, Record, Store
 __all__ = ["Record", "Store", "open_store"]
 
 _KEY = "CLOAKROOM_STORE"
+_ASYNC_KEY = "CLOAKROOM_SQL_ASYNC_COMMIT"
+#: The schemes of stores that are not SQL databases.
+_NOT_SQL = frozenset(
+    {"memory", "cookie", "file", "redis", "rediss", "unix", "redis+sentinel", "redis+cluster"}
+)
 _URL_FORMS = (
     "memory://, file:///dir, sqlite:///path, postgresql+psycopg://user@host/db, "
     "mysql+pymysql://user@host/db (or pass a Store)"
@@ -38,6 +43,7 @@ def open_store(
     redis_wait_replicas: int = 0,
     redis_client_cache: int = 0,
     busy_poll_us: int = BUSY_POLL_US,
+    sql_async_commit: bool = False,
 ) -> Store:
     """Open the store a ``CLOAKROOM_STORE`` URL names.
 
@@ -47,11 +53,14 @@ def open_store(
     ``timeout`` (seconds) bounds connecting, waiting for locks and pooled
     connections, and each operation.  ``busy_poll_us`` is how long a Redis or
     PostgreSQL connection polls for an answer before it sleeps
-    (``CLOAKROOM_BUSY_POLL``).  Raises
-    :class:`~flask_cloakroom.errors.ConfigError` for an unknown scheme or a
-    missing driver.
+    (``CLOAKROOM_BUSY_POLL``).  ``sql_async_commit``: PostgreSQL's session
+    writes commit without waiting for the disk (``CLOAKROOM_SQL_ASYNC_COMMIT``).
+    Raises :class:`~flask_cloakroom.errors.ConfigError` for an unknown scheme, a
+    missing driver, or ``sql_async_commit`` on a store other than PostgreSQL.
     """
     scheme = url.split("://", 1)[0].lower()
+    if sql_async_commit and scheme in _NOT_SQL:
+        raise ConfigError(_ASYNC_KEY, _not_postgres(f"a {scheme}:// store"))
     if scheme == "memory":
         from .memory import MemoryStore
 
@@ -81,7 +90,7 @@ def open_store(
             busy_poll_us=busy_poll_us,
         )
         return store
-    return _open_sql(url, scheme, sql_table, timeout, busy_poll_us)
+    return _open_sql(url, scheme, sql_table, timeout, busy_poll_us, sql_async_commit)
 
 
 def wrap_client(
@@ -93,13 +102,22 @@ def wrap_client(
     redis_client_cache: int = 0,
     busy_poll_us: int = BUSY_POLL_US,
     timeout: float = 1.0,
+    sql_async_commit: bool = False,
 ) -> Store:
     """Make a store around a ready client: a redis-py client or an SQLAlchemy engine."""
     module = type(client).__module__
     if module.startswith("sqlalchemy."):
         from .sql import SQLStore
 
-        return SQLStore(client, table=sql_table, busy_timeout=timeout, busy_poll_us=busy_poll_us)
+        return SQLStore(
+            client,
+            table=sql_table,
+            busy_timeout=timeout,
+            busy_poll_us=busy_poll_us,
+            async_commit=sql_async_commit,
+        )
+    if sql_async_commit:
+        raise ConfigError(_ASYNC_KEY, _not_postgres(f"a {type(client).__name__}"))
     if module.startswith("redis."):
         store: Store = _import_redis().RedisStore(
             client,
@@ -123,7 +141,16 @@ def _import_redis() -> Any:
     return redis_store
 
 
-def _open_sql(url: str, scheme: str, sql_table: str, timeout: float, busy_poll_us: int) -> Store:
+def _not_postgres(what: str) -> str:
+    return (
+        f"is for PostgreSQL (its synchronous_commit), and the store is {what}: "
+        "remove the key, or use a postgresql+psycopg:// store"
+    )
+
+
+def _open_sql(
+    url: str, scheme: str, sql_table: str, timeout: float, busy_poll_us: int, async_commit: bool
+) -> Store:
     try:
         from sqlalchemy import make_url
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -159,6 +186,12 @@ def _open_sql(url: str, scheme: str, sql_table: str, timeout: float, busy_poll_u
         if not os.path.isdir(folder):
             raise ConfigError(_KEY, f"the folder of the SQLite file does not exist: {folder}")
     options = _engine_options(backend, parsed.get_driver_name(), timeout)
+    given = parsed.query.get("options")
+    if "options" in options.get("connect_args", {}) and given:
+        # The URL's own libpq options (?options=-c search_path=app) come after the
+        # store's, so they are kept, and win where both set the same parameter.
+        own = " ".join(given) if isinstance(given, tuple) else given
+        options["connect_args"]["options"] += " " + own
     try:
         engine = create_engine(parsed, **options)
     except ArgumentError as error:
@@ -182,7 +215,13 @@ def _open_sql(url: str, scheme: str, sql_table: str, timeout: float, busy_poll_u
         ) from error
     from .sql import SQLStore
 
-    return SQLStore(engine, table=sql_table, busy_timeout=timeout, busy_poll_us=busy_poll_us)
+    return SQLStore(
+        engine,
+        table=sql_table,
+        busy_timeout=timeout,
+        busy_poll_us=busy_poll_us,
+        async_commit=async_commit,
+    )
 
 
 def _engine_options(backend: str, driver: str, timeout: float) -> dict[str, Any]:

@@ -68,7 +68,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..errors import StoreError, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreUnavailable
 from .base import (
     BUSY_POLL_US,
     PURGE_BATCH_SIZE,
@@ -338,8 +338,10 @@ class _Connections:
     are open at once; a caller waits up to ``timeout`` for one.
     """
 
-    def __init__(self, engine: Engine, size: int, timeout: float) -> None:
+    def __init__(self, engine: Engine, size: int, timeout: float, setup: str | None = None) -> None:
         self._engine = engine
+        #: A statement each new connection runs first (the store's session settings).
+        self._setup = setup
         self._idle: deque[_Conn] = deque()
         self._slots = Turns(size)  # fair, and a tenth of a BoundedSemaphore's cost
         self._timeout = timeout
@@ -379,6 +381,15 @@ class _Connections:
             # longer than the lock is held, or keep missing it until its timeout; the
             # store tries again itself, sooner (_sqlite_polling).
             conn.execute("PRAGMA busy_timeout=0")
+        if self._setup is not None:
+            try:
+                cursor = conn.cursor()
+                cursor.execute(self._setup)
+                cursor.close()
+            except BaseException:
+                with suppress(Exception):
+                    conn.close()
+                raise
         return _Conn(conn)
 
     def flush(self) -> None:
@@ -449,6 +460,15 @@ class SQLStore(Store):
     ``busy_poll_us``: on PostgreSQL through psycopg 3, how long the hot statements
     poll for their result before they wait asleep (``CLOAKROOM_BUSY_POLL``; see
     :mod:`~flask_cloakroom.stores.sql_pq`).
+
+    ``async_commit=True`` (PostgreSQL only, ``CLOAKROOM_SQL_ASYNC_COMMIT``): the
+    store's own connections run with ``synchronous_commit = off``, so a session's
+    creation, changes, touches and rotation commit without waiting for the disk.
+    A crash of the database server can lose the last such writes (up to about three
+    times ``wal_writer_delay``); the sessions read back as they were. Deletions
+    (logout, revocation, ``delete_many``, the purge) still wait for the disk, so an
+    ended session never comes back. Connections the app itself takes from the engine
+    are not touched.
     """
 
     def __init__(
@@ -459,7 +479,18 @@ class SQLStore(Store):
         create_table: bool = True,
         busy_timeout: float = 5.0,
         busy_poll_us: int = BUSY_POLL_US,
+        async_commit: bool = False,
     ) -> None:
+        if async_commit and engine.dialect.name != "postgresql":
+            raise ConfigError(
+                "CLOAKROOM_SQL_ASYNC_COMMIT",
+                f"(async_commit) is for PostgreSQL, and the store's database is "
+                f"{engine.dialect.name}: remove it (SQLite already commits without "
+                "flushing each write, in WAL mode with synchronous=NORMAL; MySQL and "
+                "MariaDB set this server-wide, innodb_flush_log_at_trx_commit)",
+            )
+        #: Whether session writes commit without waiting for the disk (PostgreSQL).
+        self.async_commit = async_commit
         self.engine = engine
         self._busy_poll = busy_poll_seconds(busy_poll_us)
         self._translated = Translated(SQLAlchemyError, self._translate)
@@ -526,7 +557,8 @@ class SQLStore(Store):
         self._begin = "BEGIN IMMEDIATE" if self.name == "sqlite" else "BEGIN"
         pool = engine.pool
         size = getattr(pool, "size", lambda: 5)() + max(0, getattr(pool, "_max_overflow", 10))
-        self._connections = _Connections(engine, max(size, 5), busy_timeout)
+        setup = "SET synchronous_commit TO off" if async_commit else None
+        self._connections = _Connections(engine, max(size, 5), busy_timeout, setup)
         self._timeout = busy_timeout
         # SQLite has no lock queue: a writer that finds the database locked polls it,
         # sleeping in between, and under contention some pollers keep missing their
@@ -540,7 +572,8 @@ class SQLStore(Store):
 
     def describe(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
-        return f"{self.name} ({url}, table {self.table.name})"
+        commit = ", asynchronous commit" if self.async_commit else ""
+        return f"{self.name} ({url}, table {self.table.name}{commit})"
 
     # -- plumbing --------------------------------------------------------------
 
@@ -803,6 +836,12 @@ class SQLStore(Store):
         return bool(self._fast("rotate", params, fetch=False) == 1)
 
     def delete(self, key: str) -> bool:
+        if self.async_commit:
+            # A logout or revocation must not be undone by a crash: through the
+            # engine's own (durable) connections, in a transaction of its own.
+            return bool(
+                self._run(lambda c: c.execute(self._delete, {"k": key}).rowcount, write=True) > 0
+            )
         return bool(self._fast("delete", {"k": key}, fetch=False) > 0)
 
     def update_locked(

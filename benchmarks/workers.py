@@ -208,10 +208,6 @@ def main(argv: list[str] | None = None) -> int:
             urls = {
                 "redis": servers.redis.url,
                 "postgres": servers.create_database("cloakroom_workers"),
-                # make_variants wants it; no variant of it has a twin
-                "postgres_async": servers.create_database(
-                    "cloakroom_workers_async", synchronous_commit="off"
-                ),
             }
             chosen = select(
                 make_variants(urls, scratch, client_cache=False), args.only, quick=False

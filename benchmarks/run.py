@@ -54,7 +54,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -421,7 +421,14 @@ def count_traffic(variants: list[Variant], servers: Servers, scratch: Path, coun
                 inner = open_store(f"sqlite:///{scratch}/count-{token()}.sqlite3")
                 count_sqlite_statements(inner, sql_counter)
             else:
-                inner = open_store(url, sql_table=f"cloakroom_count_{token()}")
+                # The store is built here, so a setting that opens it goes to open_store
+                # (Cloakroom refuses it beside a ready store).
+                config = dict(spec.config)
+                async_commit = bool(config.pop("CLOAKROOM_SQL_ASYNC_COMMIT", False))
+                spec = replace(spec, config=config)
+                inner = open_store(
+                    url, sql_table=f"cloakroom_count_{token()}", sql_async_commit=async_commit
+                )
             store = InstrumentedStore(inner)
             app = create_app(spec, store=store)
         else:

@@ -19,10 +19,9 @@ __all__ = ["Record", "Store", "open_store"]
 
 _KEY = "CLOAKROOM_STORE"
 _ASYNC_KEY = "CLOAKROOM_SQL_ASYNC_COMMIT"
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel", "redis+cluster"})
 #: The schemes of stores that are not SQL databases.
-_NOT_SQL = frozenset(
-    {"memory", "cookie", "file", "redis", "rediss", "unix", "redis+sentinel", "redis+cluster"}
-)
+_NOT_SQL = _REDIS_SCHEMES | {"memory", "cookie", "file"}
 _URL_FORMS = (
     "memory://, file:///dir, sqlite:///path, postgresql+psycopg://user@host/db, "
     "mysql+pymysql://user@host/db (or pass a Store)"
@@ -80,7 +79,7 @@ def open_store(
                 f"file:///var/lib/app/sessions; got {url!r}",
             )
         return FileStore(path)
-    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
+    if scheme in _REDIS_SCHEMES:
         store: Store = _import_redis().open_redis_store(
             url,
             prefix=redis_prefix,

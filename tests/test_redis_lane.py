@@ -19,13 +19,15 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis
 from flask import Flask
+from redis._parsers import _HiredisParser, _RESP2Parser, _RESP3Parser
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
@@ -96,6 +98,18 @@ def without_hiredis(monkeypatch: pytest.MonkeyPatch) -> None:
     client's encoding), and the lane packs and reads with flask_cloakroom.stores.resp."""
     monkeypatch.setattr(redis_lane, "HIREDIS_AVAILABLE", False)
     monkeypatch.setattr(redis.connection, "HIREDIS_AVAILABLE", False)
+    # redis-py 5 chose its packer by this flag, and bound hiredis's parser as every
+    # connection's default when it was imported: new connections get the Python one.
+    monkeypatch.setattr(redis.connection, "HIREDIS_PACK_AVAILABLE", False, raising=False)
+    set_parser: Any = redis.connection.AbstractConnection.set_parser
+
+    def python_parser(connection: Any, parser_class: Any) -> None:
+        if parser_class is _HiredisParser:  # redis-py 5 sets the protocol after this
+            resp3 = getattr(connection, "protocol", 2) in (3, "3")
+            parser_class = _RESP3Parser if resp3 else _RESP2Parser
+        set_parser(connection, parser_class)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "set_parser", python_parser)
 
 
 @pytest.fixture
@@ -618,6 +632,83 @@ def test_redis_pys_health_check_works_on_the_lanes_sockets(target: Target) -> No
         assert connection_id(lane) == first  # on the same connection, still in step
     finally:
         lane.close()
+        client.close()
+
+
+def redis_py_clock(monkeypatch: pytest.MonkeyPatch, clock: Any) -> None:
+    """Make redis-py's health checks keep time by ``clock``: redis-py 5 compares
+    ``time()`` (``from time import time``), later releases ``time.monotonic()``."""
+    found = redis.connection.time  # type: ignore[attr-defined]
+    if isinstance(found, types.ModuleType):
+        monkeypatch.setattr(
+            redis.connection, "time", types.SimpleNamespace(**{**vars(time), "monotonic": clock})
+        )
+    else:
+        monkeypatch.setattr(redis.connection, "time", clock)
+
+
+@pytest.mark.parametrize(
+    "clock", [time.monotonic, time.time], ids=["monotonic clock", "wall clock (redis-py 5)"]
+)
+def test_a_health_check_is_sent_only_when_due_whatever_clock_redis_py_keeps(
+    target: Target, monkeypatch: pytest.MonkeyPatch, clock: Any
+) -> None:
+    """The store's client checks a connection's health every so often (a PING when
+    it has been idle that long), not before every command: on redis-py 5, whose clock
+    is the wall clock, the lane once sent a PING before each command, two round trips
+    a session read.  At most one PING here, for the new connection."""
+    redis_py_clock(monkeypatch, clock)
+    pool = target.client.connection_pool
+    assert pool.connection_kwargs["health_check_interval"] > 5  # as the store sets it
+    lane = make_lane(target.client)
+    try:
+        key = f"{target.prefix}a"
+        lane.execute("SET", key, "value")
+        before = target.admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+        for _ in range(50):
+            assert lane.execute("GET", key) == b"value"
+        after = target.admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0)
+        assert after - before <= 1
+    finally:
+        lane.close()
+
+
+class _Moved(ResponseError):
+    """What the parser that a connection gets when it connects makes of WRONGTYPE."""
+
+
+def test_an_error_reply_is_raised_as_the_connections_parser_makes_it_when_it_comes(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py 5's Cluster client gives each node's connection the parser that knows
+    MOVED and ASK when it connects, after the lane made its reader; the lane must raise
+    what that parser makes of an error reply (the store follows a MovedError to the
+    slot's new node), not what the parser the connection was made with would."""
+
+    def on_connect(connection: Any) -> None:
+        connection.set_parser(ClusterLike)
+        connection.on_connect()
+
+    client = redis.Redis.from_url(redis_server.url, redis_connect_func=on_connect)
+    made: Any = client.connection_pool.make_connection()
+    parser_class = type(made._parser)
+
+    class ClusterLike(parser_class):  # type: ignore[valid-type, misc]
+        EXCEPTION_CLASSES: ClassVar[dict[str, Any]] = {
+            **parser_class.EXCEPTION_CLASSES,
+            "WRONGTYPE": _Moved,
+        }
+
+    lane = make_lane(client)
+    key = f"{redis_server.prefix}lane:{secrets.token_hex(4)}:list"
+    try:
+        assert lane.execute("SET", key, "text") == b"OK"
+        with pytest.raises(_Moved):
+            lane.execute("LPUSH", key, "item")
+        assert lane.execute("GET", key) == b"text"  # still in step
+    finally:
+        lane.close()
+        client.delete(key)
         client.close()
 
 

@@ -244,7 +244,16 @@ class _Wire:
     reader of its replies when the lane talks to its socket directly (both ``None``
     otherwise)."""
 
-    __slots__ = ("busy_poll", "connection", "pack", "pollable", "polling", "reader", "tuned")
+    __slots__ = (
+        "busy_poll",
+        "connection",
+        "next_check",
+        "pack",
+        "pollable",
+        "polling",
+        "reader",
+        "tuned",
+    )
 
     def __init__(self, connection: Any, direct: bool, busy_poll: float = 0.0) -> None:
         self.connection = connection
@@ -258,9 +267,13 @@ class _Wire:
         self.busy_poll = busy_poll
         self.pollable = False
         self.polling = PollBackoff()
+        #: When the connection's health check is next due, by ``time.monotonic``
+        #: (0: before the first command, as redis-py checks a new connection).
+        self.next_check = 0.0
 
     def disconnect(self) -> None:
         self.connection.disconnect()
+        self.next_check = 0.0
         if self.reader is not None:
             self.reader = _new_reader(self.connection)  # nothing half-read carries over
 
@@ -288,7 +301,12 @@ class _Wire:
                 and sock.gettimeout() is None
                 and not isinstance(sock, ssl.SSLSocket)
             )
-        connection.check_health()
+        if connection.health_check_interval and time.monotonic() > self.next_check:
+            # Due by the lane's clock.  redis-py compares its own deadline with its own
+            # clock (time.time before redis-py 6, time.monotonic since), which the
+            # lane's reads do not move: make its check run now, whatever that clock.
+            connection.next_health_check = 0
+            connection.check_health()
         try:
             connection._sock.sendall(packed)
         except BaseException as error:
@@ -339,7 +357,7 @@ class _Wire:
             # connects afresh.
             self.disconnect()
         elif connection.health_check_interval:
-            connection.next_health_check = time.monotonic() + connection.health_check_interval
+            self.next_check = time.monotonic() + connection.health_check_interval
         return replies
 
     def _poll(self, sock: socket.socket) -> bytes | None:
@@ -409,7 +427,14 @@ def _kernel_timeout(sock: socket.socket, timeout: float | None) -> None:
 
 
 def _new_reader(connection: Any) -> Any:
-    error = connection._parser.parse_error  # the exception classes redis-py raises
+    def error(message: str) -> Exception:
+        # The exception redis-py raises for an error reply, by the parser the
+        # connection has when the reply comes: redis-py's Cluster client before 6
+        # gives a node's connection the parser that knows MOVED and ASK only when it
+        # connects, after the lane made its reader.
+        made: Exception = connection._parser.parse_error(message)
+        return made
+
     if HIREDIS_AVAILABLE:
         import hiredis
 

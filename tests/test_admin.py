@@ -118,7 +118,8 @@ def test_authorize_is_asked_on_every_request(make_app: AppFactory) -> None:
     assert client.get("/admin/").status_code == 403
     gate.allow = True
     for path in [*PAGES, "/static/admin.css"]:
-        assert client.get("/admin" + path).status_code == 200, path
+        with client.get("/admin" + path) as response:  # closed: a static file is a file
+            assert response.status_code == 200, path
     assert gate.calls == 2 + len(PAGES)
     gate.allow = False
     assert client.get("/admin/users").status_code == 403

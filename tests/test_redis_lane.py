@@ -174,13 +174,18 @@ def test_plain_connections_are_read_by_the_lane_itself(target: Target, lane: Lan
     (wire,) = lane._idle
     if isinstance(target.client.connection_pool, SentinelConnectionPool):
         assert wire.reader is None
-    elif redis_lane.HIREDIS_AVAILABLE:
+        return
+    if redis_lane.HIREDIS_AVAILABLE and redis_lane._HIREDIS_KNOWS_PUSHES:
         assert type(wire.reader).__module__ == "hiredis"
-        assert isinstance(wire.pack, functools.partial)
-        assert wire.pack.func is redis_lane._hiredis_pack
     else:
         assert isinstance(wire.reader, resp.Reader)
-        assert isinstance(wire.pack, functools.partial) and wire.pack.func is resp.pack
+    # Packed as the connection packs (with hiredis where redis-py does).
+    packer = type(getattr(wire.connection, "_command_packer", None)).__name__
+    assert isinstance(wire.pack, functools.partial)
+    if packer == "HiredisRespSerializer":
+        assert wire.pack.func is redis_lane._hiredis_pack
+    else:
+        assert wire.pack.func is resp.pack
 
 
 def test_replies_of_every_shape_come_back_as_redis_py_gives_them(
@@ -329,15 +334,22 @@ def test_a_peer_that_answers_wrongly_gets_an_error_and_its_connection_dropped(
         peer.close()
 
 
-@pytest.mark.parametrize("hiredis_reader", [True, False], ids=["hiredis", "python reader"])
+@pytest.mark.parametrize(
+    "reader", ["hiredis", "python reader", "hiredis before 3.2"], ids=lambda r: r
+)
 def test_resp3_false_and_push_messages_are_not_taken_for_replies(
-    hiredis_reader: bool, monkeypatch: pytest.MonkeyPatch
+    reader: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Over RESP3 (redis-py 8's default) a reply may be ``false``, and a server may
     send a push message (a maintenance notice) before or after a reply: the lane
-    returns the reply itself, and after a push it connects afresh."""
-    if not hiredis_reader:
+    returns the reply itself, and after a push it connects afresh.  A hiredis before
+    3.2 gives a push as a plain list, the same as a reply: the lane then reads with
+    its own reader even where redis-py uses hiredis."""
+    if reader == "python reader":
         without_hiredis(monkeypatch)
+    elif reader == "hiredis before 3.2":
+        monkeypatch.setattr(redis_lane, "_HIREDIS_KNOWS_PUSHES", False)
+        monkeypatch.setattr(redis_lane, "_PUSHES", (resp.Push,))
     cases = [
         (b"#f\r\n", False, 1),
         (b">2\r\n$6\r\nnotice\r\n$2\r\nhi\r\n$2\r\nok\r\n", b"ok", 2),
@@ -350,6 +362,8 @@ def test_resp3_false_and_push_messages_are_not_taken_for_replies(
         lane = make_lane(client)
         try:
             assert lane.execute("GET", "key") == wanted
+            if reader == "hiredis before 3.2":
+                assert all(isinstance(w.reader, resp.Reader) for w in lane._idle)
             assert lane.execute("GET", "key") == wanted
             assert peer.accepted == connections, answer
         finally:

@@ -31,7 +31,8 @@ disconnects them; the client's own ``close()`` does not know about them.
 On a plain connection (redis-py's own TCP, TLS or Unix socket connection, over RESP2
 or RESP3) the lane packs the commands and reads the replies itself, on the
 connection's socket, with a reader of its own for each connection (hiredis's where
-redis-py uses hiredis, else :mod:`~flask_cloakroom.stores.resp`).  The connection
+redis-py uses hiredis and hiredis is 3.2 or later, which tells a RESP3 push message
+from a reply; else :mod:`~flask_cloakroom.stores.resp`).  The connection
 still connects, authenticates, checks its health and follows its retry policy as for
 redis-py's own commands, for 9 to 12 µs less CPU a command (docs/redis.md,
 "Connections").  A socket error or timeout disconnects it and raises redis-py's
@@ -109,6 +110,10 @@ def _push_classes() -> tuple[type, ...]:
 
 
 _PUSHES: Final = _push_classes()
+#: Whether hiredis tells a RESP3 push message from a reply (hiredis 3.2 and later).  An
+#: earlier one gives a push as a plain list, which would be taken for the reply to a
+#: command: the lane then reads with its own reader, where redis-py uses hiredis too.
+_HIREDIS_KNOWS_PUSHES: Final = len(_PUSHES) > 1
 
 
 class Lane:
@@ -435,7 +440,7 @@ def _new_reader(connection: Any) -> Any:
         made: Exception = connection._parser.parse_error(message)
         return made
 
-    if HIREDIS_AVAILABLE:
+    if HIREDIS_AVAILABLE and _HIREDIS_KNOWS_PUSHES:
         import hiredis
 
         return hiredis.Reader(

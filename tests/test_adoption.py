@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import os
 import pickle
 import secrets
 import time
@@ -206,6 +209,43 @@ def test_flask_session_redis_sessions_are_imported(redis_server: RedisServer) ->
 
 
 @pytest.mark.filterwarnings("ignore:No valid SQLAlchemy instance:RuntimeWarning")
+def _open_files(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (Linux)."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            count += os.path.realpath(fd) == str(path.resolve())
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_an_import_from_a_url_closes_the_connections_it_opened(tmp_path: Path) -> None:
+    """The import makes its own engine from a URL; its pooled connection must be closed
+    when the import is done, not left for the garbage collector (which Python 3.13
+    reports as an unclosed database)."""
+    db = tmp_path / "fs.db"
+    url = f"sqlite:///{db}"
+    before_app = flask_session_app(SESSION_TYPE="sqlalchemy", SQLALCHEMY_DATABASE_URI=url)
+    before_app.test_client().post("/start")
+    app, cloak = cloakroom_app()
+    gc.disable()  # an engine left open lives on in reference cycles until a collection
+    try:
+        opened = _open_files(db)
+        with app.app_context():
+            assert cloak.import_flask_session(url).imported == 1
+        assert _open_files(db) == opened
+    finally:
+        gc.enable()
+    dispose_flask_sqlalchemy(before_app)
+
+
+def dispose_flask_sqlalchemy(app: Flask) -> None:
+    """Close the connections of the Flask-SQLAlchemy engine Flask-Session made."""
+    with app.app_context():
+        app.extensions["sqlalchemy"].engine.dispose()
+
+
 def test_flask_session_sqlalchemy_sessions_are_imported(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fs.db'}"
     # Flask-Session makes its own Flask-SQLAlchemy instance and table.
@@ -219,3 +259,4 @@ def test_flask_session_sqlalchemy_sessions_are_imported(tmp_path: Path) -> None:
         report = cloak.import_flask_session(url)
     assert (report.examined, report.imported) == (1, 1)
     check_switch(browser, app, cloak)
+    dispose_flask_sqlalchemy(before_app)

@@ -22,9 +22,10 @@ work for it at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
@@ -150,6 +151,10 @@ class ImportReport:
     undecodable: int = 0
 
 
+#: Flask-Session's sessions as the import reads them: id, data, seconds left.
+_Rows = Generator[tuple[str, bytes | None, float | None], None, None]
+
+
 def _decoders() -> tuple[Any, Any]:
     try:
         import msgspec
@@ -179,24 +184,26 @@ def _decode(raw: bytes, decoder: Any, decode_error: type[Exception]) -> dict[str
     return data if isinstance(data, dict) else "undecodable"
 
 
-def _redis_rows(source: Any, prefix: str) -> Iterator[tuple[str, bytes | None, float | None]]:
+def _redis_rows(source: Any, prefix: str) -> _Rows:
     import redis
 
     client = redis.Redis.from_url(source) if isinstance(source, str) else source
     pattern = prefix.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "*"
-    for name in client.scan_iter(match=pattern, count=500):
-        key = name.decode() if isinstance(name, bytes) else str(name)
-        pipe = client.pipeline(transaction=False)
-        pipe.get(name)
-        pipe.pttl(name)
-        raw, ttl = pipe.execute()
-        remaining = None if ttl is None or ttl < 0 else ttl / 1000
-        yield key[len(prefix) :], raw, remaining
+    try:
+        for name in client.scan_iter(match=pattern, count=500):
+            key = name.decode() if isinstance(name, bytes) else str(name)
+            pipe = client.pipeline(transaction=False)
+            pipe.get(name)
+            pipe.pttl(name)
+            raw, ttl = pipe.execute()
+            remaining = None if ttl is None or ttl < 0 else ttl / 1000
+            yield key[len(prefix) :], raw, remaining
+    finally:
+        if client is not source:  # made here from a URL: its connections go too
+            client.close()
 
 
-def _sql_rows(
-    source: Any, table: str, prefix: str, now: float
-) -> Iterator[tuple[str, bytes | None, float | None]]:
+def _sql_rows(source: Any, table: str, prefix: str, now: float) -> _Rows:
     from sqlalchemy import (
         Column,
         DateTime,
@@ -219,21 +226,25 @@ def _sql_rows(
         Column("expiry", DateTime),
     )
     last = -1
-    while True:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(sessions).where(sessions.c.id > last).order_by(sessions.c.id).limit(500)
-            ).all()
-        if not rows:
-            return
-        for row in rows:
-            last = row.id
-            sid = row.session_id or ""
-            if not sid.startswith(prefix):
-                continue
-            expiry = row.expiry  # Flask-Session writes naive UTC datetimes
-            remaining = None if expiry is None else expiry.replace(tzinfo=UTC).timestamp() - now
-            yield sid[len(prefix) :], row.data, remaining
+    try:
+        while True:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(sessions).where(sessions.c.id > last).order_by(sessions.c.id).limit(500)
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                last = row.id
+                sid = row.session_id or ""
+                if not sid.startswith(prefix):
+                    continue
+                expiry = row.expiry  # Flask-Session writes naive UTC datetimes
+                remaining = None if expiry is None else expiry.replace(tzinfo=UTC).timestamp() - now
+                yield sid[len(prefix) :], row.data, remaining
+    finally:
+        if engine is not source:  # made here from a URL: its pooled connections go too
+            engine.dispose()
 
 
 def import_flask_session(
@@ -263,20 +274,21 @@ def import_flask_session(
     )
     adoption = Adoption(manager)
     report = ImportReport()
-    for sid, raw, remaining in rows:
-        report.examined += 1
-        if raw is None or (remaining is not None and remaining <= 0):
-            report.expired += 1
-            continue
-        data = _decode(bytes(raw), decoder, decode_error)
-        if isinstance(data, str):
-            setattr(report, data, getattr(report, data) + 1)
-            continue
-        meta = adoption.new_meta(data, now, None)
-        key = store_key(flask_session_id(sid))
-        record = manager._record(key, meta, manager.codec.tag(data), 1)
-        if manager.store.save(record, expected=None, now=now):
-            report.imported += 1
-        else:
-            report.already_there += 1
+    with contextlib.closing(rows):  # what the rows' source opened is closed on an error too
+        for sid, raw, remaining in rows:
+            report.examined += 1
+            if raw is None or (remaining is not None and remaining <= 0):
+                report.expired += 1
+                continue
+            data = _decode(bytes(raw), decoder, decode_error)
+            if isinstance(data, str):
+                setattr(report, data, getattr(report, data) + 1)
+                continue
+            meta = adoption.new_meta(data, now, None)
+            key = store_key(flask_session_id(sid))
+            record = manager._record(key, meta, manager.codec.tag(data), 1)
+            if manager.store.save(record, expected=None, now=now):
+                report.imported += 1
+            else:
+                report.already_there += 1
     return report

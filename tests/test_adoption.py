@@ -208,7 +208,6 @@ def test_flask_session_redis_sessions_are_imported(redis_server: RedisServer) ->
             client.delete(key)
 
 
-@pytest.mark.filterwarnings("ignore:No valid SQLAlchemy instance:RuntimeWarning")
 def _open_files(path: Path) -> int:
     """How many of this process's file descriptors are open on ``path`` (Linux)."""
     fds = Path("/proc/self/fd")
@@ -219,6 +218,7 @@ def _open_files(path: Path) -> int:
     return count
 
 
+@pytest.mark.filterwarnings("ignore:No valid SQLAlchemy instance:RuntimeWarning")
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
 def test_an_import_from_a_url_closes_the_connections_it_opened(tmp_path: Path) -> None:
     """The import makes its own engine from a URL; its pooled connection must be closed
@@ -246,6 +246,7 @@ def dispose_flask_sqlalchemy(app: Flask) -> None:
         app.extensions["sqlalchemy"].engine.dispose()
 
 
+@pytest.mark.filterwarnings("ignore:No valid SQLAlchemy instance:RuntimeWarning")
 def test_flask_session_sqlalchemy_sessions_are_imported(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fs.db'}"
     # Flask-Session makes its own Flask-SQLAlchemy instance and table.

@@ -285,11 +285,20 @@ def select(variants: list[Variant], only: str | None, *, quick: bool) -> list[Va
 
 
 @contextlib.contextmanager
-def serving(variants: list[Variant], scratch: Path, program: str, clients: int) -> Iterator[None]:
+def serving(
+    variants: list[Variant],
+    scratch: Path,
+    program: str,
+    clients: int,
+    worker_class: str = "sync",
+) -> Iterator[None]:
     """Start every variant's gunicorn at once; log clients in; stop them all at the end."""
     try:
         for v in variants:
-            v.server = start_gunicorn(v.spec, workers=v.workers, scratch=scratch, program=program)
+            v.server = start_gunicorn(
+                v.spec, workers=v.workers, scratch=scratch, program=program,
+                worker_class=worker_class,
+            )  # fmt: skip
         for v in variants:
             assert v.server is not None
             wait_ready(v.server)

@@ -191,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument(
+        "--worker-class",
+        choices=("sync", "gthread"),
+        default="sync",
+        help="gunicorn's worker class: sync (issue 7's setup: a new connection per "
+        "request) or gthread (one thread a worker, keep-alive connections)",
+    )
     parser.add_argument("--output", type=Path, help="JSON file for the results")
     args = parser.parse_args(argv)
     if not Path("/proc/stat").exists():
@@ -220,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("no variant with a 2-worker twin was chosen")
             print(
                 f"{len(pairs)} pairs, {args.rounds} rounds of {args.duration} s, "
-                f"wrk -t1 -c{args.connections}"
+                f"wrk -t1 -c{args.connections}, {args.worker_class} workers"
             )
             wrk = Wrk(find_wrk(), scratch, connections=args.connections)
-            with serving(variants, scratch, find_gunicorn(), args.clients):
+            with serving(variants, scratch, find_gunicorn(), args.clients, args.worker_class):
                 for index in range(args.rounds):
                     for pair in pairs[index % len(pairs) :] + pairs[: index % len(pairs)]:
                         for scenario in SCENARIOS:
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": BASELINE,
         "rounds": args.rounds,
         "duration": args.duration,
+        "worker_class": args.worker_class,
         "rows": rows,
     }
     return finish_run("workers", record, args.output, started, failures)

@@ -14,7 +14,13 @@ that ceiling over one worker's throughput is the most any speed-up could be at t
 cost measured, and the script prints it beside the speed-up measured, and what a
 request would have to cost for 1.6 times.  Same variants and app as ``run.py``
 (those with a 2-worker twin); each 2-worker run is paired with its 1-worker partner
-right before or after it, in rounds.
+right before or after it, in rounds.  It also prints how the two workers shared
+the work (the busier one's share of their CPU).
+
+``--worker-class gthread`` serves over keep-alive connections (one thread a worker)
+instead of issue 7's sync workers, which close the connection after each request: it
+shows what wrk's and the kernel's per-connection work costs the speed-up, and that
+keep-alive connections can leave one worker with all of them.
 
 Run (the perf virtualenv of ``run.py``; the machine otherwise idle)::
 
@@ -55,11 +61,13 @@ PARTS = ("gunicorn", "wrk", "store", "rest")
 
 @dataclass
 class Sample:
-    """One wrk run: requests a second and CPU µs per request by part, idle share."""
+    """One wrk run: requests a second, CPU µs per request by part, idle share, and the
+    busiest worker's share of the workers' CPU (0.5: even; 1.0: one worker did it all)."""
 
     rate: float
     per_request: dict[str, float]
     idle: float
+    busiest: float
 
     @property
     def busy_us(self) -> float:
@@ -92,6 +100,8 @@ def measured(
     method, path = SCENARIOS[scenario]
     store = store_root(v, servers)
     gunicorn = v.server.process.pid
+    workers = v.server.worker_pids()
+    each0 = [_jiffies(pid) for pid in workers]
     total0, idle0 = _cpu_times()
     gunicorn0 = _tree_jiffies(gunicorn)
     store0 = _tree_jiffies(store) if store else 0
@@ -101,6 +111,7 @@ def measured(
     total1, idle1 = _cpu_times()
     gunicorn1 = _tree_jiffies(gunicorn)
     store1 = _tree_jiffies(store) if store else 0
+    each = [_jiffies(pid) - before for pid, before in zip(workers, each0, strict=True)]
     requests = max(1, result.requests)
     # wrk is this process's only child that ends during the run, so the children's
     # CPU time that grew is wrk's (in seconds, not jiffies).
@@ -116,7 +127,14 @@ def measured(
     parts["rest"] = max(0.0, busy_s - sum(parts.values()))
     per_request = {name: 1e6 * spent / requests for name, spent in parts.items()}
     spent_all = (total1 - total0) or 1
-    return Sample(result.rate, per_request, (idle1 - idle0) / spent_all), result.failures
+    busiest = max(each) / (sum(each) or 1)
+    return Sample(result.rate, per_request, (idle1 - idle0) / spent_all, busiest), result.failures
+
+
+def _jiffies(pid: int) -> int:
+    """CPU time (jiffies) of one process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def median_sample(samples: list[Sample]) -> Sample:
@@ -124,6 +142,7 @@ def median_sample(samples: list[Sample]) -> Sample:
         statistics.median(s.rate for s in samples),
         {p: statistics.median(s.per_request[p] for s in samples) for p in PARTS},
         statistics.median(s.idle for s in samples),
+        statistics.median(s.busiest for s in samples),
     )
 
 
@@ -132,7 +151,7 @@ def report(pairs: list[Pair], cpus: int) -> tuple[list[str], list[dict[str, Any]
     head = (
         f"{'variant':16} {'req':5} {'w':>1} {'req/s':>6} {'idle':>5} "
         + " ".join(f"{p:>8}" for p in PARTS)
-        + f" {'total':>6} | {'speed-up':>8} {'ceiling':>7} {'1.6x needs':>10}"
+        + f" {'total':>6} {'top':>4} | {'speed-up':>8} {'ceiling':>7} {'1.6x needs':>10}"
     )
     lines = [head, "-" * len(head)]
     rows: list[dict[str, Any]] = []
@@ -151,17 +170,23 @@ def report(pairs: list[Pair], cpus: int) -> tuple[list[str], list[dict[str, Any]
             for workers, s in ((1, one), (2, two)):
                 label = pair.one.key if workers == 1 else ""
                 cells = " ".join(f"{s.per_request[p]:8.0f}" for p in PARTS)
+                top = f"{s.busiest:4.0%}" if workers == 2 else " " * 4
                 tail = f" | {speedup:8.2f} {ceiling:7.2f} {needed:8.0f}µs" if workers == 2 else " |"
                 lines.append(
                     f"{label:16} {scenario:5} {workers:>1} {s.rate:6.0f} {s.idle:5.0%} "
-                    f"{cells} {s.busy_us:6.0f}{tail}"
+                    f"{cells} {s.busy_us:6.0f} {top}{tail}"
                 )
             rows.append(
                 {
                     "variant": pair.one.key,
                     "scenario": scenario,
                     "one_worker": {"rate": one.rate, "idle": one.idle, "cpu_us": one.per_request},
-                    "two_workers": {"rate": two.rate, "idle": two.idle, "cpu_us": two.per_request},
+                    "two_workers": {
+                        "rate": two.rate,
+                        "idle": two.idle,
+                        "cpu_us": two.per_request,
+                        "busiest_worker_share": two.busiest,
+                    },
                     "speedup": speedup,
                     "speedups": speedups,
                     "ceiling": ceiling,
@@ -176,7 +201,9 @@ variant: run.py's key.  CPU µs per request (median over rounds): gunicorn = its
 and workers; wrk; store = the store's server (redis-server, or PostgreSQL's postmaster
 and backends; SQLite runs in the worker); rest = CPU time no process above was charged
 for (the kernel's network work done outside them, other processes).  idle = share of
-all CPU time no CPU was busy.  speed-up = 2 workers over 1, median of the pairs.
+all CPU time no CPU was busy.  top = the busier worker's share of the two workers' CPU
+(50%: even; gthread workers keep a connection for good, so wrk's 8 can all land on one
+worker, and the other idles).  speed-up = 2 workers over 1, median of the pairs.
 ceiling = the most two workers could serve with every CPU busy at the 2-worker cost per
 request, over one worker's rate.  1.6x needs = the CPU a request could cost, all parts
 together, for two workers to serve 1.6 times one worker's rate."""

@@ -1040,6 +1040,17 @@ def cpu_busy(seconds: float = 1.0) -> float:
     return 0.0 if spent <= 0 else 1.0 - (idle1 - idle0) / spent
 
 
+def _stat_fields(path: str | Path) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` file after the command's name."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
+def _jiffies(pid: int) -> int:
+    """CPU time (jiffies) of one process, from /proc."""
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    return int(fields[11]) + int(fields[12])
+
+
 def _tree_jiffies(root: int) -> int:
     """CPU time (jiffies) of ``root`` and its descendants, from /proc."""
     parents: dict[int, int] = {}
@@ -1048,10 +1059,9 @@ def _tree_jiffies(root: int) -> int:
         if not entry.name.isdigit():
             continue
         try:
-            text = Path(entry.path, "stat").read_text()
+            fields = _stat_fields(Path(entry.path, "stat"))
         except OSError:
             continue
-        fields = text.rsplit(")", 1)[1].split()
         parents[int(entry.name)] = int(fields[1])
         # utime, stime, cutime, cstime: children that were waited for count too
         times[int(entry.name)] = sum(int(v) for v in fields[11:15])

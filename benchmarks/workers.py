@@ -43,6 +43,7 @@ from _apps import (
     Servers,
     Wrk,
     _cpu_times,
+    _jiffies,
     _tree_jiffies,
     cpu_busy,
     find_gunicorn,
@@ -129,12 +130,6 @@ def measured(
     spent_all = (total1 - total0) or 1
     busiest = max(each) / (sum(each) or 1)
     return Sample(result.rate, per_request, (idle1 - idle0) / spent_all, busiest), result.failures
-
-
-def _jiffies(pid: int) -> int:
-    """CPU time (jiffies) of one process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def median_sample(samples: list[Sample]) -> Sample:

@@ -45,6 +45,7 @@ from .servers import (
     flush_prefix,
     free_port,
 )
+from .support import FakeClock
 
 KINDS = ["redis", "redis_cluster", "redis_sentinel"]
 NOW = 2_000_000_000.0
@@ -198,6 +199,90 @@ def test_users_sharing_a_bucket_see_only_their_own_sessions(rstore: RedisStore) 
     assert {r.key for r in rstore.user_records(second, now=NOW)} == {r.key for r in theirs}
     assert rstore.client.zcard(bucket) == 5  # nobody's entry was taken for stale
     assert rstore.client.object("encoding", bucket) in (b"listpack", b"ziplist")
+
+
+def test_users_sharing_a_bucket_whose_sessions_expire_at_different_times(
+    rstore: RedisStore,
+) -> None:
+    """The index's scores are the sessions' expiries, so in a shared bucket one user's
+    entries lie between another's: each user must still get every session."""
+    by_bucket: dict[str, list[str]] = {}
+    for n in range(20000):
+        user = f"user{n}"
+        users = by_bucket.setdefault(rstore.index_key(user), [])
+        users.append(user)
+        if len(users) == 3:
+            break
+    else:
+        raise AssertionError("no three users share a bucket")
+    bucket = rstore.index_key(users[0])
+    sessions: dict[str, set[str]] = {user: set() for user in users}
+    for turn in range(12):  # the users' sessions interleaved in expiry order
+        user = users[turn % 3]
+        record = rec(user=user, expires=NOW + 600 + 10 * turn)
+        assert rstore.save(record, expected=None, now=NOW)
+        sessions[user].add(record.key)
+    assert rstore.client.zcard(bucket) == 12
+    for user in users:
+        assert {r.key for r in rstore.user_records(user, now=NOW)} == sessions[user], user
+    assert rstore.client.zcard(bucket) == 12
+
+
+def test_listing_a_user_never_drops_the_entry_of_another_in_the_bucket(
+    rstore: RedisStore,
+) -> None:
+    """A bucket member of another user, between two of this user's in expiry order and
+    lexically inside their range, is not taken for this user's (nor dropped as stale),
+    so the other user's session stays listable and revocable."""
+    by_bucket: dict[str, str] = {}
+    for n in range(5000):
+        user = f"user{n}"
+        other = by_bucket.setdefault(rstore.index_key(user), user)
+        if other != user:
+            pair = [other, user]
+            break
+    else:
+        raise AssertionError("no two users share a bucket")
+    tags = {user: index_entry(rstore, user, "0" * 32)[1][:6] for user in pair}
+    high, low = sorted(pair, key=tags.__getitem__, reverse=True)
+    mine = [rec(user=high, expires=NOW + 600), rec(user=high, expires=NOW + 620)]
+    theirs = rec(user=low, expires=NOW + 610)
+    for record in (mine[0], theirs, mine[1]):
+        assert rstore.save(record, expected=None, now=NOW)
+    bucket = rstore.index_key(high)
+    assert {r.key for r in rstore.user_records(high, now=NOW)} == {r.key for r in mine}
+    assert rstore.client.zcard(bucket) == 3
+    assert rstore.user_records(low, now=NOW) == [theirs]
+
+
+def test_revoking_a_user_ends_every_session_in_a_shared_bucket(
+    rstore: RedisStore, make_app: AppFactory, clock: FakeClock
+) -> None:
+    """Log out everywhere, as a user would see it: two users in one bucket sign in
+    from three browsers each, in turns, so their sessions' expiries interleave; ending
+    one user's sessions ends all of them and none of the other's."""
+    by_bucket: dict[str, str] = {}
+    for n in range(5000):
+        user = f"user{n}"
+        other = by_bucket.setdefault(rstore.index_key(user), user)
+        if other != user:
+            ann, ben = other, user
+            break
+    else:
+        raise AssertionError("no two users share a bucket")
+    app, cloak, _ = make_app(rstore)
+    browsers: dict[str, list[Any]] = {ann: [], ben: []}
+    for turn in range(6):
+        user = (ann, ben)[turn % 2]
+        web = app.test_client()
+        assert web.post(f"/login/{user}").status_code == 200
+        browsers[user].append(web)
+        clock.advance(minutes=1)
+    assert len(web.get(f"/sessions/{ann}").get_json()) == 3
+    with app.test_request_context():
+        assert cloak.revoke_user(ann) == 3
+    assert [web.get("/whoami").get_json()["user"] for web in browsers[ann]] == [None] * 3
+    assert [web.get("/whoami").get_json()["user"] for web in browsers[ben]] == [ben] * 3
 
 
 class _OneEntryForAll(RedisStore):
@@ -959,7 +1044,7 @@ def test_memory_per_session(
 #: are checked too).
 ACL_COMMANDS = (
     "+ping +get +mget +getrange +set +del +unlink +exists +evalsha +eval +script|load "
-    "+zadd +zrem +zscore +zcard +zrangebylex +zrangebyscore +zrevrangebyscore +zremrangebyscore "
+    "+zadd +zrem +zscore +zcard +zrange +zrangebyscore +zrevrangebyscore +zremrangebyscore "
     "+pttl +pexpire +scan +wait"
 )
 

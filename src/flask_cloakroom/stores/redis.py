@@ -107,8 +107,6 @@ _USER_HASH_TAG: Final = b"flask-cloakroom/redis-user/v1:"
 INDEX_BUCKETS: Final = 16384
 #: Bytes of the user hash that start each index member (after the bucket's own bits).
 _USER_TAG_BYTES: Final = 6
-#: The highest record key, to close a user's lexicographic range in their bucket.
-_LAST_RECORD_KEY: Final = b"\xff" * 16
 #: Replies that mean "the store cannot serve this now" rather than "this is wrong".
 _UNAVAILABLE_REPLIES: Final = (
     "READONLY",
@@ -1037,13 +1035,14 @@ class RedisStore(Store):
         entry = self._index_entry(user_id)
         index, user = entry
         with self._errors():
+            # The whole bucket: its scores are expiries, so one user's members are
+            # not together in it (a ZRANGEBYLEX over theirs would stop at another
+            # user's member between them, and miss sessions).
             _, members = self._together(
-                [
-                    ("ZREMRANGEBYSCORE", index, "-inf", repr(now)),
-                    ("ZRANGEBYLEX", index, b"[" + user, b"[" + user + _LAST_RECORD_KEY),
-                ]
+                [("ZREMRANGEBYSCORE", index, "-inf", repr(now)), ("ZRANGE", index, 0, -1)]
             )
-            members = [m for m in members if len(m) == len(user) + 16]
+            size = len(user) + 16
+            members = [m for m in members if len(m) == size and m.startswith(user)]
             keys = [m[len(user) :].hex() for m in members]
             values = self._get_many([self.record_name(k) for k in keys]) if keys else []
             live: list[Record] = []

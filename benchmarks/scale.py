@@ -76,7 +76,7 @@ from flask import Flask
 
 from flask_cloakroom.activity import Client
 from flask_cloakroom.manager import SessionManager
-from flask_cloakroom.stores.base import PURGE_PACE, Record, paced
+from flask_cloakroom.stores.base import PURGE_BATCH_SIZE, PURGE_PACE, Record, paced
 from flask_cloakroom.tokens import new_session_id, store_key
 
 #: Long timeouts, so no session dies or gets a touch write during the run.
@@ -406,10 +406,17 @@ def small_session_memory(server: Any, sessions: int) -> dict[str, Any]:
 
 
 def purge_under_load(
-    dataset: Dataset, writer: Any, count: int, scratch: Path, slice_seconds: int, pace: float
+    dataset: Dataset,
+    writer: Any,
+    count: int,
+    scratch: Path,
+    slice_seconds: int,
+    pace: float,
+    batch_size: int,
 ) -> dict[str, Any]:
-    """p99 of the app before and while purge_expired() deletes ``count`` expired rows,
-    resting ``pace`` times each batch's time after it, as ``flask cloakroom purge`` does."""
+    """p99 of the app before and while purge_expired() deletes ``count`` expired rows
+    in batches of ``batch_size``, resting ``pace`` times each batch's time after it, as
+    ``flask cloakroom purge`` does."""
     from flask_cloakroom.stores import open_store
 
     spec: AppSpec = dataset.app.config["PERF_SPEC"]
@@ -445,7 +452,9 @@ def purge_under_load(
 
         def purge() -> None:
             started = time.perf_counter()
-            outcome["purged"] = store.purge_expired(now=time.time(), progress=paced(None, pace))
+            outcome["purged"] = store.purge_expired(
+                now=time.time(), batch_size=batch_size, progress=paced(None, pace)
+            )
             outcome["seconds"] = time.perf_counter() - started
 
         thread = threading.Thread(target=purge)
@@ -462,6 +471,7 @@ def purge_under_load(
     result = {
         "expired_rows": count,
         "pace": pace,
+        "batch_size": batch_size,
         "purged": outcome.get("purged"),
         "purge_seconds": outcome.get("seconds"),
         "p99_ms_before": [r.p99_us / 1000 for r in before],
@@ -472,7 +482,8 @@ def purge_under_load(
         "met": worst / normal <= 2.0,
     }
     print(
-        f"  purged {result['purged']:,} rows in {result['purge_seconds']:.1f} s (pace {pace:g}); "
+        f"  purged {result['purged']:,} rows in {result['purge_seconds']:.1f} s "
+        f"(pace {pace:g}, batches of {batch_size}); "
         f"p99 before {normal:.2f} ms, worst slice during {worst:.2f} ms ({worst / normal:.2f}x)"
     )
     return result
@@ -502,6 +513,12 @@ def main() -> int:
         type=float,
         default=PURGE_PACE,
         help="the purge's rest after each batch, in times the batch's time (0: none)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=PURGE_BATCH_SIZE,
+        help="rows the purge deletes in one statement (default: the store's)",
     )
     parser.add_argument(
         "--purge-only",
@@ -551,7 +568,13 @@ def main() -> int:
             print("purge under load:")
             with scratch_dir("scale") as tmp:
                 report["purge"] = purge_under_load(
-                    pg_big, writers["postgres"], args.sessions, Path(tmp), args.slice, args.pace
+                    pg_big,
+                    writers["postgres"],
+                    args.sessions,
+                    Path(tmp),
+                    args.slice,
+                    args.pace,
+                    args.batch_size,
                 )
 
         print("fill:")

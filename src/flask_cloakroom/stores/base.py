@@ -25,11 +25,13 @@ from typing import Any, NamedTuple
 from ..errors import ConfigError, NotSupported, StoreUnavailable
 
 #: Records deleted per batch by :meth:`Store.purge_expired` unless told otherwise.
-#: Small on purpose: on PostgreSQL under load, with batches of 250 the app's p99
-#: stayed within 2x of normal in five interleaved runs out of five while a million
-#: expired rows went, where batches of 1,000 pushed it to 2.1-2.3x in five of six
-#: (benchmarks/scale.py --purge-only; docs/performance.md).
-PURGE_BATCH_SIZE = 250
+#: Small on purpose: on PostgreSQL under load on a fast 2-core machine, while a
+#: million expired rows went, the app's p99 stayed within 2x of normal in five runs
+#: out of five with batches of 100, where batches of 250 pushed it past 2x (2.1x to
+#: 5.9x) in five runs of seven (and batches of 1,000 to 2.1-2.3x in five of six on a
+#: slower machine); batches of 100 make the purge about 1.5 times as long
+#: (benchmarks/scale.py; docs/performance.md).
+PURGE_BATCH_SIZE = 100
 #: How long a purge rests after each batch, in multiples of the time the batch took,
 #: unless told otherwise (see :func:`paced`).  At 1.0 it keeps its connection busy
 #: about half the time: on PostgreSQL under load, on 2 cores, the app's worst p99 slice

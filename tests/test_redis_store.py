@@ -179,17 +179,21 @@ def test_the_user_index_is_a_hash_of_the_user(standalone: RedisStore) -> None:
     assert b"bob" not in name + member
 
 
-def test_users_sharing_a_bucket_see_only_their_own_sessions(rstore: RedisStore) -> None:
-    by_bucket: dict[str, str] = {}
-    for n in range(5000):  # 16,384 buckets: a pair shares one long before 5,000 users
+def users_sharing_a_bucket(store: RedisStore, count: int) -> list[str]:
+    """The first ``count`` users ("user<n>") whose index entries share a bucket."""
+    by_bucket: dict[str, list[str]] = {}
+    for n in range(20000):  # 16,384 buckets: a pair shares one long before 5,000 users
         user = f"user{n}"
-        bucket = rstore.index_key(user)
-        if bucket in by_bucket:
-            first, second = by_bucket[bucket], user
-            break
-        by_bucket[bucket] = user
-    else:
-        raise AssertionError("no two users share a bucket")
+        users = by_bucket.setdefault(store.index_key(user), [])
+        users.append(user)
+        if len(users) == count:
+            return users
+    raise AssertionError(f"no {count} users share a bucket")
+
+
+def test_users_sharing_a_bucket_see_only_their_own_sessions(rstore: RedisStore) -> None:
+    first, second = users_sharing_a_bucket(rstore, 2)
+    bucket = rstore.index_key(first)
     mine = [rec(user=first) for _ in range(3)]
     theirs = [rec(user=second) for _ in range(2)]
     for record in mine + theirs:
@@ -206,15 +210,7 @@ def test_users_sharing_a_bucket_whose_sessions_expire_at_different_times(
 ) -> None:
     """The index's scores are the sessions' expiries, so in a shared bucket one user's
     entries lie between another's: each user must still get every session."""
-    by_bucket: dict[str, list[str]] = {}
-    for n in range(20000):
-        user = f"user{n}"
-        users = by_bucket.setdefault(rstore.index_key(user), [])
-        users.append(user)
-        if len(users) == 3:
-            break
-    else:
-        raise AssertionError("no three users share a bucket")
+    users = users_sharing_a_bucket(rstore, 3)
     bucket = rstore.index_key(users[0])
     sessions: dict[str, set[str]] = {user: set() for user in users}
     for turn in range(12):  # the users' sessions interleaved in expiry order
@@ -234,15 +230,7 @@ def test_listing_a_user_never_drops_the_entry_of_another_in_the_bucket(
     """A bucket member of another user, between two of this user's in expiry order and
     lexically inside their range, is not taken for this user's (nor dropped as stale),
     so the other user's session stays listable and revocable."""
-    by_bucket: dict[str, str] = {}
-    for n in range(5000):
-        user = f"user{n}"
-        other = by_bucket.setdefault(rstore.index_key(user), user)
-        if other != user:
-            pair = [other, user]
-            break
-    else:
-        raise AssertionError("no two users share a bucket")
+    pair = users_sharing_a_bucket(rstore, 2)
     tags = {user: index_entry(rstore, user, "0" * 32)[1][:6] for user in pair}
     high, low = sorted(pair, key=tags.__getitem__, reverse=True)
     mine = [rec(user=high, expires=NOW + 600), rec(user=high, expires=NOW + 620)]
@@ -261,15 +249,7 @@ def test_revoking_a_user_ends_every_session_in_a_shared_bucket(
     """Log out everywhere, as a user would see it: two users in one bucket sign in
     from three browsers each, in turns, so their sessions' expiries interleave; ending
     one user's sessions ends all of them and none of the other's."""
-    by_bucket: dict[str, str] = {}
-    for n in range(5000):
-        user = f"user{n}"
-        other = by_bucket.setdefault(rstore.index_key(user), user)
-        if other != user:
-            ann, ben = other, user
-            break
-    else:
-        raise AssertionError("no two users share a bucket")
+    ann, ben = users_sharing_a_bucket(rstore, 2)
     app, cloak, _ = make_app(rstore)
     browsers: dict[str, list[Any]] = {ann: [], ben: []}
     for turn in range(6):

@@ -2037,19 +2037,12 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
 
-def _flush_node(client: redis.Redis, pattern: str, *, one_key_per_command: bool) -> int:
+def _flush_node(client: redis.Redis, pattern: str) -> int:
     deleted = 0
     batch: list[Any] = []
 
     def unlink(keys: list[Any]) -> int:
-        if not keys:
-            return 0
-        if one_key_per_command:  # cluster nodes refuse multi-key commands across slots
-            pipe = client.pipeline(transaction=False)
-            for key in keys:
-                pipe.unlink(key)
-            return sum(int(n) for n in pipe.execute())
-        return int(client.unlink(*keys))
+        return int(client.unlink(*keys)) if keys else 0
 
     for key in client.scan_iter(match=pattern, count=1000):
         batch.append(key)
@@ -2105,25 +2098,39 @@ def flush_prefix(target: RedisTarget, prefix: str) -> int:
         else:
             client = _redis_module().Redis.from_url(target, socket_timeout=10.0)
         try:
-            return _flush_node(client, pattern, one_key_per_command=False)
+            return _flush_node(client, pattern)
         finally:
             client.close()
     from redis.cluster import RedisCluster
 
     if isinstance(target, RedisCluster):
         return _flush_cluster(target, pattern)
-    return _flush_node(target, pattern, one_key_per_command=False)
+    return _flush_node(target, pattern)
 
 
 def _flush_cluster(cluster: RedisCluster, pattern: str) -> int:
-    deleted = 0
+    """SCAN every master for the keys, then delete them through the cluster client.
+
+    After a failover the client's map of the cluster can be stale, and a node it
+    still takes for a master may now be a replica (which answers a delete with
+    MOVED): so the map is read again first, and each delete goes to whichever
+    node serves the key's slot now, following redirections.
+    """
     untyped: Any = cluster
+    untyped.nodes_manager.initialize()
+    keys: list[Any] = []
     for node in untyped.get_primaries():
         client = _redis_client(node.host, node.port, socket_timeout=10.0)
         try:
-            deleted += _flush_node(client, pattern, one_key_per_command=True)
+            keys.extend(client.scan_iter(match=pattern, count=1000))
         finally:
             client.close()
+    deleted = 0
+    for start in range(0, len(keys), 500):
+        pipe = untyped.pipeline()
+        for key in keys[start : start + 500]:
+            pipe.unlink(key)
+        deleted += sum(int(n) for n in pipe.execute())
     return deleted
 
 

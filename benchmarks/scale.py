@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -61,6 +62,8 @@ from _apps import (
     Servers,
     Wrk,
     WrkResult,
+    _cpu_times,
+    _stat_fields,
     create_app,
     find_gunicorn,
     find_wrk,
@@ -405,6 +408,87 @@ def small_session_memory(server: Any, sessions: int) -> dict[str, Any]:
     return out
 
 
+MACHINE = "<machine>"
+
+
+def cpu_by_command() -> dict[str, int]:
+    """CPU time (jiffies) of every process on the machine, summed by command name."""
+    out: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = _stat_fields(entry / "stat")
+        out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+    total, idle = _cpu_times()
+    out[MACHINE] = total - idle
+    return out
+
+
+def busiest(before: dict[str, int], after: dict[str, int], top: int = 4) -> dict[str, float]:
+    """The ``top`` commands by CPU seconds between two :func:`cpu_by_command` readings,
+    and ``machine``: all CPU seconds spent meanwhile (wrk's too: a process that has
+    exited by the second reading is in no command's figure)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    spent = {n: (after[n] - before.get(n, 0)) / tick for n in after if n != MACHINE}
+    ranked = sorted(spent.items(), key=lambda item: -item[1])[:top]
+    out = {name: round(seconds, 2) for name, seconds in ranked if seconds > 0}
+    out["machine"] = round((after[MACHINE] - before[MACHINE]) / tick, 2)
+    return out
+
+
+def purge_plan(store: Any, conn: Any, now: float, batch_size: int) -> dict[str, Any]:
+    """``EXPLAIN (ANALYZE, BUFFERS)`` of the purge's inner select (read-only, so it can
+    run between two batches): its plan, its time and the pages it touched."""
+    from sqlalchemy import select
+
+    t = store.table.c
+    find = select(t.key).where(t.expires_at <= now).limit(batch_size)
+    sql = find.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
+    plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + str(sql)).fetchone()[0][0]
+    nodes = []
+    node = plan["Plan"]
+    while True:
+        index = node.get("Index Name")
+        nodes.append(node["Node Type"] + (f" on {index}" if index else ""))
+        if not node.get("Plans"):
+            break
+        node = node["Plans"][0]
+    return {
+        "plan": " > ".join(nodes),
+        "ms": round(plan["Execution Time"], 3),
+        "pages_hit": plan["Plan"].get("Shared Hit Blocks", 0),
+        "pages_read": plan["Plan"].get("Shared Read Blocks", 0),
+    }
+
+
+def snapshot_holders(conn: Any) -> list[dict[str, Any]]:
+    """Backends other than this one that hold a snapshot or an open transaction: a
+    purge's dead rows stay visible to them, so scans cannot skip them."""
+    rows = conn.execute(
+        "SELECT pid, state, backend_xmin::text, extract(epoch FROM now() - xact_start), "
+        "left(query, 80) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+        "AND (backend_xmin IS NOT NULL OR state LIKE 'idle in transaction%')"
+    ).fetchall()
+    keys = ("pid", "state", "xmin", "transaction_seconds", "query")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def table_stats(conn: Any, table: str) -> dict[str, Any]:
+    """The table's live and dead rows and its vacuum counts, from pg_stat_user_tables."""
+    row = conn.execute(
+        "SELECT n_live_tup, n_dead_tup, vacuum_count, autovacuum_count, "
+        "pg_total_relation_size(relid) FROM pg_stat_user_tables WHERE relname = %s",
+        (table,),
+    ).fetchone()
+    keys = ("live", "dead", "vacuums", "autovacuums", "bytes")
+    return dict(zip(keys, row, strict=True)) if row else {}
+
+
 def purge_under_load(
     dataset: Dataset,
     writer: Any,
@@ -416,10 +500,16 @@ def purge_under_load(
 ) -> dict[str, Any]:
     """p99 of the app before and while purge_expired() deletes ``count`` expired rows
     in batches of ``batch_size``, resting ``pace`` times each batch's time after it, as
-    ``flask cloakroom purge`` does."""
+    ``flask cloakroom purge`` does.
+
+    What the purge did is recorded beside the latencies, to tell its cost from the
+    app's: each batch's time, the plan and pages of its inner select now and then,
+    the backends holding a snapshot when it began, the table's dead rows and vacuums
+    before and after, and the CPU of each command per slice."""
     from flask_cloakroom.stores import open_store
 
     spec: AppSpec = dataset.app.config["PERF_SPEC"]
+    conn = writer.conn
     print(f"  adding {count:,} expired rows")
     expired = Dataset("expired", dataset.app)
     fill([(expired, writer)], count, sample=0, expired=True, heavy=False)
@@ -427,33 +517,56 @@ def purge_under_load(
     # copied rows, a checkpoint of their WAL) is not the purge's, and rows that pile
     # up over weeks in a real table carry none of it.
     started = time.perf_counter()
-    writer.conn.execute(f"VACUUM (ANALYZE) {spec.table}")
-    writer.conn.execute("CHECKPOINT")
+    conn.execute(f"VACUUM (ANALYZE) {spec.table}")
+    conn.execute("CHECKPOINT")
     print(f"  VACUUM (ANALYZE) and CHECKPOINT: {time.perf_counter() - started:.1f} s")
     server = start_gunicorn(spec, workers=1, scratch=scratch, program=find_gunicorn())
     wrk = Wrk(find_wrk(), scratch)
+    batches: list[tuple[float, float]] = []  # (wall time it ended, seconds it took)
+    plans: list[dict[str, Any]] = []
     try:
         wait_ready(server)
         cookies = dataset.cookies[:64]
 
-        def load() -> WrkResult:
+        def load() -> tuple[WrkResult, dict[str, float]]:
+            cpu = cpu_by_command()
             result = wrk.run(
                 server.port, cookies, method="GET", path="/read", seconds=slice_seconds,
                 write_every=10,
             )  # fmt: skip
             if result.failures:
                 raise RuntimeError(f"requests failed under load: {result}")
-            return result
+            return result, busiest(cpu, cpu_by_command())
 
         load()  # warm
         before = [load() for _ in range(3)]
+        holders = snapshot_holders(conn)
+        stats_before = table_stats(conn, spec.table)
+        now = time.time()
         store = open_store(spec.store, sql_table=spec.table, timeout=30.0)
+        plans.append({"batch": 0, **purge_plan(store, conn, now, batch_size)})
         outcome: dict[str, Any] = {}
+        probe_every = max(1, count // batch_size // 8)
+
+        def stamp(_deleted: int) -> None:
+            # Called after each batch, before its rest: without a rest (pace 0) the
+            # time between two calls is the batch's; with one, ``rest`` below has it.
+            done = outcome["batches"] = outcome.get("batches", 0) + 1
+            if pace == 0:
+                last = batches[-1][0] if batches else outcome["started"]
+                batches.append((time.time(), time.time() - last))
+            if done % probe_every == 0:
+                plans.append({"batch": done, **purge_plan(store, conn, now, batch_size)})
+
+        def rest(seconds: float) -> None:
+            batches.append((time.time(), seconds / pace))
+            time.sleep(seconds)
 
         def purge() -> None:
+            outcome["started"] = time.time()
             started = time.perf_counter()
             outcome["purged"] = store.purge_expired(
-                now=time.time(), batch_size=batch_size, progress=paced(None, pace)
+                now=now, batch_size=batch_size, progress=paced(stamp, pace, sleep=rest)
             )
             outcome["seconds"] = time.perf_counter() - started
 
@@ -464,23 +577,55 @@ def purge_under_load(
             during.append(load())
         thread.join()
         store.close()
+        stats_after = table_stats(conn, spec.table)
     finally:
         server.stop()
-    normal = statistics.median(r.p99_us for r in before) / 1000
-    worst = max(r.p99_us for r in during) / 1000
+    normal = statistics.median(r.p99_us for r, _ in before) / 1000
+    worst = max(r.p99_us for r, _ in during) / 1000
+    slices = []
+    for r, cpu in during:
+        took = [s for t, s in batches if r.started <= t < r.ended]
+        slices.append({
+            "p99_ms": r.p99_us / 1000,
+            "rate": r.rate,
+            "batches": len(took),
+            "batch_ms_median": 1000 * statistics.median(took) if took else None,
+            "batch_ms_max": 1000 * max(took) if took else None,
+            "cpu_seconds": cpu,
+        })  # fmt: skip
     result = {
         "expired_rows": count,
         "pace": pace,
         "batch_size": batch_size,
         "purged": outcome.get("purged"),
         "purge_seconds": outcome.get("seconds"),
-        "p99_ms_before": [r.p99_us / 1000 for r in before],
-        "p99_ms_during": [r.p99_us / 1000 for r in during],
-        "rate_before": statistics.median(r.rate for r in before),
-        "rate_during": statistics.median(r.rate for r in during),
+        "p99_ms_before": [r.p99_us / 1000 for r, _ in before],
+        "p99_ms_during": [r.p99_us / 1000 for r, _ in during],
+        "rate_before": statistics.median(r.rate for r, _ in before),
+        "rate_during": statistics.median(r.rate for r, _ in during),
+        "cpu_seconds_before": [cpu for _, cpu in before],
+        "slices": slices,
+        "batch_seconds": [round(s, 6) for _, s in batches],
+        "plans": plans,
+        "snapshot_holders": holders,
+        "table_before": stats_before,
+        "table_after": stats_after,
         "worst_p99_over_normal": worst / normal,
         "met": worst / normal <= 2.0,
     }
+    print(f"  snapshot holders at the start: {holders or 'none'}")
+    print(f"  table before: {stats_before}; after: {stats_after}")
+    for plan in plans:
+        print(f"  inner select after {plan['batch']:,} batches: {plan}")
+    print(f"  before: {[(round(r.p99_us / 1000, 2), cpu) for r, cpu in before]}")
+    for index, s in enumerate(slices):
+        median = s["batch_ms_median"]
+        print(
+            f"  slice {index}: p99 {s['p99_ms']:.2f} ms, {s['rate']:.0f} req/s, "
+            f"{s['batches']} batches, median "
+            + ("-" if median is None else f"{median:.2f} ms, max {s['batch_ms_max']:.2f} ms")
+            + f"; CPU s {s['cpu_seconds']}"
+        )
     print(
         f"  purged {result['purged']:,} rows in {result['purge_seconds']:.1f} s "
         f"(pace {pace:g}, batches of {batch_size}); "

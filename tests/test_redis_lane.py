@@ -806,6 +806,24 @@ def test_close_disconnects_and_a_later_command_connects_again(target: Target, la
     assert lane.execute("GET", key) == b"value"
 
 
+def test_a_connection_in_use_when_the_lane_closes_is_closed_when_it_comes_back(
+    target: Target, lane: Lane
+) -> None:
+    """As when redis-py drops a Cluster node's client while a command is on its way on
+    that node's lane: the lane is closed then, and no socket may outlive it."""
+    key = f"{target.prefix}a"
+    lane.execute("SET", key, "value")
+    in_use = lane.start([("CLIENT", "ID"), ("GET", key)])
+    lane.close()
+    reply = in_use.finish()
+    assert reply[1] == b"value"  # the command in flight still gets its reply
+    assert len(lane) == 0
+    time.sleep(0.1)
+    assert reply[0] not in {int(c["id"]) for c in target.admin.client_list()}
+    assert lane.execute("GET", key) == b"value"  # and the lane works on
+    assert len(lane) == 1
+
+
 def test_clients_that_must_see_every_command_get_no_lane(redis_server: RedisServer) -> None:
     """A single-connection client keeps its one connection, and a blocking pool its cap
     on connections; the store still works with both."""

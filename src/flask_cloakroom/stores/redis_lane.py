@@ -119,13 +119,16 @@ _HIREDIS_KNOWS_PUSHES: Final = len(_PUSHES) > 1
 class Lane:
     """Commands on a stack of connections from ``pool``, replies never decoded."""
 
-    __slots__ = ("_busy_poll", "_direct", "_idle", "_pid", "_pool", "_reconnect")
+    __slots__ = ("_busy_poll", "_closes", "_direct", "_idle", "_pid", "_pool", "_reconnect")
 
     def __init__(self, pool: Any, *, busy_poll: float = 0.0) -> None:
         self._pool = pool
         #: Seconds to poll a blocking socket for a reply before sleeping (see the module).
         self._busy_poll = busy_poll if _DONTWAIT else 0.0
         self._idle: list[_Wire] = []
+        #: How many times :meth:`close` ran: a wire taken before the last close is
+        #: disconnected when it comes back, not kept.
+        self._closes = 0
         self._pid = os.getpid()
         #: Whether commands go straight to the socket (see the module).
         self._direct = pool.connection_class in _PLAIN
@@ -195,15 +198,24 @@ class Lane:
         try:
             return self._idle.pop()  # atomic: no lock needed between threads
         except IndexError:
-            return _Wire(self._pool.make_connection(), self._direct, self._busy_poll)
+            wire = _Wire(self._pool.make_connection(), self._direct, self._busy_poll)
+            wire.closes = self._closes
+            return wire
 
     def _give_back(self, wire: _Wire, in_step: bool) -> None:
+        if wire.closes != self._closes:
+            # In use when the lane was closed (a Cluster node's client dropped by
+            # redis-py while a command was on its way): closing now is the last chance.
+            wire.disconnect()
+            return
         if not in_step or (self._reconnect and wire.connection.should_reconnect()):
             wire.disconnect()
         self._idle.append(wire)
 
     def close(self) -> None:
-        """Disconnect the lane's connections (a later command connects again)."""
+        """Disconnect the lane's connections (a later command connects again).  A
+        connection in use meanwhile is disconnected when its command is done."""
+        self._closes += 1
         idle, self._idle = self._idle, []
         if self._pid == os.getpid():
             for wire in idle:
@@ -251,6 +263,7 @@ class _Wire:
 
     __slots__ = (
         "busy_poll",
+        "closes",
         "connection",
         "next_check",
         "pack",
@@ -262,6 +275,8 @@ class _Wire:
 
     def __init__(self, connection: Any, direct: bool, busy_poll: float = 0.0) -> None:
         self.connection = connection
+        #: The lane's count of closes when this wire was made (see :meth:`Lane.close`).
+        self.closes = 0
         self.pack = _packer(connection) if direct else None
         self.reader: Any = _new_reader(connection) if direct else None
         #: The socket whose timeout was last looked at (see :func:`_kernel_timeout`).

@@ -24,12 +24,16 @@ the test suite's harness) and measures:
    one (100,000 and ``--sessions`` of them, one and four per user, plain and
    encrypted).  Target: <= 300 bytes for a small session.
 5. **Purging expired PostgreSQL rows under load**: ``--sessions`` expired rows are
-   added beside the live ones; gunicorn (1 sync worker) serves a 9:1 read/write mix
-   under wrk (8 connections) before and while ``purge_expired()`` deletes them in
-   batches of the store's default size (250), resting after each batch as long as it
-   took (``--pace``, default 1, as ``flask cloakroom purge``; 0: back to back); p99
-   latency of 5-second slices during the purge against the p99 before it.  Target:
-   never over 2x.
+   added beside the live ones, their expiries spread over a day in the order they
+   were stored (``--same-expiry``: all at one moment, the worst case for a purge that
+   goes on from the last batch's expiry); gunicorn (1 sync worker) serves a 9:1
+   read/write mix under wrk (8 connections) before and while ``purge_expired()``
+   deletes them in batches of the store's default size (100, ``--batch-size``),
+   resting after each batch as long as it took (``--pace``, default 1, as ``flask
+   cloakroom purge``; 0: back to back); p99 latency of 5-second slices during the
+   purge against the p99 before it.  Target: never over 2x.  Beside it: each batch's
+   time, the plan and pages of a batch's select now and then, the backends holding a
+   snapshot, the table's dead rows and vacuums, and each command's CPU per slice.
 
     /tmp/perf-venv/bin/python benchmarks/scale.py --sessions 20000     # a smoke run, ~1 min
     /tmp/perf-venv/bin/python benchmarks/scale.py                      # the report, ~15 min
@@ -115,7 +119,7 @@ def records(
     count: int,
     *,
     now: float,
-    expired: bool = False,
+    expired: float | None = None,
     small: bool = False,
     sample: int = 0,
     heavy: bool = True,
@@ -123,6 +127,9 @@ def records(
 ) -> Iterator[tuple[list[Record], list[str]]]:
     """Batches of real records (and the cookies of about ``sample`` of them).
 
+    With ``expired`` (seconds), the records expired an hour ago or up to that much
+    longer ago, the first ones first, as sessions that came and went over that time
+    (0: all at the same moment).
     ``per_user`` sessions per user; with ``heavy`` the first 50 belong to one user.
     A ``small`` session is a login with one short value and no browser.
     """
@@ -134,7 +141,8 @@ def records(
     cookies: list[str] = []
     for index in range(count):
         user = HEAVY_USER if heavy and index < HEAVY_SESSIONS else f"user{index // per_user}"
-        meta = manager.new_meta(now - (7 * 3600 if expired else 0), client)
+        started = now if expired is None else now - 7 * 3600 - expired * (1 - index / count)
+        meta = manager.new_meta(started, client)
         meta.user_id = user
         meta.auth_at = meta.created_at
         meta.login_ip = client.ip
@@ -441,14 +449,10 @@ def busiest(before: dict[str, int], after: dict[str, int], top: int = 4) -> dict
     return out
 
 
-def purge_plan(store: Any, conn: Any, now: float, batch_size: int) -> dict[str, Any]:
-    """``EXPLAIN (ANALYZE, BUFFERS)`` of the purge's inner select (read-only, so it can
-    run between two batches): its plan, its time and the pages it touched."""
-    from sqlalchemy import select
-
-    t = store.table.c
-    find = select(t.key).where(t.expires_at <= now).limit(batch_size)
-    sql = find.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
+def purge_plan(store: Any, conn: Any, pick: Any) -> dict[str, Any]:
+    """``EXPLAIN (ANALYZE, BUFFERS)`` of ``pick``, a purge batch's select (read-only,
+    so it can run between two batches): its plan, its time and the pages it touched."""
+    sql = pick.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
     plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + str(sql)).fetchone()[0][0]
     nodes = []
     node = plan["Plan"]
@@ -497,6 +501,7 @@ def purge_under_load(
     slice_seconds: int,
     pace: float,
     batch_size: int,
+    spread: float,
 ) -> dict[str, Any]:
     """p99 of the app before and while purge_expired() deletes ``count`` expired rows
     in batches of ``batch_size``, resting ``pace`` times each batch's time after it, as
@@ -512,7 +517,7 @@ def purge_under_load(
     conn = writer.conn
     print(f"  adding {count:,} expired rows")
     expired = Dataset("expired", dataset.app)
-    fill([(expired, writer)], count, sample=0, expired=True, heavy=False)
+    fill([(expired, writer)], count, sample=0, expired=spread, heavy=False)
     # Settle the database first: the fill's own aftermath (autovacuum of the freshly
     # copied rows, a checkpoint of their WAL) is not the purge's, and rows that pile
     # up over weeks in a real table carry none of it.
@@ -543,8 +548,17 @@ def purge_under_load(
         holders = snapshot_holders(conn)
         stats_before = table_stats(conn, spec.table)
         now = time.time()
-        store = open_store(spec.store, sql_table=spec.table, timeout=30.0)
-        plans.append({"batch": 0, **purge_plan(store, conn, now, batch_size)})
+        store: Any = open_store(spec.store, sql_table=spec.table, timeout=30.0)
+        # The store's own pick of each batch, kept to be explained now and then.
+        picks = [store._expired_keys(now, batch_size, None)]
+        pick_batch = store._expired_keys
+
+        def keep_pick(*args: Any) -> Any:
+            picks.append(pick_batch(*args))
+            return picks[-1]
+
+        store._expired_keys = keep_pick
+        plans.append({"batch": 0, **purge_plan(store, conn, picks[0])})
         outcome: dict[str, Any] = {}
         probe_every = max(1, count // batch_size // 8)
 
@@ -556,7 +570,8 @@ def purge_under_load(
                 last = batches[-1][0] if batches else outcome["started"]
                 batches.append((time.time(), time.time() - last))
             if done % probe_every == 0:
-                plans.append({"batch": done, **purge_plan(store, conn, now, batch_size)})
+                plans.append({"batch": done, **purge_plan(store, conn, picks[-1])})
+            del picks[:-1]
 
         def rest(seconds: float) -> None:
             batches.append((time.time(), seconds / pace))
@@ -595,6 +610,7 @@ def purge_under_load(
         })  # fmt: skip
     result = {
         "expired_rows": count,
+        "expiries_spread_over_seconds": spread,
         "pace": pace,
         "batch_size": batch_size,
         "purged": outcome.get("purged"),
@@ -666,6 +682,11 @@ def main() -> int:
         help="rows the purge deletes in one statement (default: the store's)",
     )
     parser.add_argument(
+        "--same-expiry",
+        action="store_true",
+        help="the purge's expired rows all expired at the same moment (default: over a day)",
+    )
+    parser.add_argument(
         "--purge-only",
         action="store_true",
         help="fill PostgreSQL and measure the purge under load, nothing else",
@@ -720,6 +741,7 @@ def main() -> int:
                     args.slice,
                     args.pace,
                     args.batch_size,
+                    0.0 if args.same_expiry else 86400.0,
                 )
 
         print("fill:")

@@ -216,6 +216,22 @@ def test_purge_expired_deletes_only_expired_records_in_batches(store: Store) -> 
     assert store.purge_expired(now=NOW) == 0
 
 
+def test_purge_expired_takes_records_sharing_an_expiry_across_batches(store: Store) -> None:
+    """Batches go on from the latest expiry the last one deleted: records that share it
+    (a bulk import, a clock's coarse tick) are all deleted, however batches split them."""
+    early = [rec(expires=NOW - 100) for _ in range(2)]
+    tied = [rec(user="u", expires=NOW - 50) for _ in range(7)]
+    late = [rec(expires=NOW - 10 + i) for i in range(3)]
+    live = [rec(user="u", expires=NOW + 1) for _ in range(2)]
+    for r in [*late, *tied, *live, *early]:
+        store.save(r, expected=None, now=NOW - 1000)
+    reports: list[int] = []
+    assert store.purge_expired(now=NOW, batch_size=3, progress=reports.append) == 12
+    assert sum(reports) == 12
+    assert all(store.load(r.key) is None for r in [*early, *tied, *late])
+    assert {r.key for r in store.user_records("u", now=NOW)} == {r.key for r in live}
+
+
 def test_purge_expired_reports_progress_and_count_expired_is_exact_or_unknown(
     store: Store,
 ) -> None:

@@ -53,6 +53,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Select,
     String,
     Table,
     bindparam,
@@ -944,40 +945,63 @@ class SQLStore(Store):
     ) -> int:
         t = self.table.c
         expired = t.expires_at <= now
-        find = select(t.key).where(expired).limit(batch_size)
         total = 0
+        floor: float | None = None
         if self.name in ("postgresql", "sqlite"):
             # One statement per batch: the keys never travel to Python and back, which
             # on a busy app server is most of a purge's CPU.  The outer expiry test is
             # checked again on a row renewed meanwhile (PostgreSQL re-evaluates it on
             # the row's new version), so a renewed session is never deleted.  MySQL and
             # MariaDB refuse LIMIT in such a subquery: they take the two-step path.
-            gone = delete(self.table).where(t.key.in_(find), expired)
             while True:
-                deleted = int(
-                    self._run(lambda conn: conn.execute(gone).rowcount, write=True, bulk=True)
+                gone = (
+                    delete(self.table)
+                    .where(t.key.in_(self._expired_keys(now, batch_size, floor)), expired)
+                    .returning(t.expires_at)
                 )
-                if not deleted:
+
+                def one(conn: Connection, gone: Any = gone) -> list[float]:
+                    return list(conn.execute(gone).scalars())
+
+                ends = self._run(one, write=True, bulk=True)
+                if not ends:
                     return total
-                total += deleted
+                total += len(ends)
+                floor = max(ends)
                 if progress is not None:
-                    progress(deleted)
+                    progress(len(ends))
         while True:
 
-            def batch(conn: Connection) -> tuple[int, int]:
-                keys = list(conn.execute(find).scalars())
-                if not keys:
-                    return 0, 0
+            def batch(conn: Connection, floor: float | None = floor) -> tuple[int, int, float]:
+                found = conn.execute(self._expired_keys(now, batch_size, floor, t.expires_at))
+                rows = found.all()
+                if not rows:
+                    return 0, 0, 0.0
                 # Re-check the expiry: a record may have been renewed since the select.
-                gone = delete(self.table).where(t.key.in_(keys), expired)
-                return len(keys), conn.execute(gone).rowcount
+                gone = delete(self.table).where(t.key.in_([r[0] for r in rows]), expired)
+                return len(rows), conn.execute(gone).rowcount, rows[-1][1]
 
-            found, deleted = self._run(batch, write=True, bulk=True)
+            found, deleted, floor = self._run(batch, write=True, bulk=True)
             total += deleted
             if progress is not None and deleted:
                 progress(deleted)
             if found < batch_size:
                 return total
+
+    def _expired_keys(
+        self, now: float, batch_size: int, floor: float | None, *extra: Any
+    ) -> Select[Any]:
+        """The purge's pick of a batch: the first ``batch_size`` expired keys (and
+        ``extra`` columns) in expiry order, from ``floor`` on (the last batch's latest
+        expiry).  It walks the expiry index from where the last batch ended, whatever
+        the table's size and wherever its rows lie: from the index's start, each batch
+        would pass every entry the batches before it deleted (PostgreSQL keeps them
+        until a vacuum), and a scan of the table would pass every live row first."""
+        t = self.table.c
+        find = select(t.key, *extra).where(t.expires_at <= now)
+        if floor is not None:
+            find = find.where(t.expires_at >= floor)
+        return find.order_by(t.expires_at).limit(batch_size)
 
     def count_expired(self, *, now: float) -> int:
         """Count the records :meth:`purge_expired` would delete (a range of the expiry index)."""

@@ -449,9 +449,17 @@ def busiest(before: dict[str, int], after: dict[str, int], top: int = 4) -> dict
     return out
 
 
-def purge_plan(store: Any, conn: Any, pick: Any) -> dict[str, Any]:
-    """``EXPLAIN (ANALYZE, BUFFERS)`` of ``pick``, a purge batch's select (read-only,
-    so it can run between two batches): its plan, its time and the pages it touched."""
+def purge_plan(store: Any, conn: Any, now: float, batch_size: int) -> dict[str, Any]:
+    """``EXPLAIN (ANALYZE, BUFFERS)`` of the store's pick of the purge's next batch
+    (read-only, so it can run between two batches): its plan, its time and the pages
+    it touched.  The pick goes on from the oldest expiry left (the store's own floor
+    is the newest the last batch deleted, just below it)."""
+    from sqlalchemy import func, select
+
+    oldest = select(func.min(store.table.c.expires_at)).where(store.table.c.expires_at <= now)
+    compiled = oldest.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
+    floor = conn.execute(str(compiled)).fetchone()[0]
+    pick = store._expired_keys(batch_size, floor is not None).params(now=now, floor=floor)
     sql = pick.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
     plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + str(sql)).fetchone()[0][0]
     nodes = []
@@ -549,16 +557,7 @@ def purge_under_load(
         stats_before = table_stats(conn, spec.table)
         now = time.time()
         store: Any = open_store(spec.store, sql_table=spec.table, timeout=30.0)
-        # The store's own pick of each batch, kept to be explained now and then.
-        picks = [store._expired_keys(now, batch_size, None)]
-        pick_batch = store._expired_keys
-
-        def keep_pick(*args: Any) -> Any:
-            picks.append(pick_batch(*args))
-            return picks[-1]
-
-        store._expired_keys = keep_pick
-        plans.append({"batch": 0, **purge_plan(store, conn, picks[0])})
+        plans.append({"batch": 0, **purge_plan(store, conn, now, batch_size)})
         outcome: dict[str, Any] = {}
         probe_every = max(1, count // batch_size // 8)
 
@@ -570,8 +569,7 @@ def purge_under_load(
                 last = batches[-1][0] if batches else outcome["started"]
                 batches.append((time.time(), time.time() - last))
             if done % probe_every == 0:
-                plans.append({"batch": done, **purge_plan(store, conn, picks[-1])})
-            del picks[:-1]
+                plans.append({"batch": done, **purge_plan(store, conn, now, batch_size)})
 
         def rest(seconds: float) -> None:
             batches.append((time.time(), seconds / pace))

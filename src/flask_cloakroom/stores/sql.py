@@ -944,63 +944,79 @@ class SQLStore(Store):
         progress: Callable[[int], None] | None = None,
     ) -> int:
         t = self.table.c
-        expired = t.expires_at <= now
-        total = 0
-        floor: float | None = None
-        if self.name in ("postgresql", "sqlite"):
-            # One statement per batch: the keys never travel to Python and back, which
-            # on a busy app server is most of a purge's CPU.  The outer expiry test is
-            # checked again on a row renewed meanwhile (PostgreSQL re-evaluates it on
-            # the row's new version), so a renewed session is never deleted.  MySQL and
-            # MariaDB refuse LIMIT in such a subquery: they take the two-step path.
-            while True:
-                gone = (
+        expired = t.expires_at <= bindparam("now")
+        values: dict[str, Any] = {"now": now, "floor": None}
+        batch: Callable[[Connection], tuple[bool, int, float | None]]
+        # One statement per batch where the database allows it: the keys never travel
+        # to Python and back, which on a busy app server is most of a purge's CPU.  The
+        # outer expiry test is checked again on a row renewed meanwhile (PostgreSQL
+        # re-evaluates it on the row's new version), so a renewed session is never
+        # deleted.
+        if self.name == "postgresql":
+            # Each batch goes on from the latest expiry the last one deleted, told back
+            # in one row with the count.
+            first, then = (
+                select(func.count(), func.max(gone.c.expires_at))
+                for gone in (
                     delete(self.table)
-                    .where(t.key.in_(self._expired_keys(now, batch_size, floor)), expired)
+                    .where(t.key.in_(self._expired_keys(batch_size, floor)), expired)
                     .returning(t.expires_at)
+                    .cte("gone")
+                    for floor in (False, True)
                 )
+            )
 
-                def one(conn: Connection, gone: Any = gone) -> list[float]:
-                    return list(conn.execute(gone).scalars())
+            def batch(conn: Connection) -> tuple[bool, int, float | None]:
+                statement = first if values["floor"] is None else then
+                count, floor = conn.execute(statement, values).one()
+                return bool(count), int(count), floor
 
-                ends = self._run(one, write=True, bulk=True)
-                if not ends:
-                    return total
-                total += len(ends)
-                floor = max(ends)
-                if progress is not None:
-                    progress(len(ends))
-        while True:
+        elif self.name == "sqlite":
+            # SQLite deletes a row's index entries with it: nothing to go on from.
+            gone = delete(self.table).where(t.key.in_(self._expired_keys(batch_size)), expired)
 
-            def batch(conn: Connection, floor: float | None = floor) -> tuple[int, int, float]:
-                found = conn.execute(self._expired_keys(now, batch_size, floor, t.expires_at))
-                rows = found.all()
+            def batch(conn: Connection) -> tuple[bool, int, float | None]:
+                deleted = int(conn.execute(gone, values).rowcount)
+                return bool(deleted), deleted, None
+
+        else:
+            # MySQL and MariaDB refuse LIMIT in such a subquery: a select, then a delete.
+            finds = [self._expired_keys(batch_size, f, t.expires_at) for f in (False, True)]
+
+            def batch(conn: Connection) -> tuple[bool, int, float | None]:
+                rows = conn.execute(finds[values["floor"] is not None], values).all()
                 if not rows:
-                    return 0, 0, 0.0
+                    return False, 0, None
                 # Re-check the expiry: a record may have been renewed since the select.
                 gone = delete(self.table).where(t.key.in_([r[0] for r in rows]), expired)
-                return len(rows), conn.execute(gone).rowcount, rows[-1][1]
+                deleted = int(conn.execute(gone, values).rowcount)
+                return len(rows) == batch_size, deleted, rows[-1][1]
 
-            found, deleted, floor = self._run(batch, write=True, bulk=True)
+        total = 0
+        while True:
+            more, deleted, floor = self._run(batch, write=True, bulk=True)
             total += deleted
+            values["floor"] = floor
             if progress is not None and deleted:
                 progress(deleted)
-            if found < batch_size:
+            if not more:
                 return total
 
-    def _expired_keys(
-        self, now: float, batch_size: int, floor: float | None, *extra: Any
-    ) -> Select[Any]:
-        """The purge's pick of a batch: the first ``batch_size`` expired keys (and
-        ``extra`` columns) in expiry order, from ``floor`` on (the last batch's latest
-        expiry).  It walks the expiry index from where the last batch ended, whatever
-        the table's size and wherever its rows lie: from the index's start, each batch
-        would pass every entry the batches before it deleted (PostgreSQL keeps them
-        until a vacuum), and a scan of the table would pass every live row first."""
+    def _expired_keys(self, batch_size: int, floor: bool = False, *extra: Any) -> Select[Any]:
+        """The purge's pick of a batch: the first ``batch_size`` keys (and ``extra``
+        columns) expired by the bound ``now``, in expiry order, with ``floor`` from
+        the bound ``floor`` on (the latest expiry the last batch deleted).
+
+        Expiry order walks the expiry index.  Picking any expired rows instead let
+        PostgreSQL scan the table from its first page, past every live row and every
+        row the purge had deleted (dead until a vacuum), and the floor keeps each batch
+        from passing the index entries of the rows deleted before it: a batch costs the
+        same at the end of a purge as at its start, whatever the table's size.
+        """
         t = self.table.c
-        find = select(t.key, *extra).where(t.expires_at <= now)
-        if floor is not None:
-            find = find.where(t.expires_at >= floor)
+        find = select(t.key, *extra).where(t.expires_at <= bindparam("now"))
+        if floor:
+            find = find.where(t.expires_at >= bindparam("floor"))
         return find.order_by(t.expires_at).limit(batch_size)
 
     def count_expired(self, *, now: float) -> int:

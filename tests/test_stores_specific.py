@@ -105,7 +105,7 @@ def test_postgres_purge_batches_walk_the_expiry_index_from_where_the_last_one_en
             ).scalar_one()
             if floor is None:
                 return
-            pick = store._expired_keys(100, True).params(now=now, floor=floor)
+            pick = store._purge_pick(100, True).params(now=now, floor=floor)
             sql = pick.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
             plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"))
             top = plan.scalar_one()[0]["Plan"]

@@ -56,11 +56,13 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    any_,
     bindparam,
     delete,
     event,
     func,
     insert,
+    literal_column,
     select,
     update,
 )
@@ -953,13 +955,20 @@ class SQLStore(Store):
         # re-evaluates it on the row's new version), so a renewed session is never
         # deleted.
         if self.name == "postgresql":
-            # Each batch goes on from the latest expiry the last one deleted, told back
-            # in one row with the count.
+            # The pick is of row addresses (ctid), which the delete reaches without the
+            # primary key's index: half a batch's pages and time.  A row renewed while
+            # the batch waits for its lock has a new address, and a new expiry, so it
+            # is spared twice over.  Each batch goes on from the latest expiry the last
+            # one deleted, told back in one row with the count.
             first, then = (
                 select(func.count(), func.max(gone.c.expires_at))
                 for gone in (
                     delete(self.table)
-                    .where(t.key.in_(self._expired_keys(batch_size, floor)), expired)
+                    .where(
+                        literal_column("ctid")
+                        == any_(func.ARRAY(self._purge_pick(batch_size, floor).scalar_subquery())),
+                        expired,
+                    )
                     .returning(t.expires_at)
                     .cte("gone")
                     for floor in (False, True)
@@ -973,7 +982,7 @@ class SQLStore(Store):
 
         elif self.name == "sqlite":
             # SQLite deletes a row's index entries with it: nothing to go on from.
-            gone = delete(self.table).where(t.key.in_(self._expired_keys(batch_size)), expired)
+            gone = delete(self.table).where(t.key.in_(self._purge_pick(batch_size)), expired)
 
             def batch(conn: Connection) -> tuple[bool, int, float | None]:
                 deleted = int(conn.execute(gone, values).rowcount)
@@ -981,7 +990,7 @@ class SQLStore(Store):
 
         else:
             # MySQL and MariaDB refuse LIMIT in such a subquery: a select, then a delete.
-            finds = [self._expired_keys(batch_size, f, t.expires_at) for f in (False, True)]
+            finds = [self._purge_pick(batch_size, f, t.expires_at) for f in (False, True)]
 
             def batch(conn: Connection) -> tuple[bool, int, float | None]:
                 rows = conn.execute(finds[values["floor"] is not None], values).all()
@@ -1002,10 +1011,11 @@ class SQLStore(Store):
             if not more:
                 return total
 
-    def _expired_keys(self, batch_size: int, floor: bool = False, *extra: Any) -> Select[Any]:
-        """The purge's pick of a batch: the first ``batch_size`` keys (and ``extra``
-        columns) expired by the bound ``now``, in expiry order, with ``floor`` from
-        the bound ``floor`` on (the latest expiry the last batch deleted).
+    def _purge_pick(self, batch_size: int, floor: bool = False, *extra: Any) -> Select[Any]:
+        """The purge's pick of a batch: the first ``batch_size`` rows expired by the
+        bound ``now``, in expiry order, with ``floor`` from the bound ``floor`` on (the
+        latest expiry the last batch deleted); their keys (on PostgreSQL their
+        addresses, ``ctid``) and ``extra`` columns.
 
         Expiry order walks the expiry index.  Picking any expired rows instead let
         PostgreSQL scan the table from its first page, past every live row and every
@@ -1014,7 +1024,8 @@ class SQLStore(Store):
         same at the end of a purge as at its start, whatever the table's size.
         """
         t = self.table.c
-        find = select(t.key, *extra).where(t.expires_at <= bindparam("now"))
+        what = literal_column("ctid") if self.name == "postgresql" else t.key
+        find = select(what, *extra).where(t.expires_at <= bindparam("now"))
         if floor:
             find = find.where(t.expires_at >= bindparam("floor"))
         return find.order_by(t.expires_at).limit(batch_size)

@@ -311,6 +311,20 @@ class Shards:
     nodes: list[Any]
 
 
+def cluster_view(cluster: ControllableRedisCluster, index: int) -> str:
+    """``CLUSTER NODES`` and ``CLUSTER INFO`` as one node sees them (for a failure's
+    message: which node it takes for the master of the slots, and since when)."""
+    client: Any = cluster.node_client(index, socket_timeout=2.0)
+    try:
+        nodes = client.execute_command("CLUSTER NODES")
+        info = client.execute_command("CLUSTER INFO")
+        return f"{nodes}\n{info}"
+    except redis.RedisError as error:
+        return f"(node {index} did not answer: {error})"
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
 def sessions_across_shards(
     make_app: AppFactory, cluster: ControllableRedisCluster, keys: Keys, count: int
@@ -445,7 +459,10 @@ def test_a_cluster_failover_to_a_replica_keeps_the_sessions(
                     assert response.status_code == 200
                     assert response.get_json() == {"value": i}
             time.sleep(0.1)
-        assert not pending, f"sessions {sorted(pending)} still unavailable after 20 s"
+        assert not pending, (
+            f"sessions {sorted(pending)} still unavailable after 20 s; "
+            f"the cluster as node 1 sees it:\n{cluster_view(cluster, 1)}"
+        )
         assert unavailable  # the outage was seen: the promotion is not instant
         assert cluster.running[0] is (failure == "hung")  # not restarted: the replica serves
 

@@ -446,7 +446,7 @@ def _purge_showing_progress(store: Store, now: float, batch_size: int, pace: flo
     type=click.FloatRange(0, 100),
     default=None,
     help="After each batch, rest this many times as long as the batch took (0: no rest)."
-    "  [default: CLOAKROOM_PURGE_PACE, 1.0 unless set]",
+    "  [default: CLOAKROOM_PURGE_PACE, 2.0 unless set]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_store_errors

@@ -438,8 +438,9 @@ OPTIONS: tuple[Option, ...] = (
         PURGE_PACE,
         "How long a purge (flask cloakroom purge, cloak.purge_expired()) rests after each "
         "batch it deletes, in multiples of the time the batch took, so the app's requests "
-        "do not queue behind it on a busy database. 1.0 keeps the store half free; 0 "
-        "purges back to back, fastest. The CLI's --pace and purge_expired(pace=) override it.",
+        "do not queue behind it on a busy database. 2.0 keeps the store free two thirds "
+        "of the time, 1.0 half; 0 purges back to back, fastest. The CLI's --pace and "
+        "purge_expired(pace=) override it.",
         "3.0",
         _pace,
     ),

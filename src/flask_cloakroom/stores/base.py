@@ -33,12 +33,13 @@ from ..errors import ConfigError, NotSupported, StoreUnavailable
 #: (benchmarks/scale.py; docs/performance.md).
 PURGE_BATCH_SIZE = 100
 #: How long a purge rests after each batch, in multiples of the time the batch took,
-#: unless told otherwise (see :func:`paced`).  At 1.0 it keeps its connection busy
-#: about half the time: on PostgreSQL under load, on 2 cores, the app's worst p99 slice
-#: while a million expired rows went was 8.0-8.7 ms with rests and 9.3-9.8 ms without
-#: (three interleaved pairs), for a purge of 18-20 s instead of 7-8 s
+#: unless told otherwise (see :func:`paced`).  At 2.0 it keeps its connection busy
+#: about a third of the time.  On PostgreSQL under load, on a fast 2-core machine,
+#: while a million expired rows went, the app's p99 stayed within 2x of normal in seven
+#: runs of seven at 2.0 or 3.0, against four of eight at 1.0 (one with a 78 ms slice
+#: behind the disk), for a purge of 26-29 s instead of 16-19 s
 #: (benchmarks/scale.py --purge-only; docs/performance.md).
-PURGE_PACE = 1.0
+PURGE_PACE = 2.0
 #: The default of ``CLOAKROOM_BUSY_POLL``: microseconds a Redis or PostgreSQL store's
 #: connection polls for an answer before it sleeps (docs/redis.md, "Busy polling").
 BUSY_POLL_US = 100

@@ -68,7 +68,6 @@ from _apps import (
     Wrk,
     WrkResult,
     _cpu_times,
-    _stat_fields,
     create_app,
     find_gunicorn,
     find_wrk,
@@ -417,12 +416,13 @@ def small_session_memory(server: Any, sessions: int) -> dict[str, Any]:
     return out
 
 
-MACHINE = "<machine>"
+MACHINE = 0  # the pid under which cpu_by_pid keeps the machine's busy time
 
 
-def cpu_by_command() -> dict[str, int]:
-    """CPU time (jiffies) of every process on the machine, summed by command name."""
-    out: dict[str, int] = {}
+def cpu_by_pid() -> dict[int, tuple[str, int]]:
+    """The command name and CPU time (jiffies) of every process on the machine, by pid,
+    and under pid 0 the machine's busy time (all CPUs, from /proc/stat)."""
+    out: dict[int, tuple[str, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -430,23 +430,31 @@ def cpu_by_command() -> dict[str, int]:
             text = (entry / "stat").read_text()
         except OSError:
             continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = _stat_fields(entry / "stat")
-        out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+        name, _, rest = text[text.index("(") + 1 :].rpartition(")")
+        fields = rest.split()  # as _apps._stat_fields, from the text already read
+        out[int(entry.name)] = (name, int(fields[11]) + int(fields[12]))
     total, idle = _cpu_times()
-    out[MACHINE] = total - idle
+    out[MACHINE] = ("machine", total - idle)
     return out
 
 
-def busiest(before: dict[str, int], after: dict[str, int], top: int = 4) -> dict[str, float]:
-    """The ``top`` commands by CPU seconds between two :func:`cpu_by_command` readings,
+def busiest(
+    before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], top: int = 4
+) -> dict[str, float]:
+    """The ``top`` commands by CPU seconds between two :func:`cpu_by_pid` readings,
     and ``machine``: all CPU seconds spent meanwhile (wrk's too: a process that has
-    exited by the second reading is in no command's figure)."""
+    exited by the second reading is in no command's figure).  Each process counts
+    under its name at the second reading (a kernel worker's name changes with its
+    work); a process started meanwhile counts in full."""
     tick = os.sysconf("SC_CLK_TCK")
-    spent = {n: (after[n] - before.get(n, 0)) / tick for n in after if n != MACHINE}
+    spent: dict[str, float] = {}
+    for pid, (name, jiffies) in after.items():
+        if pid != MACHINE:
+            earlier = before.get(pid, (name, 0))[1]
+            spent[name] = spent.get(name, 0.0) + (jiffies - earlier) / tick
     ranked = sorted(spent.items(), key=lambda item: -item[1])[:top]
     out = {name: round(seconds, 2) for name, seconds in ranked if seconds > 0}
-    out["machine"] = round((after[MACHINE] - before[MACHINE]) / tick, 2)
+    out["machine"] = round((after[MACHINE][1] - before[MACHINE][1]) / tick, 2)
     return out
 
 
@@ -543,14 +551,14 @@ def purge_under_load(
         cookies = dataset.cookies[:64]
 
         def load() -> tuple[WrkResult, dict[str, float]]:
-            cpu = cpu_by_command()
+            cpu = cpu_by_pid()
             result = wrk.run(
                 server.port, cookies, method="GET", path="/read", seconds=slice_seconds,
                 write_every=10,
             )  # fmt: skip
             if result.failures:
                 raise RuntimeError(f"requests failed under load: {result}")
-            return result, busiest(cpu, cpu_by_command())
+            return result, busiest(cpu, cpu_by_pid())
 
         load()  # warm
         before = [load() for _ in range(3)]

@@ -36,8 +36,8 @@ PURGE_BATCH_SIZE = 100
 #: unless told otherwise (see :func:`paced`).  At 2.0 it keeps its connection busy
 #: about a third of the time.  On PostgreSQL under load, on a fast 2-core machine,
 #: while a million expired rows went, the app's p99 stayed within 2x of normal in seven
-#: runs of seven at 2.0 or 3.0, against four of eight at 1.0 (one with a slice at
-#: 78 ms), for a purge of 26-29 s instead of 16-19 s
+#: runs of seven at 2.0 or 3.0, and in four of eight at 1.0 (one of the others had a
+#: slice at 78 ms), for a purge of 26-29 s instead of 16-19 s
 #: (benchmarks/scale.py --purge-only; docs/performance.md).
 PURGE_PACE = 2.0
 #: The default of ``CLOAKROOM_BUSY_POLL``: microseconds a Redis or PostgreSQL store's

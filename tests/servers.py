@@ -1147,8 +1147,8 @@ class ControllableRedisCluster:
     With ``replicas=n``, nodes ``masters + i * n + j`` (``j < n``) replicate master
     ``i``: a killed master is replaced by its replica once the cluster has marked it
     failed; restarted, the old master rejoins as a replica of the promoted one.
-    ``ensure_healthy()`` then fails the roles back over (CLUSTER FAILOVER), so that
-    node ``i`` is master ``i`` again.
+    ``ensure_healthy()`` then has the harness start a fresh cluster, so that node ``i``
+    is master ``i`` again.
     """
 
     def __init__(
@@ -1173,6 +1173,8 @@ class ControllableRedisCluster:
         ]
         self._nodes: list[_RedisNode] = []
         self._closed = False
+        #: Whether a test killed, stopped or hung a node (with replicas: a failover).
+        self._disturbed = False
         harness.on_cleanup("redis cluster", self.destroy)
         try:
             for index in range(masters * (1 + replicas)):
@@ -1278,11 +1280,13 @@ class ControllableRedisCluster:
 
     def kill_node(self, index: int) -> Address:
         node = self._nodes[index]
+        self._disturbed = True
         node.kill()
         return node.address
 
     def stop_node(self, index: int) -> Address:
         node = self._nodes[index]
+        self._disturbed = True
         node.stop()
         return node.address
 
@@ -1295,6 +1299,7 @@ class ControllableRedisCluster:
     def pause_node(self, index: int) -> Address:
         """SIGSTOP one node: it hangs (connections to it time out) rather than refusing."""
         node = self._nodes[index]
+        self._disturbed = True
         node.process.send(signal.SIGSTOP)
         return node.address
 
@@ -1319,43 +1324,19 @@ class ControllableRedisCluster:
         for node in self._nodes:
             node.kill()
 
-    def is_master(self, index: int) -> bool:
-        return bool(self._nodes[index].info("replication").get("role") == "master")
-
     def ensure_healthy(self) -> None:
+        if self.replicas and self._disturbed:
+            # A master that was killed or hung comes back as a replica of the one
+            # promoted in its place (a hung one may still call itself master for a
+            # moment).  Failing the roles back (CLUSTER FAILOVER) was tried, and could
+            # leave the old master and its replica with one config epoch, after which
+            # the next failover never took the slots (seen in CI: the promoted replica
+            # a master without slots, the hung one still owning them).  A fresh
+            # cluster takes about 2 s.
+            raise ServerError("a node was taken down, and its replica may have taken over")
         for index in range(len(self._nodes)):  # a paused node would never answer
             self.resume_node(index)
         self.start()
-        if not self.replicas:
-            return
-        # A master that was killed came back as a replica of the one promoted in its
-        # place: fail over back to it (CLUSTER FAILOVER, coordinated: no write is lost).
-        for index in range(self.masters):
-            if not self.is_master(index):
-                _wait_for(
-                    f"{self._nodes[index].name} to be a master again",
-                    functools.partial(self._fail_back, index, [float("-inf")]),
-                    timeout=_START_TIMEOUT,
-                    process=self._nodes[index].process,
-                )
-        self.wait_until_ok()
-        demoted = [i for i in range(self.masters) if not self.is_master(i)]
-        if demoted:  # a failover raced the restart: let the harness build a fresh cluster
-            raise ServerError(f"cluster nodes {demoted} are replicas, not masters")
-
-    def _fail_back(self, index: int, last_request: list[float]) -> bool:
-        """True once node ``index`` is a master; else asks it to fail over to itself,
-        again when a manual failover has had time to run out (5 s) on a busy machine."""
-        if self.is_master(index):
-            return True
-        if time.monotonic() - last_request[0] > 6.0:
-            last_request[0] = time.monotonic()
-            client = self._nodes[index].client(socket_timeout=2.0)
-            try:
-                _command(client, "CLUSTER", "FAILOVER")
-            finally:
-                client.close()
-        return False
 
     def destroy(self) -> None:
         if not self._closed:

@@ -468,7 +468,8 @@ def purge_plan(store: Any, conn: Any, now: float, batch_size: int) -> dict[str, 
     oldest = select(func.min(store.table.c.expires_at)).where(store.table.c.expires_at <= now)
     compiled = oldest.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
     floor = conn.execute(str(compiled)).fetchone()[0]
-    pick = store._purge_pick(batch_size, floor is not None).params(now=now, floor=floor)
+    pick = store._purge_pick(batch_size, floor is not None, addresses=True)
+    pick = pick.params(now=now, floor=floor)
     sql = pick.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
     plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + str(sql)).fetchone()[0][0]
     nodes = []

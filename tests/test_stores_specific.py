@@ -105,7 +105,7 @@ def test_postgres_purge_batches_walk_the_expiry_index_from_where_the_last_one_en
             ).scalar_one()
             if floor is None:
                 return
-            pick = store._purge_pick(100, True).params(now=now, floor=floor)
+            pick = store._purge_pick(100, True, addresses=True).params(now=now, floor=floor)
             sql = pick.compile(dialect=store.engine.dialect, compile_kwargs={"literal_binds": True})
             plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"))
             top = plan.scalar_one()[0]["Plan"]
@@ -121,6 +121,36 @@ def test_postgres_purge_batches_walk_the_expiry_index_from_where_the_last_one_en
     assert max(touched) <= 20, touched
     assert max(touched[-10:]) <= max(touched[:10]) + 5, touched  # no growth
     assert store.count(now=now) == rows
+
+
+def test_postgres_purge_picks_keys_where_the_table_has_no_row_addresses(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A purge batch deletes by row address (ctid) on PostgreSQL's own tables.  A view
+    has none, nor may a server that speaks PostgreSQL's protocol on storage of its own:
+    there the purge picks keys, and still deletes only what expired."""
+    store = build_store("postgres", request, tmp_path)
+    assert isinstance(store, SQLStore)
+    store._ensure_table()
+    view = f"{store.table.name}_view"
+    now = 1_800_000_000.0
+    with store.engine.begin() as conn:
+        everything = select(store.table).compile(store.engine)
+        conn.execute(text(f"CREATE VIEW {view} AS {everything}"))
+    through_view = SQLStore(store.engine, table=view)
+    try:
+        dead = [Record(f"{n:032x}", "u", now - 10 - n, 1, b"x") for n in range(5)]
+        live = Record(f"{99:032x}", "u", now + 60, 1, b"x")
+        for record in [*dead, live]:
+            assert through_view.save(record, expected=None, now=now - 100)
+        assert through_view.purge_expired(now=now, batch_size=2) == 5
+        assert through_view._addresses is False
+        assert [r.key for r in store.user_records("u", now=now)] == [live.key]
+        assert store.purge_expired(now=now) == 0
+        assert store._addresses is True
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP VIEW IF EXISTS {view}"))
 
 
 def test_postgres_purge_keeps_a_session_renewed_while_it_runs(

@@ -504,6 +504,9 @@ class SQLStore(Store):
         self.name = engine.dialect.name
         self._create_table = create_table
         self._ready = not create_table
+        #: Whether the table has PostgreSQL's row addresses (``ctid``), which a purge
+        #: batch deletes by; None until the first purge on PostgreSQL asks.
+        self._addresses: bool | None = None
         self._lock = threading.Lock()
         if self.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas(busy_timeout))
@@ -958,17 +961,25 @@ class SQLStore(Store):
             # The pick is of row addresses (ctid), which the delete reaches without the
             # primary key's index: half a batch's pages and time.  A row renewed while
             # the batch waits for its lock has a new address, and a new expiry, so it
-            # is spared twice over.  Each batch goes on from the latest expiry the last
-            # one deleted, told back in one row with the count.
+            # is spared twice over.  Where the table has no addresses (a view; a server
+            # that speaks PostgreSQL's protocol without its storage), it picks keys.
+            # Each batch goes on from the latest expiry the last one deleted, told back
+            # in one row with the count.
+            if self._addresses is None:
+                self._addresses = self._has_addresses()
+            addresses = self._addresses
+
+            def rows(floor: bool) -> Any:
+                pick = self._purge_pick(batch_size, floor, addresses=addresses)
+                if addresses:
+                    return literal_column("ctid") == any_(func.ARRAY(pick.scalar_subquery()))
+                return t.key.in_(pick)
+
             first, then = (
                 select(func.count(), func.max(gone.c.expires_at))
                 for gone in (
                     delete(self.table)
-                    .where(
-                        literal_column("ctid")
-                        == any_(func.ARRAY(self._purge_pick(batch_size, floor).scalar_subquery())),
-                        expired,
-                    )
+                    .where(rows(floor), expired)
                     .returning(t.expires_at)
                     .cte("gone")
                     for floor in (False, True)
@@ -1011,11 +1022,13 @@ class SQLStore(Store):
             if not more:
                 return total
 
-    def _purge_pick(self, batch_size: int, floor: bool = False, *extra: Any) -> Select[Any]:
+    def _purge_pick(
+        self, batch_size: int, floor: bool = False, *extra: Any, addresses: bool = False
+    ) -> Select[Any]:
         """The purge's pick of a batch: the first ``batch_size`` rows expired by the
         bound ``now``, in expiry order, with ``floor`` from the bound ``floor`` on (the
-        latest expiry the last batch deleted); their keys (on PostgreSQL their
-        addresses, ``ctid``) and ``extra`` columns.
+        latest expiry the last batch deleted); their keys (with ``addresses``, their
+        PostgreSQL row addresses, ``ctid``) and ``extra`` columns.
 
         Expiry order walks the expiry index.  Picking any expired rows instead let
         PostgreSQL scan the table from its first page, past every live row and every
@@ -1024,11 +1037,26 @@ class SQLStore(Store):
         same at the end of a purge as at its start, whatever the table's size.
         """
         t = self.table.c
-        what = literal_column("ctid") if self.name == "postgresql" else t.key
+        what = literal_column("ctid") if addresses else t.key
         find = select(what, *extra).where(t.expires_at <= bindparam("now"))
         if floor:
             find = find.where(t.expires_at >= bindparam("floor"))
         return find.order_by(t.expires_at).limit(batch_size)
+
+    def _has_addresses(self) -> bool:
+        """Whether the table has PostgreSQL's row addresses (``ctid``): a table of
+        PostgreSQL's has; a view, or a table of a server that speaks PostgreSQL's
+        protocol on storage of its own, may not.  An outage is raised, not taken for
+        a no."""
+        probe: Select[Any] = select(literal_column("ctid")).select_from(self.table).limit(0)
+        try:
+            self._run(lambda conn: conn.execute(probe).all(), write=False)
+        except StoreUnavailable:
+            raise
+        except StoreError as error:
+            logger.info("%s: the purge picks keys, not row addresses: %s", self.name, error)
+            return False
+        return True
 
     def count_expired(self, *, now: float) -> int:
         """Count the records :meth:`purge_expired` would delete (a range of the expiry index)."""

@@ -969,22 +969,17 @@ class SQLStore(Store):
                 self._addresses = self._has_addresses()
             addresses = self._addresses
 
-            def rows(floor: bool) -> Any:
+            def statement(floor: bool) -> Any:
                 pick = self._purge_pick(batch_size, floor, addresses=addresses)
                 if addresses:
-                    return literal_column("ctid") == any_(func.ARRAY(pick.scalar_subquery()))
-                return t.key.in_(pick)
+                    rows = literal_column("ctid") == any_(func.ARRAY(pick.scalar_subquery()))
+                else:
+                    rows = t.key.in_(pick)
+                gone = delete(self.table).where(rows, expired).returning(t.expires_at)
+                done = gone.cte("gone")
+                return select(func.count(), func.max(done.c.expires_at))
 
-            first, then = (
-                select(func.count(), func.max(gone.c.expires_at))
-                for gone in (
-                    delete(self.table)
-                    .where(rows(floor), expired)
-                    .returning(t.expires_at)
-                    .cte("gone")
-                    for floor in (False, True)
-                )
-            )
+            first, then = statement(False), statement(True)
 
             def batch(conn: Connection) -> tuple[bool, int, float | None]:
                 statement = first if values["floor"] is None else then

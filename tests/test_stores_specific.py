@@ -153,6 +153,52 @@ def test_postgres_purge_picks_keys_where_the_table_has_no_row_addresses(
             conn.execute(text(f"DROP VIEW IF EXISTS {view}"))
 
 
+def test_postgres_purge_picks_keys_on_a_partitioned_table(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """On a partitioned table each partition numbers its rows from the same first
+    address, so a batch deleting by ``ctid`` would also take other partitions' expired
+    rows and move its floor past rows it has not reached.  There the purge picks keys:
+    every expired row goes, whichever partition holds it, and the live ones stay."""
+    store = build_store("postgres", request, tmp_path)
+    assert isinstance(store, SQLStore)
+    name = f"{store.table.name}_parted"
+    now = 1_800_000_000.0
+    first = [f"a{n:031x}" for n in range(4)]  # one partition: the four oldest
+    second = [f"b{n:031x}" for n in range(3)]  # the other: two expired later, one live
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                f"CREATE TABLE {name} (key varchar(32) PRIMARY KEY, user_id varchar(255),"
+                " expires_at double precision NOT NULL, version integer NOT NULL,"
+                " payload bytea NOT NULL) PARTITION BY LIST (key)"
+            )
+        )
+        listed = ", ".join(f"'{key}'" for key in first)
+        conn.execute(text(f"CREATE TABLE {name}_1 PARTITION OF {name} FOR VALUES IN ({listed})"))
+        conn.execute(text(f"CREATE TABLE {name}_2 PARTITION OF {name} DEFAULT"))
+        conn.execute(text(f"CREATE INDEX ON {name} (expires_at)"))
+    parted = SQLStore(store.engine, table=name, create_table=False)
+    try:
+        records = [Record(k, "u", now - 100 + n, 1, b"x") for n, k in enumerate(first)]
+        records += [Record(second[0], "u", now - 50, 1, b"x")]
+        records += [Record(second[1], "u", now - 49, 1, b"x")]
+        records += [Record(second[2], "u", now + 60, 1, b"x")]
+        for record in records:
+            assert parted.save(record, expected=None, now=now - 200)
+        with store.engine.connect() as conn:
+            addresses = text(f"SELECT count(DISTINCT ctid), count(*) FROM {name}")  # noqa: S608
+            shared = conn.execute(addresses).one()
+        assert shared[0] < shared[1]  # the partitions' rows share addresses
+        assert parted.purge_expired(now=now, batch_size=1) == 6
+        assert parted._addresses is False
+        assert parted.count_expired(now=now) == 0
+        assert [r.key for r in parted.user_records("u", now=now)] == [second[2]]
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
 def test_postgres_purge_keeps_a_session_renewed_while_it_runs(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

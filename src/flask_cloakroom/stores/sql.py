@@ -64,6 +64,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import mysql
@@ -961,8 +962,9 @@ class SQLStore(Store):
             # The pick is of row addresses (ctid), which the delete reaches without the
             # primary key's index: half a batch's pages and time.  A row renewed while
             # the batch waits for its lock has a new address, and a new expiry, so it
-            # is spared twice over.  Where the table has no addresses (a view; a server
-            # that speaks PostgreSQL's protocol without its storage), it picks keys.
+            # is spared twice over.  Where addresses do not name one row (a view; a
+            # partitioned table; a server that speaks PostgreSQL's protocol on storage
+            # of its own), it picks keys.
             # Each batch goes on from the latest expiry the last one deleted, told back
             # in one row with the count.
             if self._addresses is None:
@@ -1039,17 +1041,29 @@ class SQLStore(Store):
         return find.order_by(t.expires_at).limit(batch_size)
 
     def _has_addresses(self) -> bool:
-        """Whether the table has PostgreSQL's row addresses (``ctid``): a table of
-        PostgreSQL's has; a view, or a table of a server that speaks PostgreSQL's
-        protocol on storage of its own, may not.  An outage is raised, not taken for
-        a no."""
+        """Whether a purge batch may delete by PostgreSQL's row addresses (``ctid``):
+        yes on a plain table of PostgreSQL's; no on a view, or on a table of a server
+        that speaks PostgreSQL's protocol on storage of its own, which may have none;
+        no on a partitioned table or one with inheritance children, whose rows share
+        addresses across partitions.  An outage is raised, not taken for a no."""
+        kind = text("SELECT relkind, relhassubclass FROM pg_class WHERE oid = CAST(:t AS regclass)")
+        name = self.engine.dialect.identifier_preparer.format_table(self.table)
         probe: Select[Any] = select(literal_column("ctid")).select_from(self.table).limit(0)
+
+        def ask(conn: Connection) -> Any:
+            found = conn.execute(kind, {"t": name}).one_or_none()
+            conn.execute(probe).all()
+            return found
+
         try:
-            self._run(lambda conn: conn.execute(probe).all(), write=False)
+            found = self._run(ask, write=False)
         except StoreUnavailable:
             raise
         except StoreError as error:
             logger.info("%s: the purge picks keys, not row addresses: %s", self.name, error)
+            return False
+        if found is None or tuple(found) != ("r", False):
+            logger.info("%s: the purge picks keys: %s is not a plain table", self.name, name)
             return False
         return True
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import itertools
 import os
 import secrets
 import signal
@@ -37,12 +38,13 @@ from typing import Any
 import pytest
 from flask import Flask, jsonify
 from flask.testing import FlaskClient
+from sqlalchemy import event
 from werkzeug.datastructures import Headers
 
 from flask_cloakroom import ANONYMOUS, Cloakroom, StoreError, StoreUnavailable
 from flask_cloakroom.stores import Store
 from flask_cloakroom.stores.files import FileStore
-from flask_cloakroom.stores.sql import SQLStore
+from flask_cloakroom.stores.sql import CONNECT_REST_FIRST, CONNECT_REST_MOST, SQLStore
 
 from .conftest import add_views
 from .servers import ControllableMysql, ControllablePostgres, ControllableRedis
@@ -197,8 +199,16 @@ def assert_outage(client: FlaskClient, what: str) -> None:
 
 
 def assert_recovered(client: FlaskClient, user: str = "alice", *, rounds: int = 3) -> None:
-    """The same app serves again: old data intact, several writes and reads in a row."""
+    """The same app serves again: old data intact, several writes and reads in a row.
+
+    Where an attempt to connect failed during the outage, the SQL stores' request path
+    tries the next one after a rest (``CONNECT_REST_MOST`` at most): the first request
+    may still get the store-error answer, but one within that time is served."""
     first = call(client, "GET", "/get/x")
+    resting = time.monotonic() + CONNECT_REST_MOST + MARGIN
+    while first.status == 503 and time.monotonic() < resting:
+        time.sleep(0.01)
+        first = call(client, "GET", "/get/x")
     assert first.status == 200, ("first request after the outage", first.status, first.body)
     assert first.json == {"value": "before"}, "data written before the outage"
     assert call(client, "GET", "/whoami").json == {"user": user}, "still logged in"
@@ -293,6 +303,46 @@ def test_sql_server_stopped_gives_fast_503s_then_recovers(
         sql_server.start()
     assert_recovered(alice)
     assert call(visitor, "POST", "/set/x", 1).status == 200
+
+
+def test_sql_request_path_rests_between_connection_attempts_while_the_server_is_down(
+    sql_server: SqlServer, sql_app: Callable[..., tuple[Flask, Cloakroom]]
+) -> None:
+    """While the server is down, the request path does not try to connect on every
+    request: after a failed attempt it rests, doubling the rest with each failure in a
+    row (``CONNECT_REST_FIRST`` up to ``CONNECT_REST_MOST``), and the requests in between
+    get the store-error answer at once.  Trying every time cost each request the
+    driver's connection set-up (PyMySQL 1.2: 20 ms of CPU) or its connect timeout."""
+    app, _ = sql_app(sql_server.url)
+    alice = signed_in(app)
+    store = app.extensions["cloakroom"].store
+    assert isinstance(store, SQLStore)
+    attempts: list[float] = []
+    event.listen(store.engine, "do_connect", lambda *_: attempts.append(time.monotonic()))
+    sql_server.stop()
+    try:
+        started = time.monotonic()
+        answers = []
+        while time.monotonic() - started < 1.2:  # long enough to reach the longest rest
+            answers.append(call(alice, "GET", "/get/x"))
+            time.sleep(0.005)
+        spent = time.monotonic() - started
+    finally:
+        sql_server.start()
+    for answer in answers:
+        assert_unavailable(answer, what="server stopped")
+    # The most attempts the rests allow in that time, the first one included.
+    allowed, rest, at = 1, CONNECT_REST_FIRST, 0.0
+    while at + rest <= spent:
+        at += rest
+        allowed += 1
+        rest = min(2 * rest, CONNECT_REST_MOST)
+    assert 1 <= len(attempts) <= allowed + 1, (len(attempts), allowed, spent)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert all(gap >= CONNECT_REST_FIRST * 0.9 for gap in gaps), gaps
+    assert_recovered(alice)
+    # Once a connection is made again, the next failure rests the shortest time again.
+    assert store._connections._rest == 0.0
 
 
 def test_sql_server_restarted_between_requests_costs_no_request(

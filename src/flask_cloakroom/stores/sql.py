@@ -261,6 +261,22 @@ def _sqlite_busy(error: BaseException) -> bool:
     return isinstance(code, int) and code & 0xFF in (5, 6)
 
 
+#: After an attempt to open a connection fails, the request path opens none for this
+#: long (seconds), doubling with each failure in a row up to the most: its requests
+#: get the store-error answer at once.  Trying on every request cost each one the
+#: driver's whole connection set-up while the server was down (PyMySQL 1.2 loads the
+#: system's CA certificates for every connection: 20 ms of CPU, so two workers served
+#: 70 requests a second during a MariaDB outage), or the whole connect timeout where
+#: the server's host does not answer.  A server that comes back is found within the
+#: most, by one request.
+CONNECT_REST_FIRST: Final = 0.05
+CONNECT_REST_MOST: Final = 0.5
+
+
+class _Resting(Exception):
+    """No connection is opened for now: the last attempt to open one failed."""
+
+
 #: The deadline (seconds) of the operations that scan the table: counts and purge
 #: batches.  Long enough for a big table, short enough that a frozen server does
 #: not hang a command or a metrics scrape forever.
@@ -349,6 +365,10 @@ class _Connections:
         self._idle: deque[_Conn] = deque()
         self._slots = Turns(size)  # fair, and a tenth of a BoundedSemaphore's cost
         self._timeout = timeout
+        #: After failed attempts to connect: how long the next rest is, and until when
+        #: (time.monotonic()) no attempt is made (CONNECT_REST_FIRST).
+        self._rest = 0.0
+        self._resting_until = 0.0
 
     def take(self, *, fresh: bool = False) -> _Conn:
         """An idle connection (a new one if ``fresh`` or none is idle); give it back after."""
@@ -374,6 +394,27 @@ class _Connections:
         self._slots.release()
 
     def _connect(self) -> _Conn:
+        if self._rest:
+            # The last attempt failed.  One caller tries again once the rest is over
+            # (claiming the next rest first, so that callers of other threads wait
+            # for its outcome rather than try too); the others are answered now.
+            now = time.monotonic()
+            if now < self._resting_until:
+                raise _Resting(
+                    "the last attempt to connect to the database failed; the next is in "
+                    f"{(self._resting_until - now) * 1000:.0f} ms"
+                )
+            self._resting_until = now + self._rest
+        try:
+            conn = self._open()
+        except Exception:
+            self._rest = min(2 * self._rest, CONNECT_REST_MOST) or CONNECT_REST_FIRST
+            self._resting_until = time.monotonic() + self._rest
+            raise
+        self._rest = 0.0
+        return conn
+
+    def _open(self) -> _Conn:
         proxied = self._engine.raw_connection()
         conn = proxied.dbapi_connection
         assert conn is not None
@@ -683,7 +724,7 @@ class SQLStore(Store):
         while True:
             try:
                 conn = self._connections.take(fresh=fresh)
-            except PoolTimeout as error:
+            except (PoolTimeout, _Resting) as error:
                 raise StoreUnavailable(str(error), store=self.name) from error
             except dbapi.Error as error:  # no connection: the server is down
                 raise StoreUnavailable(_first_line(error), store=self.name) from error

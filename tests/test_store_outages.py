@@ -9,9 +9,10 @@ process, a files store on a filesystem that is full.  For each one:
   ``CLOAKROOM_STORE_TIMEOUT`` plus a small margin: every such request is timed, and
   one that does not answer at all is reported as a hang instead of hanging the suite;
 * nobody is logged out by the outage (no cookie is deleted or replaced);
-* once the store is back, the *same* app object serves again with no restart: the
-  data written before the outage is there, and several requests in a row succeed (the
-  connection pool is not poisoned by connections that died with the server).
+* once the store is back, the *same* app object serves again with no restart (on SQL
+  stores within the request path's rest between attempts to connect, 500 ms at most):
+  the data written before the outage is there, and several requests in a row succeed
+  (the connection pool is not poisoned by connections that died with the server).
 
 ``CLOAKROOM_ON_STORE_ERROR`` is exercised against a real outage too.  The simulated
 failures (a closed port, an in-process SQLite lock) are in ``test_store_errors.py``.

@@ -395,9 +395,9 @@ class _Connections:
 
     def _connect(self) -> _Conn:
         if self._rest:
-            # The last attempt failed.  One caller tries again once the rest is over
-            # (claiming the next rest first, so that callers of other threads wait
-            # for its outcome rather than try too); the others are answered now.
+            # The last attempt failed.  The first caller after the rest tries again,
+            # claiming the next rest before it does, so that the callers of other
+            # threads do not all try at once; the others are answered now.
             now = time.monotonic()
             if now < self._resting_until:
                 raise _Resting(

@@ -246,6 +246,61 @@ def test_postgres_purge_keeps_a_session_renewed_while_it_runs(
     assert store.load(keys[0]) is None and store.load(keys[2]) is None
 
 
+class _Captured(Exception):
+    """Raised in place of connecting: the driver's arguments were what was wanted."""
+
+
+def _driver_arguments(url: str) -> dict[str, object]:
+    """The keyword arguments the store's engine would hand the driver for ``url``."""
+    from sqlalchemy import event
+
+    from flask_cloakroom.stores import open_store
+
+    store = open_store(url, timeout=1.5)
+    assert isinstance(store, SQLStore)
+    seen: dict[str, object] = {}
+
+    def capture(dialect: object, record: object, cargs: object, cparams: dict[str, object]) -> None:
+        seen.update(cparams)
+        raise _Captured
+
+    event.listen(store.engine, "do_connect", capture)
+    try:
+        with pytest.raises(_Captured):
+            store.engine.connect()
+    finally:
+        store.close()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("url", "wanted"),
+    [
+        # SQLAlchemy turns ssl_* into PyMySQL's ssl dict, which checks the certificate
+        # and the host name (docs/stores.md, "TLS to the database").
+        (
+            "mysql+pymysql://app@db.example/app?ssl_ca=/etc/ssl/db-ca.pem",
+            {"ssl": {"ca": "/etc/ssl/db-ca.pem"}},
+        ),
+        (
+            "postgresql+psycopg://app@db.example/app"
+            "?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem",
+            {"sslmode": "verify-full", "sslrootcert": "/etc/ssl/db-ca.pem"},
+        ),
+    ],
+)
+def test_a_urls_tls_settings_reach_the_driver_beside_the_stores_timeouts(
+    url: str, wanted: dict[str, object]
+) -> None:
+    """The store's own connection settings (timeouts) are added to the URL's, never in
+    place of them: a TLS setting in CLOAKROOM_STORE is what the driver gets."""
+    pytest.importorskip("pymysql" if url.startswith("mysql") else "psycopg")
+    given = _driver_arguments(url)
+    for name, value in wanted.items():
+        assert given[name] == value
+    assert given["connect_timeout"] == (1.5 if url.startswith("mysql") else 2)
+
+
 def test_an_engine_can_be_the_store(tmp_path: Path) -> None:
     """Flask-SQLAlchemy users pass their engine; Cloakroom adds its table to that database."""
     engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")

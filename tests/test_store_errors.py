@@ -1,6 +1,7 @@
 """A failing store gives a clean 503 (or what CLOAKROOM_ON_STORE_ERROR chooses), never a 500,
 never a silent logout, never a half-written session. The failures here are real: a
-database port with nothing listening, and an SQLite file locked by another writer."""
+database port with nothing listening, a host that does not answer, and an SQLite file
+locked by another writer."""
 
 from __future__ import annotations
 
@@ -63,6 +64,62 @@ def test_views_that_ignore_the_session_keep_working(dead_database: str) -> None:
     response = client.get("/get/x")
     assert response.status_code == 503
     assert b"temporarily unavailable" in response.data
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose "host" does not answer, as a machine that is down: the
+    listening socket never accepts and its queue is full, so the kernel drops the
+    packets of every new connection and the client waits out its connect timeout."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = int(server.getsockname()[1])
+    filler = socket.create_connection(("127.0.0.1", port))  # fills the queue
+    probe = socket.socket()
+    probe.settimeout(0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            probe.connect(("127.0.0.1", port))
+        yield port
+    finally:
+        for sock in (probe, filler, server):
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    ("scheme", "driver"),
+    [("redis://{}/0", "redis"), ("mysql+pymysql://root@{}/x", "pymysql"),
+     ("postgresql+psycopg://nobody@{}/x", "psycopg")],
+)  # fmt: skip
+def test_a_store_host_that_does_not_answer_holds_up_few_requests(
+    unanswered_port: int, scheme: str, driver: str
+) -> None:
+    """Every request to a store whose host does not answer would wait out the connect
+    timeout.  After a failed attempt the store rests (at least as long as the attempt
+    took) and answers the requests in between at once, so a worker is held up at most
+    about half of the time and still answers most requests."""
+    pytest.importorskip(driver)
+    app = app_on(scheme.format(f"127.0.0.1:{unanswered_port}"))
+    client = app.test_client()
+    client.set_cookie("session", app.extensions["cloakroom"].signer.sign(b"\x04" * 32))
+    answers: list[tuple[int, float]] = []
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:
+        began = time.monotonic()
+        status = client.get("/get/x").status_code
+        answers.append((status, time.monotonic() - began))
+    spent = time.monotonic() - started
+    assert {status for status, _ in answers} == {503}
+    slow = sorted(seconds for _, seconds in answers if seconds > 0.1)
+    fast = len(answers) - len(slow)
+    assert fast >= 20, (fast, slow)
+    attempt = slow[len(slow) // 2]  # an attempt: the connect timeout, waited out
+    assert attempt >= 0.25, slow  # the timeout is 0.3 s: the host did not answer
+    # A rest follows each attempt and lasts at least as long: at most one attempt
+    # begins in each stretch of twice an attempt's time, the first one included (and
+    # one slow request more, for a noisy machine).
+    assert len(slow) <= spent / (2 * attempt) + 2, (slow, spent)
 
 
 def test_on_store_error_can_send_its_own_response(dead_database: str) -> None:

@@ -10,7 +10,8 @@ process, a files store on a filesystem that is full.  For each one:
   one that does not answer at all is reported as a hang instead of hanging the suite;
 * nobody is logged out by the outage (no cookie is deleted or replaced);
 * once the store is back, the *same* app object serves again with no restart (on SQL
-  stores within the request path's rest between attempts to connect, 500 ms at most):
+  stores within the rest between attempts to connect: 500 ms, or as long as the last
+  failed attempt took):
   the data written before the outage is there, and several requests in a row succeed
   (the connection pool is not poisoned by connections that died with the server).
 
@@ -44,8 +45,9 @@ from werkzeug.datastructures import Headers
 
 from flask_cloakroom import ANONYMOUS, Cloakroom, StoreError, StoreUnavailable
 from flask_cloakroom.stores import Store
+from flask_cloakroom.stores.base import CONNECT_REST_FIRST, CONNECT_REST_MOST
 from flask_cloakroom.stores.files import FileStore
-from flask_cloakroom.stores.sql import CONNECT_REST_FIRST, CONNECT_REST_MOST, SQLStore
+from flask_cloakroom.stores.sql import SQLStore
 
 from .conftest import add_views
 from .servers import ControllableMysql, ControllablePostgres, ControllableRedis
@@ -59,6 +61,9 @@ HANG = 15.0
 #: libpq's minimum connect timeout (seconds).
 CONNECT_MINIMUM = 2.0
 RETRY_AFTER = 7
+#: The longest rest of an SQL store between attempts to connect: at least as long as
+#: the failed attempt took, which on a frozen server is the whole connect timeout.
+LONGEST_REST = max(CONNECT_REST_MOST, TIMEOUT, CONNECT_MINIMUM)
 
 HAS_REDIS_STORE = importlib.util.find_spec("flask_cloakroom.stores.redis") is not None
 needs_redis_store = pytest.mark.skipif(
@@ -202,11 +207,11 @@ def assert_outage(client: FlaskClient, what: str) -> None:
 def assert_recovered(client: FlaskClient, user: str = "alice", *, rounds: int = 3) -> None:
     """The same app serves again: old data intact, several writes and reads in a row.
 
-    Where an attempt to connect failed during the outage, the SQL stores' request path
-    tries the next one after a rest (``CONNECT_REST_MOST`` at most): the first request
-    may still get the store-error answer, but one within that time is served."""
+    Where an attempt to connect failed during the outage, the SQL stores try the next
+    one after a rest (``LONGEST_REST`` at most): the first request may still get the
+    store-error answer, but one within that time is served."""
     first = call(client, "GET", "/get/x")
-    resting = time.monotonic() + CONNECT_REST_MOST + MARGIN
+    resting = time.monotonic() + LONGEST_REST + MARGIN
     while first.status == 503 and time.monotonic() < resting:
         time.sleep(0.01)
         first = call(client, "GET", "/get/x")
@@ -306,18 +311,35 @@ def test_sql_server_stopped_gives_fast_503s_then_recovers(
     assert call(visitor, "POST", "/set/x", 1).status == 200
 
 
-def test_sql_request_path_rests_between_connection_attempts_while_the_server_is_down(
-    sql_server: SqlServer, sql_app: Callable[..., tuple[Flask, Cloakroom]]
+@pytest.mark.parametrize("way_in", ["request", "cold-start", "api"])
+def test_sql_store_rests_between_connection_attempts_while_the_server_is_down(
+    sql_server: SqlServer, sql_app: Callable[..., tuple[Flask, Cloakroom]], way_in: str
 ) -> None:
-    """While the server is down, the request path does not try to connect on every
-    request: after a failed attempt it rests, doubling the rest with each failure in a
-    row (``CONNECT_REST_FIRST`` up to ``CONNECT_REST_MOST``), and the requests in between
-    get the store-error answer at once.  Trying every time cost each request the
-    driver's connection set-up (PyMySQL 1.2: 20 ms of CPU) or its connect timeout."""
+    """While the server is down, the store does not try to connect on every call: after
+    a failed attempt it rests, doubling the rest with each failure in a row
+    (``CONNECT_REST_FIRST`` up to ``CONNECT_REST_MOST``), and the calls in between get
+    the store-error answer at once.  Trying every time cost each request the driver's
+    connection set-up (PyMySQL 1.2: 20 ms of CPU) or its connect timeout.
+
+    ``way_in``: how the calls reach the database.  ``request``: requests of a session
+    loaded before (the request path's own pool).  ``cold-start``: requests to an app
+    whose store has not yet made its table (a worker started during the outage), with
+    a cookie that makes them read the store.  ``api``: reading the activity log
+    (through SQLAlchemy's pool).  Before the rest was shared by all three, the last
+    two tried on every call: one connect timeout, or two, per request.
+    """
     app, _ = sql_app(sql_server.url)
-    alice = signed_in(app)
     store = app.extensions["cloakroom"].store
     assert isinstance(store, SQLStore)
+    if way_in == "request":
+        client, path = signed_in(app), "/get/x"
+    elif way_in == "api":
+        signed_in(app)  # pools a connection of SQLAlchemy's, by writing the login event
+        client, path = app.test_client(), "/activity/alice"
+    else:
+        client, path = app.test_client(), "/get/x"
+        client.set_cookie("session", app.extensions["cloakroom"].signer.sign(b"\x03" * 32))
+        assert not store._ready
     attempts: list[float] = []
     event.listen(store.engine, "do_connect", lambda *_: attempts.append(time.monotonic()))
     sql_server.stop()
@@ -325,13 +347,14 @@ def test_sql_request_path_rests_between_connection_attempts_while_the_server_is_
         started = time.monotonic()
         answers = []
         while time.monotonic() - started < 1.2:  # long enough to reach the longest rest
-            answers.append(call(alice, "GET", "/get/x"))
+            answers.append(call(client, "GET", path))
             time.sleep(0.005)
         spent = time.monotonic() - started
     finally:
         sql_server.start()
     for answer in answers:
-        assert_unavailable(answer, what="server stopped")
+        assert_unavailable(answer, what=f"server stopped, {way_in}")
+    assert len(answers) > 20, len(answers)  # most were answered at once
     # The most attempts the rests allow in that time, the first one included.
     allowed, rest, at = 1, CONNECT_REST_FIRST, 0.0
     while at + rest <= spent:
@@ -341,9 +364,22 @@ def test_sql_request_path_rests_between_connection_attempts_while_the_server_is_
     assert 1 <= len(attempts) <= allowed + 1, (len(attempts), allowed, spent)
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert all(gap >= CONNECT_REST_FIRST * 0.9 for gap in gaps), gaps
-    assert_recovered(alice)
+    if way_in == "request":
+        assert_recovered(client)
+    else:
+        assert_served(client, path)
     # Once a connection is made again, the next failure rests the shortest time again.
-    assert store._connections._rest == 0.0
+    assert not store._connections.rest.resting
+
+
+def assert_served(client: FlaskClient, path: str) -> None:
+    """``GET path`` is served again within the longest rest after the server is back."""
+    resting = time.monotonic() + LONGEST_REST + MARGIN
+    answer = call(client, "GET", path)
+    while answer.status == 503 and time.monotonic() < resting:
+        time.sleep(0.01)
+        answer = call(client, "GET", path)
+    assert answer.status == 200, ("after the outage", path, answer.status, answer.body[:200])
 
 
 def test_sql_server_restarted_between_requests_costs_no_request(

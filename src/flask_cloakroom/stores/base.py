@@ -20,9 +20,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ..errors import ConfigError, NotSupported, StoreUnavailable
+
+_T = TypeVar("_T")
 
 #: Records deleted per batch by :meth:`Store.purge_expired` unless told otherwise.
 #: Small on purpose: on PostgreSQL under load on a fast 2-core machine, while a
@@ -202,6 +204,77 @@ class PollBackoff:
         self.misses += 1
         self.skip = self.backoff
         self.backoff = min(self.backoff * 2, self.MAX_SKIP)
+
+
+#: After an attempt to open a connection to a store's server fails, the store opens
+#: none for this long (seconds), doubling with each failure in a row up to the most,
+#: and never for less time than the failed attempt took; its callers get
+#: ``StoreUnavailable`` at once (:class:`ConnectRest`).  Trying on every call cost each
+#: one the driver's whole connection set-up while the server was down (PyMySQL 1.2
+#: loads the system's CA certificates for every connection: 20 ms of CPU, so two
+#: workers served 70 requests a second during a MariaDB outage), or the whole connect
+#: timeout where the server's host does not answer.  A server that comes back is found
+#: by the first call after the rest.
+CONNECT_REST_FIRST = 0.05
+CONNECT_REST_MOST = 0.5
+
+
+class ConnectRest:
+    """When a store may next try to open a connection to its server, after failures.
+
+    A store keeps one per server, shared by everything in it that connects there:
+    while it rests, :meth:`attempt` raises ``resting`` (an exception class the store
+    translates into :class:`~flask_cloakroom.errors.StoreUnavailable`) without
+    touching the network.  Nothing is added where a connection is already open.
+    """
+
+    __slots__ = ("_rest", "_resting", "_until", "_what")
+
+    def __init__(self, what: str, resting: type[Exception]) -> None:
+        self._what = what
+        self._resting = resting
+        #: How long the last rest was (0: the last attempt succeeded), and until when
+        #: (``time.monotonic()``) no attempt is made.
+        self._rest = 0.0
+        self._until = 0.0
+
+    @property
+    def resting(self) -> bool:
+        """Whether the last attempt failed (a rest is running or has just run out)."""
+        return self._rest > 0
+
+    def attempt(
+        self,
+        open_: Callable[[], _T],
+        failures: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    ) -> _T:
+        """``open_()``, unless resting after a failed attempt (then ``resting``).
+
+        After a failure, the first caller past the rest tries again, claiming the
+        next rest before it does, so that other threads do not all try at once: they
+        are answered at once.  Two threads may still both pass at the very end of a
+        rest: the rest limits attempts, it does not promise a single one.  An error of
+        ``failures`` starts or lengthens the rest; any other (a full pool) leaves it.
+        """
+        if self._rest:
+            now = time.monotonic()
+            if now < self._until:
+                raise self._resting(
+                    f"the last attempt to connect to {self._what} failed; the next is in "
+                    f"{(self._until - now) * 1000:.0f} ms"
+                )
+            self._until = now + self._rest
+        started = time.monotonic()
+        try:
+            opened = open_()
+        except failures:
+            ended = time.monotonic()
+            doubled = min(2 * self._rest, CONNECT_REST_MOST) or CONNECT_REST_FIRST
+            self._rest = max(doubled, ended - started)
+            self._until = ended + self._rest
+            raise
+        self._rest = 0.0
+        return opened
 
 
 def paced(

@@ -84,7 +84,7 @@ from .base import (
     busy_poll_seconds,
 )
 from .redis_cache import RecordCache
-from .redis_lane import Lane, lane_for
+from .redis_lane import Lane, Resting, lane_for
 from .turns import Turns
 
 __all__ = ["RedisStore", "open_redis_store"]
@@ -483,6 +483,8 @@ class RedisStore(Store):
 
     def _translate(self, error: BaseException) -> StoreError:
         text = (str(error).strip().splitlines() or [""])[0]
+        if isinstance(error, Resting):  # its message says it all
+            return StoreUnavailable(text, store=self.name)
         message = f"{type(error).__name__}: {text}" if text else type(error).__name__
         unavailable = isinstance(
             error,

@@ -28,6 +28,13 @@ A lane holds as many connections as the process ever had commands in flight on i
 at once: one per thread that uses the store at the same moment.  :meth:`Lane.close`
 disconnects them; the client's own ``close()`` does not know about them.
 
+After an attempt to connect fails (refused, or unanswered until the connect timeout),
+the lane makes no other for a while (:class:`~flask_cloakroom.stores.base.ConnectRest`:
+50 ms, doubling to 500 ms, never less than the failed attempt took), and its commands
+fail at once with a ``ConnectionError`` saying so.  A Redis host that does not answer
+would otherwise cost every request the whole connect timeout.  Connections already open
+are used as before.
+
 On a plain connection (redis-py's own TCP, TLS or Unix socket connection, over RESP2
 or RESP3) the lane packs the commands and reads the replies itself, on the
 connection's socket, with a reader of its own for each connection (hiredis's where
@@ -86,9 +93,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE as HIREDIS_AVAILABLE
 
 from . import resp
-from .base import PollBackoff
+from .base import ConnectRest, PollBackoff
 
-__all__ = ["Exchange", "Lane", "lane_for"]
+__all__ = ["Exchange", "Lane", "Resting", "lane_for"]
 
 #: Connection classes whose socket the lane reads itself: redis-py's own, exactly.
 _PLAIN: Final = frozenset({Connection, SSLConnection, UnixDomainSocketConnection})
@@ -116,10 +123,30 @@ _PUSHES: Final = _push_classes()
 _HIREDIS_KNOWS_PUSHES: Final = len(_PUSHES) > 1
 
 
+class Resting(RedisConnectionError):
+    """No connection is opened for now: the lane's last attempt to open one failed.
+
+    A ``ConnectionError``, so that whatever handles a server that cannot be reached
+    (the retry policy, a Cluster's fallback, the store's errors) handles it too."""
+
+
+#: What makes a failed attempt to connect (start or lengthen the lane's rest).
+_CONNECT_FAILURES: Final = (RedisConnectionError, RedisTimeoutError)
+
+
 class Lane:
     """Commands on a stack of connections from ``pool``, replies never decoded."""
 
-    __slots__ = ("_busy_poll", "_closes", "_direct", "_idle", "_pid", "_pool", "_reconnect")
+    __slots__ = (
+        "_busy_poll",
+        "_closes",
+        "_direct",
+        "_idle",
+        "_pid",
+        "_pool",
+        "_reconnect",
+        "_rest",
+    )
 
     def __init__(self, pool: Any, *, busy_poll: float = 0.0) -> None:
         self._pool = pool
@@ -135,6 +162,8 @@ class Lane:
         # redis-py 8 asks for a reconnect after a server's maintenance notice (RESP3);
         # on the socket, the lane reconnects after any such notice by itself.
         self._reconnect = not self._direct and hasattr(pool.connection_class, "should_reconnect")
+        #: When the lane may next open a connection, after failed attempts.
+        self._rest = ConnectRest(_server_of(pool), Resting)
 
     def execute(self, *args: Any) -> Any:
         """Send one command and return its reply (bytes as they came).
@@ -198,7 +227,7 @@ class Lane:
         try:
             return self._idle.pop()  # atomic: no lock needed between threads
         except IndexError:
-            wire = _Wire(self._pool.make_connection(), self._direct, self._busy_poll)
+            wire = _Wire(self._pool.make_connection(), self._direct, self._busy_poll, self._rest)
             wire.closes = self._closes
             return wire
 
@@ -270,11 +299,14 @@ class _Wire:
         "pollable",
         "polling",
         "reader",
+        "rest",
         "tuned",
     )
 
-    def __init__(self, connection: Any, direct: bool, busy_poll: float = 0.0) -> None:
+    def __init__(self, connection: Any, direct: bool, busy_poll: float, rest: ConnectRest) -> None:
         self.connection = connection
+        #: The lane's rest between attempts to connect (shared by its wires).
+        self.rest = rest
         #: The lane's count of closes when this wire was made (see :meth:`Lane.close`).
         self.closes = 0
         self.pack = _packer(connection) if direct else None
@@ -309,7 +341,7 @@ class _Wire:
         connection = self.connection
         sock = connection._sock
         if sock is None:
-            connection.connect()
+            self.rest.attempt(connection.connect, _CONNECT_FAILURES)
             sock = connection._sock
         if sock is not self.tuned:  # a new socket: once per connection
             _kernel_timeout(sock, connection.socket_timeout)
@@ -405,10 +437,12 @@ class _Wire:
         return self.redis_py_read(count)
 
     def redis_py_send(self, packed: Any) -> None:
-        # connect() returns at once when connected.  Called here, not left to the
-        # send: on Sentinel only connect() asks the sentinels for the master.
-        self.connection.connect()
-        self.connection.send_packed_command(packed)
+        # Connected here, not left to the send: on Sentinel only connect() asks the
+        # sentinels for the master.
+        connection = self.connection
+        if connection._sock is None:
+            self.rest.attempt(connection.connect, _CONNECT_FAILURES)
+        connection.send_packed_command(packed)
 
     def redis_py_read(self, count: int) -> list[Any]:
         replies = []
@@ -504,6 +538,16 @@ def _raise_translated(error: BaseException, doing: str, connection: Any) -> NoRe
     if isinstance(error, ValueError):  # bytes that are not RESP
         raise InvalidResponse(f"Not a Redis reply from {_where(connection)}: {error}") from error
     raise error
+
+
+def _server_of(pool: Any) -> str:
+    """The server a pool connects to, for messages ("Redis at host:port")."""
+    kwargs = getattr(pool, "connection_kwargs", {})
+    if kwargs.get("path"):
+        return f"Redis at {kwargs['path']}"
+    if "host" in kwargs:
+        return f"Redis at {kwargs['host']}:{kwargs.get('port', 6379)}"
+    return "Redis"  # a Sentinel's pool: the master is found on connecting
 
 
 def _where(connection: Any) -> str:

@@ -76,6 +76,7 @@ from ..errors import ConfigError, StoreError, StoreUnavailable
 from .base import (
     BUSY_POLL_US,
     PURGE_BATCH_SIZE,
+    ConnectRest,
     EventRecord,
     PollBackoff,
     Record,
@@ -261,18 +262,6 @@ def _sqlite_busy(error: BaseException) -> bool:
     return isinstance(code, int) and code & 0xFF in (5, 6)
 
 
-#: After an attempt to open a connection fails, the request path opens none for this
-#: long (seconds), doubling with each failure in a row up to the most: its requests
-#: get the store-error answer at once.  Trying on every request cost each one the
-#: driver's whole connection set-up while the server was down (PyMySQL 1.2 loads the
-#: system's CA certificates for every connection: 20 ms of CPU, so two workers served
-#: 70 requests a second during a MariaDB outage), or the whole connect timeout where
-#: the server's host does not answer.  A server that comes back is found within the
-#: most, by one request.
-CONNECT_REST_FIRST: Final = 0.05
-CONNECT_REST_MOST: Final = 0.5
-
-
 class _Resting(Exception):
     """No connection is opened for now: the last attempt to open one failed."""
 
@@ -365,10 +354,8 @@ class _Connections:
         self._idle: deque[_Conn] = deque()
         self._slots = Turns(size)  # fair, and a tenth of a BoundedSemaphore's cost
         self._timeout = timeout
-        #: After failed attempts to connect: how long the next rest is, and until when
-        #: (time.monotonic()) no attempt is made (CONNECT_REST_FIRST).
-        self._rest = 0.0
-        self._resting_until = 0.0
+        #: When a connection may next be opened, after failed attempts (the store's).
+        self.rest = ConnectRest("the database", _Resting)
 
     def take(self, *, fresh: bool = False) -> _Conn:
         """An idle connection (a new one if ``fresh`` or none is idle); give it back after."""
@@ -394,25 +381,7 @@ class _Connections:
         self._slots.release()
 
     def _connect(self) -> _Conn:
-        if self._rest:
-            # The last attempt failed.  The first caller after the rest tries again,
-            # claiming the next rest before it does, so that the callers of other
-            # threads do not all try at once; the others are answered now.
-            now = time.monotonic()
-            if now < self._resting_until:
-                raise _Resting(
-                    "the last attempt to connect to the database failed; the next is in "
-                    f"{(self._resting_until - now) * 1000:.0f} ms"
-                )
-            self._resting_until = now + self._rest
-        try:
-            conn = self._open()
-        except Exception:
-            self._rest = min(2 * self._rest, CONNECT_REST_MOST) or CONNECT_REST_FIRST
-            self._resting_until = time.monotonic() + self._rest
-            raise
-        self._rest = 0.0
-        return conn
+        return self.rest.attempt(self._open)
 
     def _open(self) -> _Conn:
         proxied = self._engine.raw_connection()
@@ -538,7 +507,7 @@ class SQLStore(Store):
         self.async_commit = async_commit
         self.engine = engine
         self._busy_poll = busy_poll_seconds(busy_poll_us)
-        self._translated = Translated(SQLAlchemyError, self._translate)
+        self._translated = Translated((SQLAlchemyError, _Resting), self._translate)
         metadata = MetaData()
         self.table = sessions_table(table, metadata)
         self.events_table = events_table(f"{table}_events", metadata)
@@ -792,15 +761,22 @@ class SQLStore(Store):
         with self._lock:
             if self._ready:
                 return
-            for table in (self.table, self.events_table):
-                try:
-                    table.create(self.engine, checkfirst=True)
-                except DBAPIError:
-                    # Another process may have created it between check and create.
-                    with self.engine.connect() as conn:
+            with self._engine_connection() as conn:
+                for table in (self.table, self.events_table):
+                    try:
+                        table.create(conn, checkfirst=True)
+                        conn.commit()
+                    except DBAPIError:
+                        # Another process may have created it between check and create.
+                        conn.rollback()
                         if not self.engine.dialect.has_table(conn, table.name):
                             raise
             self._ready = True
+
+    def _engine_connection(self) -> Connection:
+        """A connection from the engine's pool, unless the store is resting after a
+        failed attempt to connect (then :class:`_Resting`; see :class:`_ConnectRest`)."""
+        return self._connections.rest.attempt(self.engine.connect, DBAPIError)
 
     def _errors(self) -> Translated:
         """Translates SQLAlchemy's errors into StoreError (StoreUnavailable where the
@@ -808,6 +784,8 @@ class SQLStore(Store):
         return self._translated
 
     def _translate(self, error: BaseException) -> StoreError:
+        if isinstance(error, _Resting):
+            return StoreUnavailable(str(error), store=self.name)
         if isinstance(error, DBAPIError | PoolTimeout):
             unavailable = isinstance(error, PoolTimeout) or (
                 error.connection_invalidated
@@ -836,7 +814,11 @@ class SQLStore(Store):
         for attempt in (1, 2):
             deadline = _Deadline(max(BULK_TIMEOUT, self._timeout) if bulk else self._timeout)
             try:
-                with self._errors(), self.engine.connect() as conn, deadline.watching(conn):
+                with (
+                    self._errors(),
+                    self._engine_connection() as conn,
+                    deadline.watching(conn),
+                ):
                     try:
                         result = work(conn)
                     except DBAPIError as error:

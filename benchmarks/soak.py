@@ -346,8 +346,10 @@ def _outage_report(
     number: int, outage: Outage, until: float, probes: list[Probe], began: float
 ) -> dict[str, object]:
     """Print and return what the probe saw of one outage: its failures from the store's
-    stop until ``until`` (the next outage), and how soon it succeeded again."""
-    failed = [p for p in probes if p.status != 200 and outage.stopping <= p.at < until]
+    stop until ``until`` (the next outage), and how soon it succeeded again.  A probe
+    belongs to the outage during which it was answered: one sent just before the next
+    outage's stop and failed by it is that outage's."""
+    failed = [p for p in probes if p.status != 200 and outage.stopping <= p.at + p.seconds < until]
     print(
         f"{number}. store stopping at {outage.stopping - began:.1f} s, "
         f"down at {outage.stopped - began:.1f} s, "

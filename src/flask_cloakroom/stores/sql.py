@@ -775,7 +775,11 @@ class SQLStore(Store):
 
     def _engine_connection(self) -> Connection:
         """A connection from the engine's pool, unless the store is resting after a
-        failed attempt to connect (then :class:`_Resting`; see :class:`_ConnectRest`)."""
+        failed attempt to connect (then :class:`_Resting`; see :class:`ConnectRest`).
+
+        A connection the pool already held counts as an attempt that succeeded: if it
+        died with the server, its first statement fails, SQLAlchemy empties the pool,
+        and the next call makes a real attempt (which a down server fails)."""
         return self._connections.rest.attempt(self.engine.connect, DBAPIError)
 
     def _errors(self) -> Translated:

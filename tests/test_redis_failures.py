@@ -162,6 +162,37 @@ def test_login_and_logout_during_an_outage_answer_503(
     assert web.get("/whoami").get_json() == {"user": "alice"}
 
 
+def test_a_redis_outage_logs_each_failed_attempt_not_each_request(
+    controllable_redis: ControllableRedis, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Redis is down the store rests between attempts to connect: each attempt's
+    failure is logged at ERROR with redis-py's own error (not the rest that the lane's
+    retry of it met), the requests answered during a rest at DEBUG."""
+    app = app_on(controllable_redis.url, keys.on(controllable_redis))
+    web = app.test_client()
+    web.post("/set/x", json="before")
+    caplog.set_level(logging.DEBUG, logger="flask_cloakroom")
+    controllable_redis.stop()
+    statuses = []
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 0.45:  # rests of 50, 100 and 200 ms: 4 attempts
+            statuses.append(web.get("/get/x").status_code)
+            time.sleep(0.002)
+    finally:
+        controllable_redis.start()
+    assert set(statuses) == {503}
+    loading = [r for r in caplog.records if r.getMessage().startswith("session store unavailable")]
+    assert len(loading) == len(statuses)
+    errors = [r for r in loading if r.levelno == logging.ERROR]
+    assert 3 <= len(errors) <= 6, [r.getMessage() for r in errors]
+    assert all("ConnectionError" in r.getMessage() for r in errors), errors[0].getMessage()
+    resting = [r for r in loading if r.levelno == logging.DEBUG]
+    assert len(resting) == len(statuses) - len(errors) >= 20
+    assert all("the last attempt to connect to Redis at" in r.getMessage() for r in resting)
+    served_again(web)
+
+
 def test_pooled_connections_survive_a_restart_nobody_saw(
     controllable_redis: ControllableRedis, keys: Keys
 ) -> None:

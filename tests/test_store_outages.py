@@ -25,6 +25,7 @@ import contextlib
 import errno
 import importlib.util
 import itertools
+import logging
 import os
 import secrets
 import signal
@@ -313,7 +314,10 @@ def test_sql_server_stopped_gives_fast_503s_then_recovers(
 
 @pytest.mark.parametrize("way_in", ["request", "cold-start", "api"])
 def test_sql_store_rests_between_connection_attempts_while_the_server_is_down(
-    sql_server: SqlServer, sql_app: Callable[..., tuple[Flask, Cloakroom]], way_in: str
+    sql_server: SqlServer,
+    sql_app: Callable[..., tuple[Flask, Cloakroom]],
+    way_in: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """While the server is down, the store does not try to connect on every call: after
     a failed attempt it rests, doubling the rest with each failure in a row
@@ -342,6 +346,7 @@ def test_sql_store_rests_between_connection_attempts_while_the_server_is_down(
         assert not store._ready
     attempts: list[float] = []
     event.listen(store.engine, "do_connect", lambda *_: attempts.append(time.monotonic()))
+    caplog.set_level(logging.DEBUG, logger="flask_cloakroom")
     sql_server.stop()
     try:
         started = time.monotonic()
@@ -364,6 +369,19 @@ def test_sql_store_rests_between_connection_attempts_while_the_server_is_down(
     assert 1 <= len(attempts) <= allowed + 1, (len(attempts), allowed, spent)
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert all(gap >= CONNECT_REST_FIRST * 0.9 for gap in gaps), gaps
+    if way_in != "api":
+        # One log line a request: an ERROR for an attempt that failed, a DEBUG line
+        # for a request answered during the rest (an outage must not flood the logs).
+        loading = [
+            r for r in caplog.records if r.getMessage().startswith("session store unavailable")
+        ]
+        assert len(loading) == len(answers)
+        errors = [r for r in loading if r.levelno == logging.ERROR]
+        assert 1 <= len(errors) <= len(attempts), (len(errors), len(attempts))
+        assert all("the last attempt to connect" not in r.getMessage() for r in errors)
+        resting = [r for r in loading if r.levelno == logging.DEBUG]
+        assert len(resting) == len(answers) - len(errors)
+        assert all("the last attempt to connect" in r.getMessage() for r in resting)
     if way_in == "request":
         assert_recovered(client)
     else:

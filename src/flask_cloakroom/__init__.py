@@ -23,6 +23,7 @@ from .errors import (
     SessionNotSerializable,
     SessionUnavailable,
     StoreError,
+    StoreResting,
     StoreUnavailable,
     TooManySessions,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "SessionUnavailable",
     "Store",
     "StoreError",
+    "StoreResting",
     "StoreUnavailable",
     "TooManySessions",
     "generate_key",

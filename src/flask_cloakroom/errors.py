@@ -48,6 +48,17 @@ class StoreUnavailable(StoreError):
     """
 
 
+class StoreResting(StoreUnavailable):
+    """No attempt was made: the store's last attempt to connect failed moments ago.
+
+    After a failed attempt to connect, the SQL and Redis stores make no other for
+    a while (50 to 500 ms, and never less than the attempt took) and answer with
+    this at once.  It is a :class:`StoreUnavailable`, handled as one; the interface
+    logs it at DEBUG rather than ERROR, since the attempt that failed was logged
+    already and an outage would otherwise write one line per request.
+    """
+
+
 class RecordDecodeError(CloakroomError):
     """A stored record could not be decoded (corrupt, truncated, foreign, too new).
 

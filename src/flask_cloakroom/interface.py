@@ -16,7 +16,7 @@ from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.exceptions import HTTPException
 
 from .activity import Client, client_ip
-from .errors import SessionUnavailable, StoreError
+from .errors import SessionUnavailable, StoreError, StoreResting
 from .manager import SessionManager
 from .session import ANONYMOUS, ServerSession, UnavailableSession
 
@@ -47,7 +47,7 @@ class CloakroomSessionInterface(SessionInterface):
         try:
             session = manager.open(values, manager.now(), client)
         except StoreError as error:
-            logger.error("session store unavailable while loading a session: %s", error)
+            _log_store_error(error, "session store unavailable while loading a session: %s", error)
             return UnavailableSession(error, self._on_unavailable)
         session.client = client
         return session
@@ -78,8 +78,8 @@ class CloakroomSessionInterface(SessionInterface):
         try:
             manager.save(session, manager.now(), session.client)
         except StoreError as error:
-            logger.error(
-                "session store unavailable while saving session %s: %s", session.key, error
+            _log_store_error(
+                error, "session store unavailable while saving session %s: %s", session.key, error
             )
             self._fail(app, response, error)
             return
@@ -146,6 +146,14 @@ class CloakroomSessionInterface(SessionInterface):
         response.headers.extend(replacement.headers)
         response.direct_passthrough = False
         response.set_data(replacement.get_data())
+
+
+def _log_store_error(error: StoreError, message: str, *args: object) -> None:
+    """Log a store failure met by a request: at ERROR, unless the store made no attempt
+    because it rests after a failed one (logged already), which is DEBUG: an outage
+    would otherwise log a line for every request it answers at once."""
+    level = logging.DEBUG if isinstance(error, StoreResting) else logging.ERROR
+    logger.log(level, message, *args)
 
 
 def cookie_values(header: str | None, name: str) -> list[str]:

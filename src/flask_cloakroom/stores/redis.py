@@ -72,7 +72,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from ..errors import ConfigError, StoreError, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreResting, StoreUnavailable
 from ..tokens import is_store_key
 from .base import (
     BUSY_POLL_US,
@@ -484,7 +484,7 @@ class RedisStore(Store):
     def _translate(self, error: BaseException) -> StoreError:
         text = (str(error).strip().splitlines() or [""])[0]
         if isinstance(error, Resting):  # its message says it all
-            return StoreUnavailable(text, store=self.name)
+            return StoreResting(text, store=self.name)
         message = f"{type(error).__name__}: {text}" if text else type(error).__name__
         unavailable = isinstance(
             error,

@@ -185,6 +185,13 @@ class Lane:
         """
         wire = self._take()
         in_step = False
+        failed: list[BaseException] = []
+
+        def fail(error: BaseException) -> None:
+            if not isinstance(error, Resting):
+                failed.append(error)
+            wire.disconnect()
+
         try:
             if wire.pack is not None:
                 packed = wire.pack(commands)
@@ -192,10 +199,17 @@ class Lane:
             else:
                 packed = _redis_py_pack(wire.connection, commands)
                 trip = wire.redis_py_round_trip
-            replies: list[Any] = wire.connection.retry.call_with_retry(
-                lambda: trip(packed, len(commands)),
-                lambda _error: wire.disconnect(),
-            )
+            try:
+                replies: list[Any] = wire.connection.retry.call_with_retry(
+                    lambda: trip(packed, len(commands)), fail
+                )
+            except Resting:
+                if not failed:
+                    raise
+                # The retry found the lane resting after the failure it retried (a
+                # refused connection): that failure is the answer, not the rest.
+                error = failed[-1]
+                raise error from error.__cause__
             in_step = True
             return replies
         finally:

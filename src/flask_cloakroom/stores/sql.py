@@ -72,7 +72,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..errors import ConfigError, StoreError, StoreUnavailable
+from ..errors import ConfigError, StoreError, StoreResting, StoreUnavailable
 from .base import (
     BUSY_POLL_US,
     PURGE_BATCH_SIZE,
@@ -693,7 +693,9 @@ class SQLStore(Store):
         while True:
             try:
                 conn = self._connections.take(fresh=fresh)
-            except (PoolTimeout, _Resting) as error:
+            except _Resting as error:
+                raise StoreResting(str(error), store=self.name) from error
+            except PoolTimeout as error:
                 raise StoreUnavailable(str(error), store=self.name) from error
             except dbapi.Error as error:  # no connection: the server is down
                 raise StoreUnavailable(_first_line(error), store=self.name) from error
@@ -789,7 +791,7 @@ class SQLStore(Store):
 
     def _translate(self, error: BaseException) -> StoreError:
         if isinstance(error, _Resting):
-            return StoreUnavailable(str(error), store=self.name)
+            return StoreResting(str(error), store=self.name)
         if isinstance(error, DBAPIError | PoolTimeout):
             unavailable = isinstance(error, PoolTimeout) or (
                 error.connection_invalidated

@@ -766,3 +766,38 @@ def test_redis_frozen_server_gives_a_bounded_answer(
         thaw()
     assert_unavailable(timed, what="frozen Redis")
     assert_recovered(alice)
+
+
+@needs_redis_store
+def test_a_frozen_redis_costs_the_timeout_only_to_the_store_attempts(
+    controllable_redis: ControllableRedis, redis_app: tuple[Flask, Cloakroom]
+) -> None:
+    """A frozen Redis keeps accepting connections (the kernel does) but never answers.
+    The pooled connection's request waits the timeout; after it, each new connection
+    waits for its hand-shake (redis-py's ``CLIENT SETINFO``) and fails: an attempt to
+    connect that failed, so the store rests at least as long before the next, and the
+    requests in between are answered at once.  Before the rest every request waited
+    the whole timeout."""
+    app, _ = redis_app
+    alice = signed_in(app)
+    client = controllable_redis.client()
+    try:
+        pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    answers: list[Timed] = []
+    thaw = freeze(pid)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:
+            answers.append(call(alice, "GET", "/get/x", limit=FROZEN_LIMIT))
+        spent = time.monotonic() - started
+    finally:
+        thaw()
+    for answer in answers:
+        assert_unavailable(answer, what="frozen Redis")
+    slow = [a.seconds for a in answers if a.seconds > TIMEOUT / 2]
+    assert len(answers) - len(slow) >= 20, (len(answers), slow)
+    # The pooled connection's wait, then at most one attempt in each twice the timeout.
+    assert len(slow) <= spent / (2 * TIMEOUT) + 2, (slow, spent)
+    assert_recovered(alice)

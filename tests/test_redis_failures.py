@@ -469,6 +469,36 @@ def test_a_dead_cluster_master_fails_only_its_own_sessions(
                 assert response.get_json() == {"value": i}
 
 
+def test_a_frozen_cluster_master_costs_the_timeout_only_to_the_attempts(
+    make_app: AppFactory, controllable_redis_cluster: ControllableRedisCluster, keys: Keys
+) -> None:
+    """A frozen master (SIGSTOP) of a Cluster without replicas: its sessions' requests
+    fail, at once but for the node lane's attempts to connect (each a hand-shake that
+    times out, then a rest at least as long).  The Cluster client is not asked to try
+    the same node again while the lane rests: each request waited the timeout before.
+    The other shards serve as before."""
+    cluster = controllable_redis_cluster
+    with sessions_across_shards(make_app, cluster, keys, 12) as shards:
+        on_dead = next(web for web, _, dead in shards.visitors if dead)
+        alive, value = next((web, i) for web, i, dead in shards.visitors if not dead)
+        cluster.pause_node(0)
+        try:
+            answers: list[tuple[int, float]] = []
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:
+                began = time.monotonic()
+                status = on_dead.get("/get/x").status_code
+                answers.append((status, time.monotonic() - began))
+            spent = time.monotonic() - started
+            assert timed(lambda: alive.get("/get/x")).get_json() == {"value": value}
+        finally:
+            cluster.resume_node(0)
+        assert {status for status, _ in answers} == {503}
+        slow = [seconds for _, seconds in answers if seconds > 0.25]  # the timeout: 0.5 s
+        assert len(answers) - len(slow) >= 20, (len(answers), slow)
+        assert len(slow) <= spent / (2 * 0.5) + 2, (slow, spent)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("failure", ["killed", "hung"])
 def test_a_cluster_failover_to_a_replica_keeps_the_sessions(

@@ -570,6 +570,11 @@ class RedisStore(Store):
             return connection.execute_command(*args, **options)
         except (MovedError, AskError, TryAgainError):
             return client.execute_command(*args, **options)
+        except Resting:
+            # The node's lane failed to connect moments ago: the Cluster client would
+            # try the same node again.  Its next attempt, after the rest, re-reads the
+            # topology if it times out (below), and falls back if it is refused.
+            raise
         except RedisConnectionError:
             # A connection that died in the pool (the node restarted), or a node that
             # is gone: once more through the Cluster client, which reconnects, or
@@ -696,7 +701,8 @@ class RedisStore(Store):
         What a node could not take (its connection failed, or it answered with a
         redirection: the slots moved) goes once more through the Cluster client's
         pipeline, which reconnects and follows redirections; every write is safe to
-        send twice.  Timeouts are not sent again.
+        send twice.  Timeouts are not sent again, nor what a node's lane refused while
+        it rests after a failed attempt to connect.
         """
         groups: dict[str, tuple[Lane, list[int], list[tuple[Any, ...]]]] = {}
         targets = [client.get_node_from_key(op.key) for op in ops] + list(waits)
@@ -718,6 +724,8 @@ class RedisStore(Store):
         for indexes, exchange in exchanges:  # every one finished: its connection goes back
             try:
                 replies = exchange.finish()
+            except Resting as error:  # the node's lane rests: in its ops' places
+                replies = [error] * len(indexes)
             except RedisConnectionError:
                 again.extend(i for i in indexes if i < len(ops))
                 waits_again = waits_again or indexes[-1] >= len(ops)

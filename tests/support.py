@@ -1,18 +1,37 @@
 """Test helpers shared by the test modules (and benchmarks/redis_round_trips.py): a
-settable clock, a counting store, and a redis-py connection class that counts traffic."""
+settable clock, a counting store, a redis-py connection class that counts traffic, and
+a wait for a store's rest after an outage."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from redis.connection import Connection
 
 from flask_cloakroom.stores.base import PURGE_BATCH_SIZE
 from flask_cloakroom.stores.instrumented import InstrumentedStore
 from flask_cloakroom.stores.memory import MemoryStore
+
+_A = TypeVar("_A")
+
+
+def after_the_rest(ask: Callable[[], _A], resting: Callable[[_A], bool], within: float) -> _A:
+    """The first answer of ``ask()`` that ``resting`` does not call the store-error
+    answer, asking again for up to ``within`` seconds (the last answer if none).
+
+    After a failed attempt to connect, a store makes no other for a while
+    (:class:`~flask_cloakroom.stores.base.ConnectRest`): the first requests after an
+    outage may still get the 503, and one after the rest is served.
+    """
+    deadline = time.monotonic() + within
+    answer = ask()
+    while resting(answer) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        answer = ask()
+    return answer
 
 
 class FakeClock:

@@ -38,6 +38,7 @@ from .servers import (
     ServerError,
     flush_prefix,
 )
+from .support import after_the_rest
 
 NOW = 2_000_000_000.0
 
@@ -113,12 +114,9 @@ def served_again(web: FlaskClient) -> None:
     (``CONNECT_REST_MOST`` at most after a refused connection): a request in that time
     gets the store-error answer, one after it is served.
     """
-    deadline = time.monotonic() + CONNECT_REST_MOST + 0.4
-    while True:
-        status = web.get("/whoami").status_code
-        if status != 503 or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
+    status = after_the_rest(
+        lambda: web.get("/whoami").status_code, lambda s: s == 503, CONNECT_REST_MOST + 0.4
+    )
     assert status == 200, status
 
 

@@ -52,6 +52,7 @@ from flask_cloakroom.stores.sql import SQLStore
 
 from .conftest import add_views
 from .servers import ControllableMysql, ControllablePostgres, ControllableRedis
+from .support import after_the_rest
 
 #: CLOAKROOM_STORE_TIMEOUT for every app here, in seconds.
 TIMEOUT = 0.5
@@ -211,11 +212,9 @@ def assert_recovered(client: FlaskClient, user: str = "alice", *, rounds: int = 
     Where an attempt to connect failed during the outage, the SQL stores try the next
     one after a rest (``LONGEST_REST`` at most): the first request may still get the
     store-error answer, but one within that time is served."""
-    first = call(client, "GET", "/get/x")
-    resting = time.monotonic() + LONGEST_REST + MARGIN
-    while first.status == 503 and time.monotonic() < resting:
-        time.sleep(0.01)
-        first = call(client, "GET", "/get/x")
+    first = after_the_rest(
+        lambda: call(client, "GET", "/get/x"), lambda a: a.status == 503, LONGEST_REST + MARGIN
+    )
     assert first.status == 200, ("first request after the outage", first.status, first.body)
     assert first.json == {"value": "before"}, "data written before the outage"
     assert call(client, "GET", "/whoami").json == {"user": user}, "still logged in"
@@ -392,11 +391,9 @@ def test_sql_store_rests_between_connection_attempts_while_the_server_is_down(
 
 def assert_served(client: FlaskClient, path: str) -> None:
     """``GET path`` is served again within the longest rest after the server is back."""
-    resting = time.monotonic() + LONGEST_REST + MARGIN
-    answer = call(client, "GET", path)
-    while answer.status == 503 and time.monotonic() < resting:
-        time.sleep(0.01)
-        answer = call(client, "GET", path)
+    answer = after_the_rest(
+        lambda: call(client, "GET", path), lambda a: a.status == 503, LONGEST_REST + MARGIN
+    )
     assert answer.status == 200, ("after the outage", path, answer.status, answer.body[:200])
 
 

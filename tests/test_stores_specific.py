@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import secrets
 import threading
 import time
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -455,3 +459,81 @@ def test_turns_with_slots_lend_that_many_at_once_then_queue_in_order() -> None:
         slots.release()  # as BoundedSemaphore: a release without its acquire is a bug
     with pytest.raises(ValueError, match="at least one slot"):
         Turns(0)
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "not-closed"])
+@pytest.mark.parametrize(
+    "kind", ["sqlite", "postgres", "mysql", "redis", "redis_cluster", "redis_sentinel"]
+)
+def test_an_app_dropped_with_its_store_leaves_nothing_behind(
+    kind: str, closed: bool, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """An app factory run once per test, or an app rebuilt at run time, drops stores.
+    Each must be freed with what it holds: the driver's client or engine and, on
+    Redis, the lanes and their sockets (a Cluster's per node).  A Cluster store's lanes
+    had been held for good by a clean-up callback that reached the client it waited
+    for: every Cluster store made kept its client, its command table and, unless
+    closed, a socket to each node."""
+    url, config = _store_url(kind, request, tmp_path)
+
+    def use_and_drop() -> list[weakref.ref[Any]]:
+        app = Flask(__name__)
+        app.config.update(SECRET_KEY="s" * 32, CLOAKROOM_STORE=url, **config)
+        cloak = Cloakroom(app)
+        add_views(app, cloak)
+        client = app.test_client()
+        for step in range(3):
+            assert client.post("/login/alice").status_code == 200
+            assert client.post("/set/k", json=step).status_code == 200
+            assert client.get("/get/k").get_json() == {"value": step}
+        store = app.extensions["cloakroom"].store
+        held = [store, *_store_parts(store)]
+        if closed:
+            store.close()
+        return [weakref.ref(part) for part in held]
+
+    refs = use_and_drop()
+    gc.collect()
+    alive = [type(ref()).__name__ for ref in refs if ref() is not None]
+    assert len(refs) > 1, refs
+    assert alive == [], f"{kind}: still held after the app was dropped: {alive}"
+
+
+def _store_url(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> tuple[str, dict[str, Any]]:
+    """A store URL of ``kind`` on the test servers, and the settings that keep the
+    test's data apart (its own table or key prefix, removed when the test ends)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'sessions.db'}", {}
+    if kind in ("postgres", "mysql"):
+        url = request.getfixturevalue(f"{kind}_url")
+        table = "cr_test_" + secrets.token_hex(4)
+
+        def drop() -> None:
+            engine = create_engine(url)
+            with engine.begin() as conn:
+                conn.execute(text(f"DROP TABLE IF EXISTS {table}, {table}_events"))
+            engine.dispose()
+
+        request.addfinalizer(drop)
+        return url, {"CLOAKROOM_SQL_TABLE": table}
+    from .servers import flush_prefix
+
+    server = request.getfixturevalue("redis_server" if kind == "redis" else kind)
+    prefix = f"{server.prefix}{secrets.token_hex(4)}:"
+    request.addfinalizer(lambda: flush_prefix(server.url, prefix))
+    return server.url, {"CLOAKROOM_REDIS_PREFIX": prefix}
+
+
+def _store_parts(store: Any) -> list[Any]:
+    """What a store holds that must go with it: its engine, or its redis-py client and
+    the connection pools of its lanes (a Cluster's node clients and theirs too)."""
+    if isinstance(store, SQLStore):
+        return [store.engine]
+    client = store.client
+    if not store.cluster:
+        return [client, client.connection_pool]
+    assert store._node_lanes, "the requests went through no node's lane"
+    nodes = [node.redis_connection for node in client.get_nodes() if node.redis_connection]
+    return [client, *nodes, *(node.connection_pool for node in nodes)]

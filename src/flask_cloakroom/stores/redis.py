@@ -451,8 +451,8 @@ class RedisStore(Store):
         self._lock_timeout = wait_timeout
         self._cache = None
         self._lane = None
-        # A Cluster's lanes, one per node client (dropped with a node that left).
-        self._node_lanes: weakref.WeakKeyDictionary[Any, Lane] = weakref.WeakKeyDictionary()
+        # A Cluster's lanes, one per node client, by the client's id (see _node_lane).
+        self._node_lanes: dict[int, tuple[weakref.ref[Any], Lane]] = {}
         self._turns = [Turns() for _ in range(_LOCAL_STRIPES)]
         self.name = "redis-cluster" if cluster else _standalone_name(client)
         self._where = where
@@ -585,16 +585,31 @@ class RedisStore(Store):
             raise
 
     def _node_lane(self, node_client: Any) -> Lane:
-        lane = self._node_lanes.get(node_client)
-        if lane is None:
-            fresh = Lane(node_client.connection_pool, busy_poll=self._busy_poll)
-            lane = self._node_lanes.setdefault(node_client, fresh)
-            if lane is fresh:
-                # When redis-py drops the node's client (the topology changed: a
-                # failover, a node removed), the lane goes too: close its sockets then,
-                # rather than leave them to the garbage collector.
-                weakref.finalize(node_client, fresh.close)
-        return lane
+        entry = self._node_lanes.get(id(node_client))
+        if entry is not None and entry[0]() is node_client:
+            return entry[1]
+        return self._new_node_lane(node_client)
+
+    def _new_node_lane(self, node_client: Any) -> Lane:
+        """The lane of a node client met for the first time.  The lanes of node clients
+        redis-py has dropped since (the topology changed: a failover, a node removed)
+        are closed and forgotten here, rather than left to the garbage collector.
+
+        The node clients are held weakly, and no clean-up callback waits for them to
+        go: a lane leads, through its connection pool, to the Cluster client and so to
+        every node client, so such a callback kept them all (and the store's sockets)
+        for the life of the process."""
+        with self._lock:
+            lanes = self._node_lanes
+            for ident, (ref, gone) in list(lanes.items()):
+                if ref() is None:
+                    del lanes[ident]
+                    gone.close()
+            entry = lanes.get(id(node_client))
+            if entry is None or entry[0]() is not node_client:
+                lane = Lane(node_client.connection_pool, busy_poll=self._busy_poll)
+                entry = lanes[id(node_client)] = (weakref.ref(node_client), lane)
+            return entry[1]
 
     def _refresh_topology(self, client: Any, failed: str) -> None:
         """Have the Cluster client re-read the slot table (after a failover, say)."""
@@ -1211,7 +1226,7 @@ class RedisStore(Store):
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
-        for lane in [self._lane, *self._node_lanes.values()]:
+        for lane in [self._lane, *(lane for _, lane in self._node_lanes.values())]:
             if lane is not None:
                 lane.close()
         if not self._owns_client:

@@ -40,6 +40,9 @@ from .servers import (
 )
 from .support import after_the_rest
 
+# Each test bounds how long requests take: no collection of older garbage meanwhile.
+pytestmark = pytest.mark.usefixtures("no_collector_pauses")
+
 NOW = 2_000_000_000.0
 
 

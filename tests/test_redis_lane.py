@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import multiprocessing
 import os
 import secrets
@@ -931,35 +930,3 @@ def test_the_store_polls_as_configured(
     for bad in (-1, 1001, 50.0, True, "50"):
         with pytest.raises(ConfigError, match="CLOAKROOM_BUSY_POLL"):
             RedisStore(redis.Redis(), busy_poll_us=bad)
-
-
-def test_the_lane_of_a_node_client_redis_py_dropped_is_closed_when_the_next_is_made(
-    redis_cluster: RedisClusterServer,
-) -> None:
-    """After a topology change redis-py replaces its node clients; the store's lane of
-    a dropped one is closed (its sockets with it) when the lane of a new one is made,
-    and forgotten.  Nothing waits for the dropped client in a clean-up callback: that
-    callback's lane led back to the client and held it, and the store, for good."""
-    prefix = f"{redis_cluster.prefix}lane:{secrets.token_hex(4)}:"
-    store = open_redis_store(redis_cluster.url, prefix=prefix, timeout=1.0, wait_replicas=0)
-    assert isinstance(store, RedisStore)
-    node = store.client.get_nodes()[0]
-    node_client: Any = redis.Redis(host=node.host, port=node.port)
-    other = redis.Redis(host=node.host, port=node.port)
-    try:
-        lane = store._node_lane(node_client)
-        assert store._node_lane(node_client) is lane
-        assert lane.execute("PING") == b"PONG"
-        assert len(lane) == 1  # its connection, idle
-        node_client.close()
-        del node_client
-        gc.collect()
-        assert len(lane) == 1  # nothing has closed it yet
-        fresh = store._node_lane(other)
-        assert fresh is not lane
-        assert len(lane) == 0, "the dropped client's lane kept its connection"
-        assert [held for _, held in store._node_lanes.values()] == [fresh]
-        assert fresh.execute("PING") == b"PONG"
-    finally:
-        other.close()
-        store.close()

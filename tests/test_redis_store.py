@@ -1147,16 +1147,29 @@ def test_a_node_lane_closes_its_sockets_when_redis_py_drops_the_nodes_client(
     standalone: RedisStore, redis_server: RedisServer
 ) -> None:
     """A Cluster's topology changes (a failover): redis-py replaces a node's client, and
-    the store's lane for the old one closes its connections then, not at some GC."""
+    the store's lane for the old one closes its connections when the lane of the new
+    one is made, not at some GC, and is forgotten.  Nothing waits for the dropped client
+    in a clean-up callback: such a callback's lane led, through its pool, back to the
+    Cluster client and so to the node client, and held them all for good."""
     import gc
 
     node_client: Any = redis.Redis.from_url(redis_server.url)
-    lane = standalone._node_lane(node_client)
-    assert lane.execute("PING") == b"PONG"
-    (wire,) = lane._idle
-    sock = wire.connection._sock
-    assert sock is not None and sock.fileno() >= 0
-    del node_client, lane
-    gc.collect()
-    assert wire.connection._sock is None
-    assert sock.fileno() == -1  # closed by the lane, so no ResourceWarning later
+    other: Any = redis.Redis.from_url(redis_server.url)
+    try:
+        lane = standalone._node_lane(node_client)
+        assert standalone._node_lane(node_client) is lane
+        assert lane.execute("PING") == b"PONG"
+        (wire,) = lane._idle
+        sock = wire.connection._sock
+        assert sock is not None and sock.fileno() >= 0
+        node_client.close()
+        del node_client
+        gc.collect()
+        fresh = standalone._node_lane(other)
+        assert fresh is not lane
+        assert wire.connection._sock is None
+        assert sock.fileno() == -1  # closed by the lane, so no ResourceWarning later
+        assert [held for _, held in standalone._node_lanes.values()] == [fresh]
+        assert fresh.execute("PING") == b"PONG"
+    finally:
+        other.close()

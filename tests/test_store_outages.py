@@ -54,6 +54,9 @@ from .conftest import add_views
 from .servers import ControllableMysql, ControllablePostgres, ControllableRedis
 from .support import after_the_rest
 
+# Each test bounds how long requests take: no collection of older garbage meanwhile.
+pytestmark = pytest.mark.usefixtures("no_collector_pauses")
+
 #: CLOAKROOM_STORE_TIMEOUT for every app here, in seconds.
 TIMEOUT = 0.5
 #: How much longer than TIMEOUT an outage request may take (Flask, the test client).

@@ -463,7 +463,8 @@ def test_turns_with_slots_lend_that_many_at_once_then_queue_in_order() -> None:
 
 @pytest.mark.parametrize("closed", [True, False], ids=["closed", "not-closed"])
 @pytest.mark.parametrize(
-    "kind", ["sqlite", "postgres", "mysql", "redis", "redis_cluster", "redis_sentinel"]
+    "kind",
+    ["sqlite", "postgres", "mysql", "redis", "redis_cached", "redis_cluster", "redis_sentinel"],
 )
 def test_an_app_dropped_with_its_store_leaves_nothing_behind(
     kind: str, closed: bool, request: pytest.FixtureRequest, tmp_path: Path
@@ -520,10 +521,13 @@ def _store_url(
         return url, {"CLOAKROOM_SQL_TABLE": table}
     from .servers import flush_prefix
 
-    server = request.getfixturevalue("redis_server" if kind == "redis" else kind)
+    server = request.getfixturevalue(
+        {"redis": "redis_server", "redis_cached": "redis_server"}.get(kind, kind)
+    )
     prefix = f"{server.prefix}{secrets.token_hex(4)}:"
     request.addfinalizer(lambda: flush_prefix(server.url, prefix))
-    return server.url, {"CLOAKROOM_REDIS_PREFIX": prefix}
+    cache = {"CLOAKROOM_REDIS_CLIENT_CACHE": 100} if kind == "redis_cached" else {}
+    return server.url, {"CLOAKROOM_REDIS_PREFIX": prefix, **cache}
 
 
 def _store_parts(store: Any) -> list[Any]:

@@ -726,6 +726,7 @@ def test_an_error_reply_is_raised_as_the_connections_parser_makes_it_when_it_com
         client.close()
 
 
+@pytest.mark.usefixtures("no_collector_pauses")  # it bounds a wait by 0.5 s more
 def test_a_timed_out_reply_is_never_read_by_the_next_command(target: Target, lane: Lane) -> None:
     """The server answers the BLPOP after the client gave up; were the connection
     used again, the next GET would read that late nil instead of its own reply."""

@@ -514,3 +514,56 @@ def test_metrics(make_app: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     assert value("cloakroom_events_total", kind="login") == logins + 1
     assert value("cloakroom_store_seconds_count", op="load") >= loads + 1
     assert value("cloakroom_live_sessions") >= 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis_cached"])
+def test_the_metrics_of_a_dropped_app_go_with_it(
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live-session and client-cache gauges hold an app's store weakly: an app that
+    is dropped is freed with its store (and its connections), and a scrape after that
+    leaves its gauges out.  They had held the store for as long as no other app of the
+    same name came, and one named per tenant or per test, for good."""
+    import gc
+    import secrets
+    import weakref
+
+    from prometheus_client import REGISTRY
+
+    from flask_cloakroom import metrics
+
+    monkeypatch.setattr(metrics, "_CACHE_SECONDS", 0.0)  # count on every scrape here
+    name = f"dropped_{secrets.token_hex(4)}"
+    config: dict[str, Any] = {"CLOAKROOM_STORE": "memory://"}
+    if kind == "redis_cached":
+        from .servers import flush_prefix
+
+        server = request.getfixturevalue("redis_server")
+        prefix = f"{server.prefix}{secrets.token_hex(4)}:"
+        request.addfinalizer(lambda: flush_prefix(server.url, prefix))
+        config = {
+            "CLOAKROOM_STORE": server.url,
+            "CLOAKROOM_REDIS_PREFIX": prefix,
+            "CLOAKROOM_REDIS_CLIENT_CACHE": 100,
+        }
+    gauge = "cloakroom_redis_cache_records" if kind == "redis_cached" else "cloakroom_live_sessions"
+
+    def use_and_drop() -> weakref.ref[Any]:
+        app = Flask(name)
+        app.config.update(SECRET_KEY="s" * 32, CLOAKROOM_METRICS=True, **config)
+        cloak = Cloakroom(app)
+
+        @app.post("/login/<user>")
+        def login(user: str) -> str:
+            cloak.login(user)
+            return "ok"
+
+        app.test_client().post("/login/alice")
+        assert REGISTRY.get_sample_value(gauge, {"app": name}) is not None
+        return weakref.ref(app.extensions["cloakroom"].store.inner)
+
+    store = use_and_drop()
+    gc.collect()
+    assert store() is None, "the metrics kept the dropped app's store"
+    assert REGISTRY.get_sample_value("cloakroom_live_sessions", {"app": name}) is None
+    assert REGISTRY.get_sample_value("cloakroom_redis_cache_records", {"app": name}) is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -118,12 +117,7 @@ class Cloakroom:
         if settings.metrics:
             from .metrics import Metrics, instrument
 
-            counted = store
-            metrics = Metrics(
-                app.name,
-                lambda: counted.count(now=time.time()),
-                getattr(store, "cache_stats", None),
-            )
+            metrics = Metrics(app.name, store)
             store = instrument(store, metrics)
         kind = CookieSessionManager if cookie_mode else SessionManager
         manager = kind(settings, store, serializer=session_json_serializer, clock=self._clock)

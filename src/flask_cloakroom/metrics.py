@@ -11,7 +11,9 @@ Registered once per process in prometheus-client's default registry, with an
     Store operations that raised.
 ``cloakroom_live_sessions{app}``
     Live sessions, counted by the store when scraped (cached for 30 seconds,
-    so a scrape never costs more than one count every 30 seconds).
+    so a scrape never costs more than one count every 30 seconds).  The gauges
+    hold an app's store weakly: an app that is dropped (an app factory run per
+    test, say) is freed with its store, and its gauges go.
 ``cloakroom_redis_cache_lookups_total{app, result}``, and
 ``cloakroom_redis_cache_invalidations_total{app}``, ``cloakroom_redis_cache_records{app}``
     With ``CLOAKROOM_REDIS_CLIENT_CACHE``, in this process: cached reads
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,8 +39,10 @@ from .stores.base import Store
 _CACHE_SECONDS = 30.0
 _lock = threading.Lock()
 _families: dict[str, Any] = {}
-_live: dict[str, tuple[Callable[[], int], list[float]]] = {}
-_caches: dict[str, Callable[[], dict[str, int] | None]] = {}
+#: By app name: the app's store (held weakly) and its last count, when it was made.
+_live: dict[str, tuple[Callable[[], Store | None], list[float]]] = {}
+#: By app name: the store of an app with a client-side cache (held weakly).
+_caches: dict[str, Callable[[], Any]] = {}
 
 
 def _prometheus() -> Any:
@@ -90,11 +95,15 @@ def _setup() -> dict[str, Any]:
                 family = GaugeMetricFamily(
                     "cloakroom_live_sessions", "Live sessions in the store.", labels=["app"]
                 )
-                for app, (count, cache) in list(_live.items()):
+                for app, (held, cache) in list(_live.items()):
                     now = time.monotonic()
                     if now - cache[1] > _CACHE_SECONDS:
+                        store = held()
+                        if store is None:  # the app was dropped
+                            _live.pop(app, None)
+                            continue
                         try:
-                            cache[0], cache[1] = float(count()), now
+                            cache[0], cache[1] = float(store.count(now=time.time())), now
                         except (StoreError, NotSupported):
                             continue  # the store is down, or cannot count: no gauge
                     family.add_metric([app], cache[0])
@@ -117,8 +126,12 @@ def _setup() -> dict[str, Any]:
                 "Records held by the Redis client-side cache.",
                 labels=["app"],
             )
-            for app, stats_of in list(_caches.items()):
-                stats = stats_of()
+            for app, held in list(_caches.items()):
+                store = held()
+                if store is None:  # the app was dropped
+                    _caches.pop(app, None)
+                    continue
+                stats = store.cache_stats()
                 if stats is None:
                     continue
                 lookups.add_metric([app, "hit"], stats["hits"])
@@ -134,20 +147,16 @@ def _setup() -> dict[str, Any]:
 class Metrics:
     """The metrics of one app: hand :meth:`observe_store` and :meth:`observe_event` around."""
 
-    def __init__(
-        self,
-        app_name: str,
-        count_live: Callable[[], int],
-        cache_stats: Callable[[], dict[str, int] | None] | None = None,
-    ) -> None:
+    def __init__(self, app_name: str, store: Store) -> None:
         families = _setup()
         self.app = app_name
         self._events = families["events"]
         self._latency = families["latency"]
         self._errors = families["errors"]
-        _live[app_name] = (count_live, [0.0, float("-inf")])
-        if cache_stats is not None:
-            _caches[app_name] = cache_stats
+        held = _weakly(store)
+        _live[app_name] = (held, [0.0, float("-inf")])
+        if callable(getattr(store, "cache_stats", None)):
+            _caches[app_name] = held
 
     def observe_event(self, event: Event) -> None:
         """Count an event (an :class:`~flask_cloakroom.activity.ActivityLog` observer)."""
@@ -158,6 +167,14 @@ class Metrics:
         self._latency.labels(self.app, op).observe(seconds)
         if failed:
             self._errors.labels(self.app, op).inc()
+
+
+def _weakly(store: Store) -> Callable[[], Store | None]:
+    """A weak reference to ``store``; a strong one for a store that takes none."""
+    try:
+        return weakref.ref(store)
+    except TypeError:  # a third-party store with __slots__ and no __weakref__
+        return lambda: store
 
 
 def instrument(store: Store, metrics: Metrics) -> Store:

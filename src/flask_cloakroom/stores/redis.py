@@ -1226,7 +1226,9 @@ class RedisStore(Store):
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
-        for lane in [self._lane, *(lane for _, lane in self._node_lanes.values())]:
+        with self._lock:  # another thread may be adding a node's lane
+            lanes = [self._lane, *(lane for _, lane in self._node_lanes.values())]
+        for lane in lanes:
             if lane is not None:
                 lane.close()
         if not self._owns_client:

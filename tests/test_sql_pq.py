@@ -127,6 +127,7 @@ def state(polling: PollBackoff) -> tuple[int, int]:
     return polling.skip, polling.backoff
 
 
+@pytest.mark.usefixtures("no_collector_pauses")  # it counts answers within 1 ms
 def test_a_quick_answer_is_polled_for_and_a_slow_one_slept_for(postgres_url: str) -> None:
     """Each statement keeps its own polling count on its connection: a quick one (a
     load) stays polled for; one that waits longer than the polling time (an update
@@ -141,8 +142,16 @@ def test_a_quick_answer_is_polled_for_and_a_slow_one_slept_for(postgres_url: str
         for _ in range(20):
             assert store.load(record.key) == record
         (conn,) = store._connections._idle
-        assert state(conn.polls[load]) == (0, 1)  # polled for, answered within a millisecond
-        assert conn.polls[load].hits >= 1
+        polls = conn.polls[load]
+        # Polled for, and answered within a millisecond: a hit leaves nothing to skip.
+        # A busy machine may answer one late (a miss: the next wait is slept); the
+        # next hit starts over.
+        for _ in range(50):
+            if state(polls) == (0, 1):
+                break
+            assert store.load(record.key) == record
+        assert state(polls) == (0, 1)
+        assert polls.hits > polls.misses, (polls.hits, polls.misses)
         with store.engine.connect() as other:  # holds the row's lock for 50 ms
             key = store.table.c.key
             other.execute(select(key).where(key == record.key).with_for_update())

@@ -18,7 +18,7 @@ from flask_cloakroom.stores.memory import MemoryStore
 from flask_cloakroom.stores.sql import SQLStore
 
 from .minimal_store import MinimalStore
-from .support import CountingStore, FakeClock
+from .support import CountingStore, FakeClock, drop_tables
 
 pytest_plugins = ["tests.servers"]
 
@@ -86,7 +86,7 @@ def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> St
 
     def drop() -> None:
         assert isinstance(store, SQLStore)
-        store.table.drop(store.engine, checkfirst=True)
+        drop_tables(store)
         store.close()
 
     request.addfinalizer(drop)

@@ -10,10 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from redis.connection import Connection
+from sqlalchemy import text
 
 from flask_cloakroom.stores.base import PURGE_BATCH_SIZE
 from flask_cloakroom.stores.instrumented import InstrumentedStore
 from flask_cloakroom.stores.memory import MemoryStore
+from flask_cloakroom.stores.sql import SQLStore
 
 _A = TypeVar("_A")
 
@@ -140,3 +142,17 @@ class SlowBatch(MemoryStore):
         progress(0)
         self.rests.append(time.monotonic() - started)
         return 0
+
+
+def drop_tables(store: SQLStore) -> None:
+    """Drop a test store's tables (its sessions and its activity log).
+
+    Through the store's engine, whose connections give each statement the store
+    timeout, but with up to 30 s for this one on PostgreSQL: a ``DROP TABLE`` waits
+    for the table's lock behind autovacuum, which PostgreSQL cancels only after its
+    ``deadlock_timeout`` (1 s), so on a busy server the drop could time out first."""
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SET LOCAL statement_timeout = '30s'"))
+        for table in (store.table, store.events_table):
+            table.drop(conn, checkfirst=True)

@@ -22,6 +22,8 @@ from flask_cloakroom.errors import ConfigError
 from flask_cloakroom.stores import Record, open_store
 from flask_cloakroom.stores.sql import SQLStore
 
+from .support import drop_tables
+
 pytestmark = pytest.mark.filterwarnings("error")
 
 #: Writes per measurement: the WAL writer flushes about every 200 ms, and a burst of
@@ -62,8 +64,7 @@ def make_store(postgres_url: str) -> Iterator[Callable[..., SQLStore]]:
 
     yield make
     for store in made:
-        store.table.drop(store.engine, checkfirst=True)
-        store.events_table.drop(store.engine, checkfirst=True)
+        drop_tables(store)
         store.close()
 
 
@@ -177,8 +178,7 @@ def test_an_app_on_postgresql_with_asynchronous_commits_works_end_to_end(
         with app.app_context():
             assert cloak.sessions("alice") == []
     finally:
-        store.table.drop(store.engine, checkfirst=True)
-        store.events_table.drop(store.engine, checkfirst=True)
+        drop_tables(store)
         store.close()
 
 

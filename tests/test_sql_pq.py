@@ -25,6 +25,8 @@ from flask_cloakroom.stores import open_store
 from flask_cloakroom.stores.base import PollBackoff, Record
 from flask_cloakroom.stores.sql import SQLStore
 
+from .support import drop_tables
+
 NOW = 1_900_000_000.0
 
 
@@ -33,7 +35,7 @@ def pg_store(postgres_url: str) -> Iterator[SQLStore]:
     store = open_store(postgres_url, sql_table="cr_pq_" + secrets.token_hex(4))
     assert isinstance(store, SQLStore)
     yield store
-    store.table.drop(store.engine, checkfirst=True)
+    drop_tables(store)
     store.close()
 
 
@@ -170,7 +172,7 @@ def test_a_quick_answer_is_polled_for_and_a_slow_one_slept_for(postgres_url: str
         assert state(conn.polls[update]) in ((0, 1), (2, 4))
         assert store.load(record.key) == record._replace(version=4)
     finally:
-        store.table.drop(store.engine, checkfirst=True)
+        drop_tables(store)
         store.close()
 
 
@@ -183,7 +185,7 @@ def test_no_polling_when_it_is_off(postgres_url: str) -> None:
         assert store.load(record.key) == record
         assert [conn.polls for conn in store._connections._idle] == [{}]
     finally:
-        store.table.drop(store.engine, checkfirst=True)
+        drop_tables(store)
         store.close()
 
 
@@ -208,5 +210,5 @@ def test_a_table_it_cannot_read_sends_the_store_back_to_psycopgs_cursors(
         assert loaded is not None and loaded.key == record.key and loaded.payload == b"data"
         assert float(loaded.expires_at) == NOW + 60.5
     finally:
-        store.table.drop(store.engine, checkfirst=True)
+        drop_tables(store)
         store.close()

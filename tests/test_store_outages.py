@@ -46,13 +46,14 @@ from werkzeug.datastructures import Headers
 
 from flask_cloakroom import ANONYMOUS, Cloakroom, StoreError, StoreUnavailable
 from flask_cloakroom.stores import Store
+from flask_cloakroom.stores import sql as sql_module
 from flask_cloakroom.stores.base import CONNECT_REST_FIRST, CONNECT_REST_MOST
 from flask_cloakroom.stores.files import FileStore
 from flask_cloakroom.stores.sql import SQLStore
 
 from .conftest import add_views
 from .servers import ControllableMysql, ControllablePostgres, ControllableRedis
-from .support import after_the_rest
+from .support import after_the_rest, drop_tables
 
 # Each test bounds how long requests take: no collection of older garbage meanwhile.
 pytestmark = pytest.mark.usefixtures("no_collector_pauses")
@@ -186,7 +187,7 @@ def sql_app(
         store = app.extensions["cloakroom"].store
         assert isinstance(store, SQLStore)
         with contextlib.suppress(Exception):  # the server may be gone for good
-            store.table.drop(store.engine, checkfirst=True)
+            drop_tables(store)
         store.close()
 
 
@@ -476,6 +477,35 @@ def test_mysql_frozen_server_gives_a_bounded_answer(
 ) -> None:
     server = controllable_mysql
     check_frozen_server(server.url, server.process.pid, "frozen MariaDB", sql_app)
+
+
+def test_a_driver_timeout_that_comes_before_the_watchdog_is_not_tried_again(
+    controllable_mysql: ControllableMysql,
+    sql_app: Callable[..., tuple[Flask, Cloakroom]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PyMySQL's read timeout is the store timeout, as is the watchdog's deadline; when
+    the watchdog's thread wakes late (a busy machine), the driver gives up first.  The
+    deadline is missed all the same: no second try on a new connection, whose wait for
+    a frozen server's greeting made such requests take twice the timeout (1.06 s,
+    seen on CI's machine).  Here the watchdog never fires, so the driver always does."""
+    server = controllable_mysql
+    app, _ = sql_app(server.url)
+    alice = signed_in(app)
+    visitor = app.test_client()
+    assert "login" in call(visitor, "GET", "/activity/alice").json  # SQLAlchemy's pool
+    monkeypatch.setattr(sql_module._WATCHDOG, "arm", lambda fd, deadline: None)
+    pid = server.process.pid
+    assert pid is not None
+    thaw = freeze(pid)
+    try:
+        timed = call(alice, "GET", "/get/x", limit=FROZEN_LIMIT)
+        logged = call(visitor, "GET", "/activity/alice", limit=FROZEN_LIMIT)
+    finally:
+        thaw()
+    assert_unavailable(timed, what="the request path, after PyMySQL's read timeout")
+    assert_unavailable(logged, what="SQLAlchemy's pool, after PyMySQL's read timeout")
+    assert_recovered(alice)
 
 
 def add_api_views(app: Flask, cloak: Cloakroom) -> None:

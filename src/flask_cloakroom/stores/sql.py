@@ -286,13 +286,19 @@ def _socket_copy(dbapi: Any) -> int | None:
 
 class _Deadline:
     """The watchdog on a SQLAlchemy Core connection, for one call of :meth:`SQLStore._run`:
-    every statement and the commit together must answer within ``timeout``."""
+    every statement and the commit together must answer within ``timeout``.
 
-    __slots__ = ("_fd", "late", "timeout")
+    ``late`` (and :meth:`missed`, while watching) tell whether the deadline passed:
+    the watchdog shut the connection, or the driver gave up by itself at or after the
+    deadline (PyMySQL's read timeout is the store timeout too; when the watchdog's
+    thread wakes late, the driver's timeout comes first)."""
+
+    __slots__ = ("_at", "_fd", "late", "timeout")
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._fd: int | None = None
+        self._at = math.inf
         self.late = False
 
     @contextmanager
@@ -301,16 +307,17 @@ class _Deadline:
         if fd is None:
             yield
             return
-        _WATCHDOG.arm(fd, time.monotonic() + self.timeout)
+        self._at = time.monotonic() + self.timeout
+        _WATCHDOG.arm(fd, self._at)
         try:
             yield
         finally:
-            self.late = _WATCHDOG.disarm(fd)
+            self.late = _WATCHDOG.disarm(fd) or time.monotonic() >= self._at
             os.close(fd)
 
     def missed(self) -> bool:
-        """Whether the watchdog has shut the connection (so a retry would wait again)."""
-        return self._fd is not None and _WATCHDOG.fired(self._fd)
+        """Whether the deadline has passed (so a retry would wait again)."""
+        return self._fd is not None and (_WATCHDOG.fired(self._fd) or time.monotonic() >= self._at)
 
 
 class _Conn:
@@ -426,7 +433,10 @@ class _Connections:
 class _Watched:
     """A cursor whose statements are watched by :data:`_WATCHDOG`, each for ``timeout``.
 
-    ``late`` tells whether the watchdog shut the connection down.
+    ``late`` tells whether a statement missed its deadline: the watchdog shut the
+    connection down, or the driver gave up by itself at or after the deadline (see
+    :class:`_Deadline`).  Either way the server is not answering, and the caller must
+    not try again on a new connection: that would double the client's wait.
     """
 
     __slots__ = ("_cursor", "_fd", "_timeout", "late")
@@ -438,11 +448,12 @@ class _Watched:
         self.late = False
 
     def execute(self, *args: Any) -> None:
-        _WATCHDOG.arm(self._fd, time.monotonic() + self._timeout)
+        deadline = time.monotonic() + self._timeout
+        _WATCHDOG.arm(self._fd, deadline)
         try:
             self._cursor.execute(*args)
         finally:
-            if _WATCHDOG.disarm(self._fd):
+            if _WATCHDOG.disarm(self._fd) or time.monotonic() >= deadline:
                 self.late = True
 
     def fetchone(self) -> Any:

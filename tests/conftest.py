@@ -93,6 +93,37 @@ def build_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> St
     return store
 
 
+def store_config(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """An app's settings for a store of ``kind`` opened from its URL, as users configure
+    it: ``CLOAKROOM_STORE`` on the test servers, with the test's own table or key
+    prefix (removed when the test ends); ``redis_cached`` adds the client-side cache."""
+    if kind == "memory":
+        return {"CLOAKROOM_STORE": "memory://"}
+    if kind == "sqlite":
+        return {"CLOAKROOM_STORE": f"sqlite:///{tmp_path / 'sessions.db'}"}
+    if kind in ("postgres", "mysql"):
+        url = request.getfixturevalue(f"{kind}_url")
+        table = "cr_test_" + secrets.token_hex(4)
+
+        def drop() -> None:
+            store = open_store(url, sql_table=table)
+            assert isinstance(store, SQLStore)
+            drop_tables(store)
+            store.close()
+
+        request.addfinalizer(drop)
+        return {"CLOAKROOM_STORE": url, "CLOAKROOM_SQL_TABLE": table}
+    from .servers import flush_prefix
+
+    server = request.getfixturevalue(
+        {"redis": "redis_server", "redis_cached": "redis_server"}.get(kind, kind)
+    )
+    prefix = f"{server.prefix}{secrets.token_hex(4)}:"
+    request.addfinalizer(lambda: flush_prefix(server.url, prefix))
+    cache = {"CLOAKROOM_REDIS_CLIENT_CACHE": 100} if kind == "redis_cached" else {}
+    return {"CLOAKROOM_STORE": server.url, "CLOAKROOM_REDIS_PREFIX": prefix, **cache}
+
+
 @pytest.fixture(params=STORE_KINDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """An empty store, once per backend."""

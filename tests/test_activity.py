@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from flask_cloakroom import (
 from flask_cloakroom.activity import client_ip, device_of, network_of
 from flask_cloakroom.stores import Store
 
-from .conftest import AppFactory
+from .conftest import AppFactory, store_config
 from .support import FakeClock
 
 FIREFOX_120 = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
@@ -518,7 +519,7 @@ def test_metrics(make_app: AppFactory, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("kind", ["memory", "redis_cached"])
 def test_the_metrics_of_a_dropped_app_go_with_it(
-    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The live-session and client-cache gauges hold an app's store weakly: an app that
     is dropped is freed with its store (and its connections), and a scrape after that
@@ -534,18 +535,7 @@ def test_the_metrics_of_a_dropped_app_go_with_it(
 
     monkeypatch.setattr(metrics, "_CACHE_SECONDS", 0.0)  # count on every scrape here
     name = f"dropped_{secrets.token_hex(4)}"
-    config: dict[str, Any] = {"CLOAKROOM_STORE": "memory://"}
-    if kind == "redis_cached":
-        from .servers import flush_prefix
-
-        server = request.getfixturevalue("redis_server")
-        prefix = f"{server.prefix}{secrets.token_hex(4)}:"
-        request.addfinalizer(lambda: flush_prefix(server.url, prefix))
-        config = {
-            "CLOAKROOM_STORE": server.url,
-            "CLOAKROOM_REDIS_PREFIX": prefix,
-            "CLOAKROOM_REDIS_CLIENT_CACHE": 100,
-        }
+    config = store_config(kind, request, tmp_path)
     gauge = "cloakroom_redis_cache_records" if kind == "redis_cached" else "cloakroom_live_sessions"
 
     def use_and_drop() -> weakref.ref[Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import secrets
 import threading
 import time
 import weakref
@@ -20,7 +19,7 @@ from flask_cloakroom.stores import Record
 from flask_cloakroom.stores.files import FileStore
 from flask_cloakroom.stores.sql import SQLStore
 
-from .conftest import add_views, build_store
+from .conftest import add_views, build_store, store_config
 
 
 @pytest.mark.parametrize(
@@ -475,11 +474,11 @@ def test_an_app_dropped_with_its_store_leaves_nothing_behind(
     had been held for good by a clean-up callback that reached the client it waited
     for: every Cluster store made kept its client, its command table and, unless
     closed, a socket to each node."""
-    url, config = _store_url(kind, request, tmp_path)
+    config = store_config(kind, request, tmp_path)
 
     def use_and_drop() -> list[weakref.ref[Any]]:
         app = Flask(__name__)
-        app.config.update(SECRET_KEY="s" * 32, CLOAKROOM_STORE=url, **config)
+        app.config.update(SECRET_KEY="s" * 32, **config)
         cloak = Cloakroom(app)
         add_views(app, cloak)
         client = app.test_client()
@@ -498,36 +497,6 @@ def test_an_app_dropped_with_its_store_leaves_nothing_behind(
     alive = [type(ref()).__name__ for ref in refs if ref() is not None]
     assert len(refs) > 1, refs
     assert alive == [], f"{kind}: still held after the app was dropped: {alive}"
-
-
-def _store_url(
-    kind: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> tuple[str, dict[str, Any]]:
-    """A store URL of ``kind`` on the test servers, and the settings that keep the
-    test's data apart (its own table or key prefix, removed when the test ends)."""
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'sessions.db'}", {}
-    if kind in ("postgres", "mysql"):
-        url = request.getfixturevalue(f"{kind}_url")
-        table = "cr_test_" + secrets.token_hex(4)
-
-        def drop() -> None:
-            engine = create_engine(url)
-            with engine.begin() as conn:
-                conn.execute(text(f"DROP TABLE IF EXISTS {table}, {table}_events"))
-            engine.dispose()
-
-        request.addfinalizer(drop)
-        return url, {"CLOAKROOM_SQL_TABLE": table}
-    from .servers import flush_prefix
-
-    server = request.getfixturevalue(
-        {"redis": "redis_server", "redis_cached": "redis_server"}.get(kind, kind)
-    )
-    prefix = f"{server.prefix}{secrets.token_hex(4)}:"
-    request.addfinalizer(lambda: flush_prefix(server.url, prefix))
-    cache = {"CLOAKROOM_REDIS_CLIENT_CACHE": 100} if kind == "redis_cached" else {}
-    return server.url, {"CLOAKROOM_REDIS_PREFIX": prefix, **cache}
 
 
 def _store_parts(store: Any) -> list[Any]:
